@@ -1,0 +1,98 @@
+#!/usr/bin/python3
+"""Bad flush-hint configurations stop QEMU at start-up with one line naming
+the option; good ones start.  No guest is booted: QEMU is started paused
+(-S) and asked for its flush-hint state over QMP."""
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+import kvmxvm  # noqa: E402
+
+QEMU = kvmxvm.patched_qemu()
+failures = []
+
+
+def qemu_args(backend, device, machine='q35,nvdimm=on'):
+    return ['-machine', machine, '-accel', 'tcg', '-S',
+            '-m', '256M,slots=2,maxmem=2G',
+            '-object', backend, '-device', device]
+
+
+def expect_error(name, backend, device, must_mention, **kw):
+    """QEMU must exit non-zero with a single error line naming the option."""
+    p = subprocess.run([QEMU, '-nodefaults', '-display', 'none'] +
+                       qemu_args(backend, device, **kw) + ['-qmp', 'stdio'],
+                       input='', capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    ok = (p.returncode != 0 and len(lines) == 1 and
+          all(m in lines[0] for m in must_mention))
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: rc={p.returncode} "
+          f"stderr={p.stderr.strip()!r}")
+    if not ok:
+        failures.append(name)
+
+
+def expect_mode(name, backend, device, mode, host_flush):
+    with tempfile.TemporaryDirectory() as d:
+        with kvmxvm.Vm(QEMU, qemu_args(backend, device), d, 'cfg') as vm:
+            vm.start()
+            info = vm.qmp.cmd('query-nvdimm-flush')
+            got = (info[0]['mode'], info[0]['host-flush']) if info else None
+            ok = got == (mode, host_flush) and (
+                mode == 'off' or len(info[0]['addresses']) >= 1)
+            print(f"{'ok  ' if ok else 'FAIL'} {name}: {info}")
+            if not ok:
+                failures.append(name)
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix='kvmx-cfg-', dir=kvmxvm.scratch_dir())
+    img = os.path.join(tmp, 'pmem.img')
+    with open(img, 'wb') as f:
+        f.truncate(64 << 20)
+    filebe = f'memory-backend-file,id=m,share=on,mem-path={img},size=64M'
+    privbe = f'memory-backend-file,id=m,share=off,mem-path={img},size=64M'
+    robe = (f'memory-backend-file,id=m,readonly=on,mem-path={img},size=64M')
+    rambe = 'memory-backend-ram,id=m,size=64M'
+    memfd = 'memory-backend-memfd,id=m,size=64M'
+
+    expect_error('on with a RAM backend', rambe,
+                 'nvdimm,memdev=m,flush-hint=on', ['flush-hint', "'m'"])
+    expect_error('on with a private file mapping', privbe,
+                 'nvdimm,memdev=m,flush-hint=on', ['flush-hint', 'share=off'])
+    expect_error('on with a read-only backend', robe,
+                 'nvdimm,memdev=m,unarmed=on,flush-hint=on',
+                 ['flush-hint', 'read-only'])
+    expect_error('hint count 0', filebe,
+                 'nvdimm,memdev=m,flush-hint=on,flush-hint-count=0',
+                 ['flush-hint-count'])
+    expect_error('hint count 65', filebe,
+                 'nvdimm,memdev=m,flush-hint=on,flush-hint-count=65',
+                 ['flush-hint-count'])
+    expect_error('bad flush-hint value', filebe,
+                 'nvdimm,memdev=m,flush-hint=sometimes', ['flush-hint'])
+    expect_error('no nvdimm=on on the machine', filebe,
+                 'nvdimm,memdev=m,flush-hint=on', ['flush-hint'],
+                 machine='q35')
+
+    expect_mode('on, shared file', filebe, 'nvdimm,id=nv0,memdev=m,flush-hint=on',
+                'trap', 'fdatasync')
+    expect_mode('auto, shared file', filebe,
+                'nvdimm,id=nv0,memdev=m,flush-hint=auto', 'trap', 'fdatasync')
+    expect_mode('auto, memfd', memfd, 'nvdimm,id=nv0,memdev=m,flush-hint=auto',
+                'trap', 'fdatasync')
+    expect_mode('auto, RAM (nothing to flush)', rambe,
+                'nvdimm,id=nv0,memdev=m,flush-hint=auto', 'no-trap', 'none')
+    expect_mode('default is off', filebe, 'nvdimm,id=nv0,memdev=m', 'off',
+                'none')
+
+    if failures:
+        print(f"FAILED: {', '.join(failures)}")
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -351,6 +351,12 @@ class Vm:
             data = data.encode()
         self._serial.sendall(data)
 
+    def serial_stream(self):
+        """A socket-like view of the serial port (sendall/recv/settimeout)
+        for protocol drivers such as fsguest.FsGuest.  It reads what the
+        console reader captured, from the moment it is made."""
+        return _SerialStream(self)
+
     def wait_console(self, regex, timeout=60.0, start=0):
         """Wait until `regex` matches the console text (from offset `start`)
         and return the re.Match.  Raises TimeoutError, or QemuExited at once
@@ -380,6 +386,35 @@ class Vm:
                     f"console tail:\n{self.console_text()[-3000:]}")
             with self._cond:
                 self._cond.wait(min(left, 0.2))
+
+
+class _SerialStream:
+    """Reads the bytes a Vm's console reader captured, in order, from the
+    point the stream was made; writes go straight to the serial socket."""
+
+    def __init__(self, vm):
+        self._vm = vm
+        with vm._cond:
+            self._pos = len(vm._buf)
+        self._timeout = None
+
+    def settimeout(self, t):
+        self._timeout = t
+
+    def sendall(self, data):
+        self._vm.send_serial(data)
+
+    def recv(self, n):
+        vm = self._vm
+        with vm._cond:
+            ok = vm._cond.wait_for(
+                lambda: len(vm._buf) > self._pos or vm._serial_eof,
+                self._timeout)
+            if not ok:
+                raise socket.timeout("no serial data")
+            data = bytes(vm._buf[self._pos:self._pos + n])
+            self._pos += len(data)
+            return data
 
 
 @atexit.register

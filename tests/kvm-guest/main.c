@@ -1,0 +1,382 @@
+/*
+ * kvmx-testguest: command loop.  See README.md for the line protocol.
+ *
+ * Every command line gets exactly one reply line starting with "ok " or
+ * "err "; empty lines are ignored.  Numbers are hexadecimal with a 0x
+ * prefix, decimal without one.
+ */
+#include "guest.h"
+
+#define LINE_LEN        128
+#define MAX_ARGS        4
+#define DEBUG_EXIT_PORT 0xf4    /* isa-debug-exit,iobase=0xf4,iosize=4 */
+#define DEBUG_EXIT_DFLT 0x501   /* isa-debug-exit with default properties */
+
+struct cpu_info cpu;
+
+extern char __image_start[], __image_end[];
+
+static uint64_t samples[MAX_SAMPLES];
+
+static void cpu_probe(void)
+{
+    uint32_t r[4];
+
+    cpu.phys_bits = 36;
+    cpuid(0x80000000, 0, r);
+    uint32_t max_ext = r[0];
+    if (max_ext >= 0x80000001) {
+        cpuid(0x80000001, 0, r);
+        cpu.rdtscp = r[3] & (1u << 27);
+        cpu.pdpe1gb = r[3] & (1u << 26);
+    }
+    if (max_ext >= 0x80000008) {
+        cpuid(0x80000008, 0, r);
+        cpu.phys_bits = r[0] & 0xff;
+    }
+    cpuid(1, 0, r);
+    cpu.hypervisor = r[2] & (1u << 31);
+    if (cpu.hypervisor) {
+        cpuid(0x40000000, 0, r);
+        memcpy(&cpu.hv_sig[0], &r[1], 4);
+        memcpy(&cpu.hv_sig[4], &r[2], 4);
+        memcpy(&cpu.hv_sig[8], &r[3], 4);
+        for (int i = 0; i < 12; i++) {
+            char c = cpu.hv_sig[i];
+            cpu.hv_sig[i] = (c > ' ' && c < 0x7f) ? c : '_';
+        }
+    }
+}
+
+static bool streq(const char *a, const char *b)
+{
+    while (*a && *a == *b) {
+        a++;
+        b++;
+    }
+    return *a == *b;
+}
+
+/* "0x" prefix: hexadecimal; otherwise decimal.  Rejects overflow. */
+static bool parse_u64(const char *s, uint64_t *out)
+{
+    unsigned base = 10;
+    uint64_t v = 0;
+
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+        base = 16;
+        s += 2;
+    }
+    if (!*s) {
+        return false;
+    }
+    for (; *s; s++) {
+        unsigned d;
+        if (*s >= '0' && *s <= '9') {
+            d = (unsigned)(*s - '0');
+        } else if (base == 16 && *s >= 'a' && *s <= 'f') {
+            d = (unsigned)(*s - 'a' + 10);
+        } else if (base == 16 && *s >= 'A' && *s <= 'F') {
+            d = (unsigned)(*s - 'A' + 10);
+        } else {
+            return false;
+        }
+        if (v > (UINT64_MAX - d) / base) {
+            return false;
+        }
+        v = v * base + d;
+    }
+    *out = v;
+    return true;
+}
+
+static void reply_err(const char *msg)
+{
+    serial_puts("err ");
+    serial_puts(msg);
+    serial_puts("\n");
+}
+
+static void reply_ok(const char *msg)
+{
+    serial_puts("ok ");
+    serial_puts(msg);
+    serial_puts("\n");
+}
+
+/* Parse "ADDR N", check ADDR is usable and map it.  NULL on success. */
+static const char *target_args(int argc, char **argv, bool store,
+                               volatile uint64_t **p, uint64_t *n)
+{
+    uint64_t addr;
+
+    if (argc != 3) {
+        return "usage: r|w|br|bw|tr|tw ADDR N";
+    }
+    if (!parse_u64(argv[1], &addr)) {
+        return "bad address";
+    }
+    if (!parse_u64(argv[2], n)) {
+        return "bad count";
+    }
+    if (addr & 7) {
+        return "address not 8-byte aligned";
+    }
+    if (store && addr + 8 > (uintptr_t)__image_start &&
+        addr < (uintptr_t)__image_end) {
+        return "address inside the guest image";
+    }
+    const char *err = paging_map(addr);
+    if (err) {
+        return err;
+    }
+    *p = (volatile uint64_t *)(uintptr_t)addr;
+    return NULL;
+}
+
+/*
+ * r/w: N loads or stores.  br/bw: the same inside one TSC window, for the
+ * mean cost per access without the per-sample cost of reading the TSC.
+ */
+static void cmd_rw(int argc, char **argv, bool store, bool batch)
+{
+    volatile uint64_t *p;
+    uint64_t n, x = 0, t0 = 0, t1 = 0;
+    const char *err = target_args(argc, argv, store, &p, &n);
+
+    if (err) {
+        reply_err(err);
+        return;
+    }
+    if (batch) {
+        t0 = tsc_open();
+    }
+    if (store) {
+        /* Linux's nvdimm flush: writeq(1, flush_hint); wmb(); */
+        for (uint64_t i = 0; i < n; i++) {
+            *p = 1;
+            __asm__ volatile("sfence" ::: "memory");
+        }
+    } else {
+        for (uint64_t i = 0; i < n; i++) {
+            x ^= *p;
+        }
+    }
+    if (batch) {
+        t1 = tsc_close(cpu.rdtscp);
+        serial_puts(store ? "ok bw n=" : "ok br n=");
+        serial_put_dec(n);
+        serial_puts(" cycles=");
+        serial_put_dec(t1 - t0);
+        serial_puts(" avg=");
+        serial_put_dec(n ? (t1 - t0) / n : 0);
+        serial_puts("\n");
+    } else if (store) {
+        reply_ok("w");
+    } else {
+        serial_puts("ok r ");
+        serial_put_hex(x);
+        serial_puts("\n");
+    }
+}
+
+enum timed_op { TIMED_NONE, TIMED_LOAD, TIMED_STORE };
+
+/*
+ * Time each access in its own TSC window.  TIMED_NONE times an empty
+ * window: the fixed cost of the measurement itself, which is large when
+ * the hypervisor traps or emulates RDTSC and the fences (PVM does).
+ */
+static void cmd_timed(int argc, char **argv, enum timed_op op)
+{
+    static const char *const reply[] = { "ok tn", "ok tr", "ok tw" };
+    volatile uint64_t *p = NULL;
+    uint64_t n;
+    const char *err = NULL;
+    const bool tscp = cpu.rdtscp;
+
+    if (op == TIMED_NONE) {
+        if (argc != 2 || !parse_u64(argv[1], &n)) {
+            err = "usage: tn N";
+        }
+    } else {
+        err = target_args(argc, argv, op == TIMED_STORE, &p, &n);
+    }
+    if (err) {
+        reply_err(err);
+        return;
+    }
+    if (n < 1 || n > MAX_SAMPLES) {
+        reply_err("count must be 1..65536");
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t t0 = tsc_open();
+        if (op == TIMED_STORE) {
+            *p = 1;
+            __asm__ volatile("sfence" ::: "memory");
+        } else if (op == TIMED_LOAD) {
+            (void)*p;
+        }
+        samples[i] = tsc_close(tscp) - t0;
+    }
+    serial_puts(reply[op]);
+    stats_print(samples, (uint32_t)n);
+    serial_puts("\n");
+}
+
+static void cmd_tsc(int argc, char **argv)
+{
+    const char *src, *err;
+    bool force_pit = false;
+
+    if (argc == 2 && streq(argv[1], "pit")) {
+        force_pit = true;
+    } else if (argc != 1) {
+        reply_err("usage: tsc [pit]");
+        return;
+    }
+    uint64_t khz = tsc_khz(force_pit, &src, &err);
+    if (!khz) {
+        reply_err(err ? err : "TSC frequency unknown");
+        return;
+    }
+    serial_puts("ok tsc khz=");
+    serial_put_dec(khz);
+    serial_puts(" src=");
+    serial_puts(src);
+    serial_puts("\n");
+}
+
+static void cmd_info(void)
+{
+    serial_puts("ok info physbits=");
+    serial_put_dec(cpu.phys_bits);
+    serial_puts(cpu.rdtscp ? " rdtscp=1" : " rdtscp=0");
+    serial_puts(cpu.pdpe1gb ? " pdpe1gb=1" : " pdpe1gb=0");
+    serial_puts(" hv=");
+    serial_puts(cpu.hypervisor ? cpu.hv_sig : "none");
+    serial_puts("\n");
+}
+
+static void cmd_quit(int argc, char **argv)
+{
+    uint64_t code;
+
+    if (argc != 2 || !parse_u64(argv[1], &code) || code > UINT32_MAX) {
+        reply_err("usage: q CODE");
+        return;
+    }
+    reply_ok("q");
+    serial_drain();
+    outl(DEBUG_EXIT_PORT, (uint32_t)code);
+    /* Still here: try the device's default port, then give up. */
+    outw(DEBUG_EXIT_DFLT, (uint16_t)code);
+    halt_forever();
+}
+
+static void dispatch(int argc, char **argv)
+{
+    const char *c = argv[0];
+
+    if (streq(c, "ping") && argc == 1) {
+        reply_ok("pong");
+    } else if (streq(c, "info") && argc == 1) {
+        cmd_info();
+    } else if (streq(c, "echo") && argc == 2) {
+        /* Lets the host resynchronise: "ok echo TOKEN" marks a point. */
+        serial_puts("ok echo ");
+        serial_puts(argv[1]);
+        serial_puts("\n");
+    } else if (streq(c, "r")) {
+        cmd_rw(argc, argv, false, false);
+    } else if (streq(c, "w")) {
+        cmd_rw(argc, argv, true, false);
+    } else if (streq(c, "br")) {
+        cmd_rw(argc, argv, false, true);
+    } else if (streq(c, "bw")) {
+        cmd_rw(argc, argv, true, true);
+    } else if (streq(c, "tr")) {
+        cmd_timed(argc, argv, TIMED_LOAD);
+    } else if (streq(c, "tw")) {
+        cmd_timed(argc, argv, TIMED_STORE);
+    } else if (streq(c, "tn")) {
+        cmd_timed(argc, argv, TIMED_NONE);
+    } else if (streq(c, "tsc")) {
+        cmd_tsc(argc, argv);
+    } else if (streq(c, "q")) {
+        cmd_quit(argc, argv);
+    } else if (streq(c, "ud2") && argc == 1) {
+        __asm__ volatile("ud2");        /* exercises the exception path */
+    } else {
+        reply_err("unknown command");
+    }
+}
+
+/* Split line in place at blanks; returns argc or -1 if too many. */
+static int tokenize(char *line, char **argv)
+{
+    int argc = 0;
+
+    for (char *s = line; *s;) {
+        while (*s == ' ' || *s == '\t') {
+            *s++ = '\0';
+        }
+        if (!*s) {
+            break;
+        }
+        if (argc == MAX_ARGS) {
+            return -1;
+        }
+        argv[argc++] = s;
+        while (*s && *s != ' ' && *s != '\t') {
+            s++;
+        }
+    }
+    return argc;
+}
+
+void kmain(void);
+
+void kmain(void)
+{
+    static char line[LINE_LEN];
+    char *argv[MAX_ARGS];
+
+    serial_init();
+    trap_init();
+    cpu_probe();
+    /* SeaBIOS leaves "Booting from ROM.." without a newline. */
+    serial_puts("\nkvmx-testguest ready\n");
+
+    for (;;) {
+        size_t len = 0;
+        bool too_long = false, bad_char = false;
+        int c;
+
+        while ((c = serial_getc()) != '\n' && c != '\r') {
+            if (c < ' ' ? c != '\t' : c > '~') {
+                bad_char = true;
+            } else if (len == LINE_LEN - 1) {
+                too_long = true;
+            } else {
+                line[len++] = (char)c;
+            }
+        }
+        line[len] = '\0';
+        if (too_long) {
+            reply_err("line too long");
+            continue;
+        }
+        if (bad_char) {
+            reply_err("bad character");
+            continue;
+        }
+        int argc = tokenize(line, argv);
+        if (argc < 0) {
+            reply_err("too many arguments");
+        } else if (argc > 0) {
+            dispatch(argc, argv);
+        }
+    }
+}

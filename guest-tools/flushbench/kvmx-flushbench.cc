@@ -1,13 +1,17 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 // kvmx-flushbench: time NVDIMM region flushes from inside a guest.
 //
-//   kvmx-flushbench [-n N] LABEL=REGION ...
+//   kvmx-flushbench [-n N] LABEL=TARGET ...
 //
-// REGION is a libnvdimm region name (region0) or a path to its deep_flush
-// attribute.  Writing 1 to deep_flush makes the kernel run nvdimm_flush()
-// on the region: a write to a flush hint address for an NFIT NVDIMM, a
-// flush request on the virtqueue for virtio-pmem.  Each write is timed
-// with CLOCK_MONOTONIC.  One JSON object per region on stdout:
+// TARGET is
+//  - a libnvdimm region name (region0) or a path to its deep_flush
+//    attribute: each operation writes 1 to it, which makes the kernel run
+//    nvdimm_flush() on the region: a write to a flush hint address for an
+//    NFIT NVDIMM, a flush request on the virtqueue for virtio-pmem;
+//  - a block device (/dev/pmem0): each operation writes 4 KiB at offset 0
+//    and fsync()s, i.e. what a synced write costs, flush included.
+// Each operation is timed with CLOCK_MONOTONIC.  One JSON object per
+// target on stdout:
 //   {"label":..,"n":..,"min_ns":..,"p50_ns":..,"p90_ns":..,"p99_ns":..,
 //    "max_ns":..,"avg_ns":..}
 #include <fcntl.h>
@@ -35,6 +39,8 @@ int bench(const std::string& label, std::string path, long n)
 {
     if (path.find('/') == std::string::npos)
         path = "/sys/bus/nd/devices/" + path + "/deep_flush";
+    const bool blockdev = path.rfind("/dev/", 0) == 0;
+    static char block[4096];
     int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
     if (fd < 0) {
         std::fprintf(stderr, "kvmx-flushbench: cannot open '%s': %s\n",
@@ -45,7 +51,10 @@ int bench(const std::string& label, std::string path, long n)
     t.reserve(n);
     for (long i = 0; i < n; i++) {
         uint64_t t0 = now_ns();
-        if (pwrite(fd, "1", 1, 0) != 1) {
+        bool ok = blockdev ? pwrite(fd, block, sizeof(block), 0) ==
+                                 ssize_t(sizeof(block)) && fsync(fd) == 0
+                           : pwrite(fd, "1", 1, 0) == 1;
+        if (!ok) {
             std::fprintf(stderr, "kvmx-flushbench: write to '%s': %s\n",
                          path.c_str(), std::strerror(errno));
             close(fd);

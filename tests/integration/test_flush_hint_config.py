@@ -14,9 +14,9 @@ QEMU = kvmxvm.patched_qemu()
 failures = []
 
 
-def qemu_args(backend, device, machine='q35,nvdimm=on'):
-    return ['-machine', machine, '-accel', 'tcg', '-S',
-            '-m', '256M,slots=2,maxmem=2G',
+def qemu_args(backend, device, machine='q35,nvdimm=on',
+              mem='256M,slots=2,maxmem=2G'):
+    return ['-machine', machine, '-accel', 'tcg', '-S', '-m', mem,
             '-object', backend, '-device', device]
 
 
@@ -45,6 +45,34 @@ def expect_mode(name, backend, device, mode, host_flush):
             print(f"{'ok  ' if ok else 'FAIL'} {name}: {info}")
             if not ok:
                 failures.append(name)
+
+
+def expect_aligned_next(img):
+    """A memory device after a flush-hinted NVDIMM keeps 2 MiB alignment
+    (Linux maps device memory in 2 MiB subsections)."""
+    img2 = img + '.2'
+    with open(img2, 'wb') as f:
+        f.truncate(64 << 20)
+    args = ['-machine', 'q35,nvdimm=on', '-accel', 'tcg', '-S',
+            '-m', '256M,slots=4,maxmem=2G',
+            '-object', f'memory-backend-file,id=a,share=on,mem-path={img},'
+                       'size=64M',
+            '-device', 'nvdimm,id=nva,memdev=a,flush-hint=on',
+            '-object', f'memory-backend-file,id=b,share=on,mem-path={img2},'
+                       'size=64M',
+            '-device', 'nvdimm,id=nvb,memdev=b']
+    with tempfile.TemporaryDirectory() as d:
+        with kvmxvm.Vm(QEMU, args, d, 'align') as vm:
+            vm.start()
+            addrs = {m['data']['id']: m['data']['addr']
+                     for m in vm.qmp.cmd('query-memory-devices')}
+            fha = vm.qmp.cmd('query-nvdimm-flush')[0]['addresses'][0]
+    ok = (addrs['nvb'] % (2 << 20) == 0 and
+          addrs['nva'] + (64 << 20) == fha and fha < addrs['nvb'])
+    print(f"{'ok  ' if ok else 'FAIL'} next device stays 2 MiB aligned: "
+          f"nva {addrs['nva']:#x}, FHA {fha:#x}, nvb {addrs['nvb']:#x}")
+    if not ok:
+        failures.append('alignment of the next memory device')
 
 
 def main():
@@ -77,6 +105,10 @@ def main():
                  'nvdimm,memdev=m,flush-hint=on', ['flush-hint'],
                  machine='q35')
 
+    expect_error('maxmem without room for the flush hint slot', filebe,
+                 'nvdimm,memdev=m,flush-hint=on', ['flush-hint', 'maxmem'],
+                 mem='256M,slots=2,maxmem=320M')
+
     expect_mode('on, shared file', filebe, 'nvdimm,id=nv0,memdev=m,flush-hint=on',
                 'trap', 'fdatasync')
     expect_mode('auto, shared file', filebe,
@@ -87,6 +119,8 @@ def main():
                 'nvdimm,id=nv0,memdev=m,flush-hint=auto', 'no-trap', 'none')
     expect_mode('default is off', filebe, 'nvdimm,id=nv0,memdev=m', 'off',
                 'none')
+
+    expect_aligned_next(img)
 
     if failures:
         print(f"FAILED: {', '.join(failures)}")

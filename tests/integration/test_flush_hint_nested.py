@@ -1,0 +1,155 @@
+#!/usr/bin/python3
+"""Flush hints on a host NVDIMM: the WPQ-flush rule, end to end, nested.
+
+There is no NVDIMM on the build machine, so the test makes one: the outer
+VM (L1, Linux 6.12 under TCG in the patched QEMU) gets an NVDIMM, and L1
+itself runs the patched QEMU with a backend on that NVDIMM (a file on
+DAX-mounted ext4), giving a freestanding inner guest (L2) an NVDIMM of its
+own with flush-hint=auto.  L1's QEMU then sees a host NVDIMM region, reads
+its deep_flush and decides:
+
+  wpq     the outer NVDIMM has flush hints (L1's region0/deep_flush = 1):
+          L1's QEMU traps L2's flush hint writes and deep-flushes L1's
+          region, which writes L1's flush hint, which the outer QEMU traps:
+          every L2 flush reaches the outer host's flush counter.
+  no-wpq  the outer NVDIMM has none (deep_flush = 0) and the inner backend
+          is pmem=on: L1's QEMU does not trap; L2's writes stay in L2.
+"""
+import os
+import re
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+import kvmxvm  # noqa: E402
+
+SIZE = 512 << 20
+M = 20
+failures = []
+
+
+def check(cond, what):
+    print(f"{'ok  ' if cond else 'FAIL'} {what}", flush=True)
+    if not cond:
+        failures.append(what)
+
+
+# Runs in L1.  L2's serial port and monitor are FIFOs (QEMU's pipe:
+# chardev); the script waits for L2, learns its flush hint address from
+# "info nvdimm-flush", and has L2 write it M times when the host says go.
+L1_SCRIPT = r'''
+. /usr/lib/kvmx/pmem-fsdax.sh
+dev=$(pmem_fsdax)
+mkfs.ext4 -q -F -b 4096 "$dev" && mount -t ext4 -o dax "$dev" /mnt || exit 3
+echo "L1-DEEP-FLUSH $(cat /sys/bus/nd/devices/region0/deep_flush)"
+dd if=/dev/zero of=/mnt/l2.img bs=1M count=32 conv=fsync 2>/dev/null
+mkfifo /tmp/ser.in /tmp/ser.out /tmp/mon.in /tmp/mon.out
+/opt/kvmx/qemu-system-x86_64 -accel tcg -machine q35,nvdimm=on \
+  -m 128M,slots=2,maxmem=1G -nodefaults -display none -no-reboot \
+  -kernel /opt/kvmx/kvmx-testguest.elf \
+  -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+  -object memory-backend-file,id=m,share=on,mem-path=/mnt/l2.img,size=32M__PMEM__ \
+  -device nvdimm,id=l2nv,memdev=m,flush-hint=auto \
+  -serial pipe:/tmp/ser -monitor pipe:/tmp/mon 2>/tmp/qemu.err &
+qpid=$!
+cat /tmp/ser.out > /tmp/ser.log &
+cat /tmp/mon.out > /tmp/mon.log &
+exec 3>/tmp/ser.in 4>/tmp/mon.in
+waitfor() {  # waitfor FILE PATTERN SECONDS
+  i=0
+  while ! grep -q "$2" "$1"; do
+    i=$((i+1)); [ $i -gt $3 ] && { echo "L1-TIMEOUT $2"; cat /tmp/qemu.err; exit 4; }
+    kill -0 $qpid 2>/dev/null || { echo "L1-QEMU-DIED"; cat /tmp/qemu.err; exit 5; }
+    sleep 1
+  done
+}
+waitfor /tmp/ser.log "kvmx-testguest ready" 600
+echo "info nvdimm-flush" >&4
+waitfor /tmp/mon.log "flush hint address" 60
+fha=$(sed -n 's/.*flush hint address: \(0x[0-9a-f]*\).*/\1/p' /tmp/mon.log | head -n1)
+echo "L1-MON-BEFORE"; tr -d '\r' < /tmp/mon.log | grep -e mode -e flushes
+echo "L1-READY $fha"; read ack
+echo "w $fha __M__" >&3
+waitfor /tmp/ser.log "ok w" 600
+: > /tmp/mon.log
+echo "info nvdimm-flush" >&4
+waitfor /tmp/mon.log "guest flushes" 60
+echo "L1-MON-AFTER"; tr -d '\r' < /tmp/mon.log | grep -e mode -e flushes
+echo "L2-WRITES-DONE"; read ack
+echo "q 0" >&3
+wait $qpid
+echo "L1-DONE"
+'''
+
+
+def run(case, work):
+    img = os.path.join(work, f'{case}.img')
+    with open(img, 'wb') as f:
+        f.truncate(SIZE)
+    outer = 'on' if case == 'wpq' else 'off'
+    args = ['-machine', 'q35,nvdimm=on', '-m', '1536M,slots=2,maxmem=4G',
+            '-object', f'memory-backend-file,id=mem1,share=on,mem-path={img},'
+                       f'size={SIZE}',
+            '-device', f'nvdimm,id=nv0,memdev=mem1,flush-hint={outer}']
+    script = (L1_SCRIPT.replace('__M__', str(M))
+              .replace('__PMEM__', ',pmem=on' if case == 'no-wpq' else ''))
+    nested = os.path.join(kvmxvm.REPO_ROOT, 'build', 'guest-nested')
+    os.environ['KVMX_GUEST_DIR'] = nested
+    with kvmxvm.start_guest(kvmxvm.patched_qemu(), script, args, work, case,
+                            mem='1536M') as vm:
+        m = vm.wait_console(r'L1-READY (0x[0-9a-f]+)\n', 1500)
+        before = vm.qmp.cmd('query-nvdimm-flush')[0]['guest-flushes']
+        vm.send_serial(b'go\n')
+        vm.wait_console(r'L2-WRITES-DONE', 1500)
+        after = vm.qmp.cmd('query-nvdimm-flush')[0]['guest-flushes']
+        vm.send_serial(b'go\n')
+        rc = kvmxvm.wait_guest_exit(vm, 600)
+        text = vm.console_text()
+    l1_df = re.search(r'L1-DEEP-FLUSH (\d)', text)[1]
+    mon_after = text.split('L1-MON-AFTER', 1)[1].split('L2-WRITES-DONE')[0]
+    l1_flushes = re.search(r'guest flushes: (\d+)', mon_after)
+    l1_mode = re.search(r'mode ([\w-]+), host flush ([\w-]+)', mon_after)
+    print(f'[{case}] L1 deep_flush {l1_df}; L1 QEMU: mode {l1_mode[1]}, '
+          f'host flush {l1_mode[2]}, L2 flushes {l1_flushes[1]}; outer '
+          f'guest flushes {before} -> {after}')
+    check(rc == 0, f'[{case}] L1 script finished ({rc})')
+    if case == 'wpq':
+        check(l1_df == '1', '[wpq] L1 region0/deep_flush reads 1')
+        check(l1_mode.groups() == ('trap', 'deep-flush'),
+              "[wpq] L1's QEMU found a host NVDIMM region with WPQ "
+              "flush: mode trap, host flush deep-flush")
+        check(int(l1_flushes[1]) == M, f'[wpq] L1 QEMU trapped all {M} '
+                                       f'L2 flushes')
+        check(after - before >= M, f'[wpq] every L2 flush reached the '
+                                   f'outer host ({after - before} >= {M})')
+    else:
+        check(l1_df == '0', '[no-wpq] L1 region0/deep_flush reads 0')
+        check(l1_mode.groups() == ('no-trap', 'none'),
+              "[no-wpq] L1's QEMU: pmem=on on a region without WPQ "
+              "flush: no trap")
+        check(int(l1_flushes[1]) == 0, '[no-wpq] no L2 flush trapped')
+
+
+def main():
+    try:
+        kvmxvm.guest_image(os.path.join(kvmxvm.REPO_ROOT))
+    except kvmxvm.GuestImageMissing as e:
+        kvmxvm.skip(str(e))
+    nested = os.path.join(kvmxvm.REPO_ROOT, 'build', 'guest-nested')
+    if not os.path.isfile(os.path.join(nested, 'initramfs.cpio.gz')):
+        kvmxvm.skip(f'{nested} missing (run scripts/mkguest --nested)')
+    work = tempfile.mkdtemp(prefix='nested-', dir=kvmxvm.scratch_dir())
+    cases = sys.argv[1:] or ['wpq', 'no-wpq']
+    for case in cases:
+        run(case, work)
+    if failures:
+        print(f'FAILED ({len(failures)}): ' + '; '.join(failures))
+        print(f'work files kept in {work}')
+        return 1
+    import shutil
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

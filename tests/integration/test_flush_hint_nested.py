@@ -14,6 +14,12 @@ its deep_flush and decides:
           every L2 flush reaches the outer host's flush counter.
   no-wpq  the outer NVDIMM has none (deep_flush = 0) and the inner backend
           is pmem=on: L1's QEMU does not trap; L2's writes stay in L2.
+  kernel  L1 runs its QEMU under KVM (nested SVM: -cpu max) with the kvmx
+          module loaded: with the default flush-hint-accel=auto QEMU takes
+          the kernel path and L2's flushes cause no MMIO exit to L1's QEMU
+          (KVM's mmio_exits), while the module counts them and every one
+          reaches the outer host; with flush-hint-accel=user, each is an
+          exit.  Skipped if L1 gets no working /dev/kvm or no kvmx.ko.
 """
 import os
 import re
@@ -82,6 +88,129 @@ echo "L1-DONE"
 '''
 
 
+# Runs in L1 for the 'kernel' case: the inner QEMU under KVM, twice.
+L1_KVM_SCRIPT = r'''
+[ -c /dev/kvm ] || { echo "L1-SKIP no /dev/kvm in L1"; exit 0; }
+[ -f /opt/kvmx/kvmx.ko ] || { echo "L1-SKIP no kvmx.ko in the image"; exit 0; }
+insmod /opt/kvmx/kvmx.ko || { echo "L1-SKIP insmod kvmx.ko failed"; exit 0; }
+. /usr/lib/kvmx/pmem-fsdax.sh
+dev=$(pmem_fsdax)
+mkfs.ext4 -q -F -b 4096 "$dev" && mount -t ext4 -o dax "$dev" /mnt || exit 3
+dd if=/dev/zero of=/mnt/l2.img bs=1M count=32 conv=fsync 2>/dev/null
+mkfifo /tmp/ser.in /tmp/ser.out /tmp/mon.in /tmp/mon.out
+waitfor() {  # waitfor FILE PATTERN SECONDS
+  i=0
+  while ! grep -q "$2" "$1"; do
+    i=$((i+1)); [ $i -gt $3 ] && { echo "L1-TIMEOUT $2"; cat /tmp/qemu.err; exit 4; }
+    kill -0 $qpid 2>/dev/null || { echo "L1-QEMU-DIED"; cat /tmp/qemu.err; exit 5; }
+    sleep 1
+  done
+}
+mmio() {  # total mmio_exits of the inner VM's vCPUs
+  : > /tmp/mon.log
+  echo "info stats vcpu mmio_exits kvm" >&4
+  waitfor /tmp/mon.log "mmio_exits" 60
+  sleep 1
+  tr -d '\r' < /tmp/mon.log | sed -n 's/.*mmio_exits[^0-9]*\([0-9][0-9]*\).*/\1/p' |
+    awk '{ s += $1 } END { print s + 0 }'
+}
+run_l2() {  # run_l2 LABEL ACCEL
+  : > /tmp/ser.log; : > /tmp/mon.log
+  /opt/kvmx/qemu-system-x86_64 -accel kvm -cpu host -machine q35,nvdimm=on \
+    -m 128M,slots=2,maxmem=1G -nodefaults -display none -no-reboot \
+    -kernel /opt/kvmx/kvmx-testguest.elf \
+    -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+    -object memory-backend-file,id=m,share=on,mem-path=/mnt/l2.img,size=32M \
+    -device nvdimm,id=l2nv,memdev=m,flush-hint=on,flush-hint-accel=$2 \
+    -serial pipe:/tmp/ser -monitor pipe:/tmp/mon 2>/tmp/qemu.err &
+  qpid=$!
+  cat /tmp/ser.out >> /tmp/ser.log &
+  cpid1=$!
+  cat /tmp/mon.out >> /tmp/mon.log &
+  cpid2=$!
+  exec 3>/tmp/ser.in 4>/tmp/mon.in
+  waitfor /tmp/ser.log "kvmx-testguest ready" 600
+  echo "info nvdimm-flush" >&4
+  waitfor /tmp/mon.log "flush hint address" 60
+  sleep 1
+  fha=$(sed -n 's/.*flush hint address: \(0x[0-9a-f]*\).*/\1/p' /tmp/mon.log | head -n1)
+  path=$(tr -d '\r' < /tmp/mon.log | sed -n 's/.*, path \([a-z]*\).*/\1/p' | head -n1)
+  m0=$(mmio)
+  echo "L1-$1-READY $fha"; read ack
+  echo "w $fha __M__" >&3
+  waitfor /tmp/ser.log "ok w" 600
+  m1=$(mmio)
+  : > /tmp/mon.log
+  echo "info nvdimm-flush" >&4
+  waitfor /tmp/mon.log "guest flushes" 60
+  sleep 1
+  gf=$(tr -d '\r' < /tmp/mon.log | sed -n 's/.*guest flushes: \([0-9]*\).*/\1/p' | head -n1)
+  echo "L1-$1-RESULT path=$path mmio=$((m1 - m0)) flushes=$gf"
+  grep "info:" /tmp/qemu.err | sed "s/^/L1-$1-LOG /"
+  read ack
+  echo "q 0" >&3
+  wait $qpid
+  exec 3>&- 4>&-
+  kill $cpid1 $cpid2 2>/dev/null
+}
+run_l2 AUTO auto
+run_l2 USER user
+dmesg | grep -E "WARNING|BUG|Oops" && echo "L1-DMESG-BAD"
+echo "L1-DONE"
+'''
+
+
+def run_kernel(work):
+    img = os.path.join(work, 'kernel.img')
+    with open(img, 'wb') as f:
+        f.truncate(SIZE)
+    args = ['-machine', 'q35,nvdimm=on', '-cpu', 'max',
+            '-m', '1536M,slots=2,maxmem=4G',
+            '-object', f'memory-backend-file,id=mem1,share=on,mem-path={img},'
+                       f'size={SIZE}',
+            '-device', 'nvdimm,id=nv0,memdev=mem1,flush-hint=on']
+    script = L1_KVM_SCRIPT.replace('__M__', str(M))
+    os.environ['KVMX_GUEST_DIR'] = os.path.join(kvmxvm.REPO_ROOT, 'build',
+                                                'guest-nested')
+    outer = {}
+    with kvmxvm.start_guest(kvmxvm.patched_qemu(), script, args, work,
+                            'kernel', append_extra='kvmx.modules=kvm,kvm_amd'
+                            ) as vm:
+        for label in ('AUTO', 'USER'):
+            m = vm.wait_console(rf'L1-{label}-READY|L1-SKIP (.*)\n', 1500)
+            if m[0].startswith('L1-SKIP'):
+                vm.kill()
+                kvmxvm.skip(f'kernel case: {m[1]}')
+            before = vm.qmp.cmd('query-nvdimm-flush')[0]['guest-flushes']
+            vm.send_serial(b'go\n')
+            vm.wait_console(rf'L1-{label}-RESULT .*\n', 1500)
+            outer[label] = (vm.qmp.cmd('query-nvdimm-flush')[0]
+                            ['guest-flushes'] - before)
+            vm.send_serial(b'go\n')
+        rc = kvmxvm.wait_guest_exit(vm, 600)
+        text = vm.console_text()
+    res = {}
+    for label in ('AUTO', 'USER'):
+        r = re.search(rf'L1-{label}-RESULT path=(\w*) mmio=(-?\d+) '
+                      rf'flushes=(\d*)', text)
+        res[label] = (r[1], int(r[2]), int(r[3] or -1))
+        print(f'[kernel] flush-hint-accel={label.lower()}: path {r[1]}, '
+              f'{r[2]} MMIO exits, {r[3]} guest flushes counted; outer '
+              f'host saw {outer[label]} flushes')
+    for line in re.findall(r'L1-\w+-LOG (.*)', text):
+        print(f'[kernel] L1 QEMU said: {line.strip()}')
+    check(rc == 0 and 'L1-DMESG-BAD' not in text,
+          f'[kernel] L1 script finished ({rc}), no WARNING/BUG in L1 dmesg')
+    check(res['AUTO'] == ('kernel', 0, M),
+          f'[kernel] auto with kvmx loaded: kernel path, 0 MMIO exits, '
+          f'{M} flushes counted by the module ({res["AUTO"]})')
+    check(outer['AUTO'] >= M, '[kernel] every kernel-path flush reached '
+                              'the outer host')
+    check(res['USER'] == ('user', M, M),
+          f'[kernel] flush-hint-accel=user: user path, {M} MMIO exits '
+          f'({res["USER"]})')
+
+
 def run(case, work):
     img = os.path.join(work, f'{case}.img')
     with open(img, 'wb') as f:
@@ -139,9 +268,12 @@ def main():
     if not os.path.isfile(os.path.join(nested, 'initramfs.cpio.gz')):
         kvmxvm.skip(f'{nested} missing (run scripts/mkguest --nested)')
     work = tempfile.mkdtemp(prefix='nested-', dir=kvmxvm.scratch_dir())
-    cases = sys.argv[1:] or ['wpq', 'no-wpq']
+    cases = sys.argv[1:] or ['wpq', 'no-wpq', 'kernel']
     for case in cases:
-        run(case, work)
+        if case == 'kernel':
+            run_kernel(work)
+        else:
+            run(case, work)
     if failures:
         print(f'FAILED ({len(failures)}): ' + '; '.join(failures))
         print(f'work files kept in {work}')

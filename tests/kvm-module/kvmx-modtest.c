@@ -1,0 +1,1695 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+/*
+ * kvmx-modtest: tests of kvmx.ko (kvm-module/) through the raw KVM API.
+ *
+ * It runs where the module is loaded (inside the nested test VM, see
+ * tests/integration/test_kvm_module.py): it makes small VMs itself
+ * (KVM_CREATE_VM, memslots, one or more vCPUs running a few bytes of
+ * 32-bit code), attaches flush hint pages through /dev/kvmx and checks
+ * exits, counters, error codes and the page cache of the backing file.
+ *
+ *   kvmx-modtest [options] TEST...
+ *     -m N          guest flushes per measured run (default 50)
+ *     -d DIR        directory for the backing files (default /tmp); use a
+ *                   disk filesystem (not tmpfs) so fdatasync has work to do
+ *     -D PATH       file the DEEP flush writes "1" to (default: a file in
+ *                   /tmp); e.g. /sys/bus/nd/devices/region0/deep_flush
+ *     -k PATH       kvmx.ko, for the tests that unload and reload it
+ *   TESTS: api errors ram kernel user deep detach memslot limits
+ *          concurrent multivcpu vmclose rmmod sigkill, or "all" (all but
+ *          rmmod and sigkill, which unload the module)
+ *
+ * Output, one fact a line, for the harness:
+ *   KVMX-CHECK ok|FAIL <test>: <what>
+ *   KVMX-INFO <test>: <what>
+ *   KVMX-BENCH key=value ...            (after "kernel" and "user")
+ *   KVMX-MODTEST-RESULT passed=N failed=N
+ * Exit status 0 when no check failed.
+ *
+ * The guest: 32-bit protected mode, flat segments, no paging, code at
+ * CODE_GPA.  With esi = data address, ebp = stride, edi = flush hint
+ * address (0: none), ecx = count it runs
+ *     do { *(u32 *)esi = eax; esi += ebp; if (edi) *(u32 *)edi = eax; }
+ *     while (--ecx);  hlt
+ * so every flush hint write follows a store to a fresh page of the
+ * "NVDIMM" (a memslot mapped from the backing file), as a guest's
+ * nvdimm_flush() follows its data.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/kvm.h>
+#include <linux/magic.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <kvmx/kvmx-fha.h>
+
+#define PAGE 4096ul
+
+/* Guest-physical layout of the test VMs. */
+#define CODE_GPA	0x1000ul
+#define RAM_SIZE	(2ul << 20)	/* slot 0 at 0: code, scratch pages */
+#define SCRATCH_GPA	0x20000ul	/* RAM pages tests write or attach */
+#define MANY_GPA	0x80000ul	/* 257 RAM pages for the limits test */
+#define PMEM_GPA	0x400000ul	/* slot 1: the backing file */
+#define PMEM_SIZE	(4ul << 20)
+#define FHA_GPA		0x800000ul	/* slot 2: the flush hint page */
+#define EXTRA_GPA	0x900000ul	/* slot 3: a page the memslot test deletes */
+#define RO_GPA		0xa00000ul	/* slot 4: read-only page */
+
+enum { SLOT_RAM, SLOT_PMEM, SLOT_FHA, SLOT_EXTRA, SLOT_RO };
+
+/* mov [esi],eax; add esi,ebp; test edi,edi; jz +2; mov [edi],eax;
+ * dec ecx; jnz -13; hlt */
+static const uint8_t guest_code[] = {
+	0x89, 0x06, 0x01, 0xee, 0x85, 0xff, 0x74, 0x02,
+	0x89, 0x07, 0x49, 0x75, 0xf3, 0xf4,
+};
+
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+struct cs_range { uint64_t off, len; };
+struct cs_stat {
+	uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+static const char *kvmx_dev = "/dev/kvmx";
+static const char *sysdir = "/sys/class/misc/kvmx";
+static const char *backing_dir = "/tmp";
+static const char *deep_path;
+static const char *ko_path;
+static unsigned int M = 50;
+static const char *cur_test = "-";
+static int n_pass, n_fail;
+static bool backing_is_tmpfs;
+
+/* Filled by the "kernel" and "user" tests for the KVMX-BENCH line. */
+static struct bench {
+	bool have;
+	double ns_per_flush;
+	double user_exits_per_flush;
+	double vm_exits_per_flush;
+	double module_avg_ns;
+} bench_kernel, bench_user;
+
+/* ---- reporting ------------------------------------------------------- */
+
+static bool check(bool ok, const char *fmt, ...)
+{
+	va_list ap;
+
+	printf("KVMX-CHECK %s %s: ", ok ? "ok" : "FAIL", cur_test);
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf("\n");
+	fflush(stdout);
+	if (ok)
+		n_pass++;
+	else
+		n_fail++;
+	return ok;
+}
+
+static void info(const char *fmt, ...)
+{
+	va_list ap;
+
+	printf("KVMX-INFO %s: ", cur_test);
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf("\n");
+	fflush(stdout);
+}
+
+static void die(const char *fmt, ...)
+{
+	va_list ap;
+
+	printf("KVMX-CHECK FAIL %s: fatal: ", cur_test);
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf(" (errno %d %s)\nKVMX-MODTEST-RESULT passed=%d failed=%d\n",
+	       errno, strerror(errno), n_pass, n_fail + 1);
+	fflush(stdout);
+	exit(1);
+}
+
+/* An ioctl (or any call returning -1/errno) that must fail with `want`. */
+static bool expect_errno(long r, int want, const char *what)
+{
+	int e = errno;
+
+	if (r != -1)
+		return check(false, "%s: expected %s, got success (%ld)",
+			     what, strerrorname_np(want), r);
+	return check(e == want, "%s -> %s%s%s", what, strerrorname_np(e),
+		     e == want ? "" : ", expected ",
+		     e == want ? "" : strerrorname_np(want));
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+/* ---- /dev/kvmx ------------------------------------------------------- */
+
+static int kvmx_open(void)
+{
+	int fd = open(kvmx_dev, O_RDWR | O_CLOEXEC);
+
+	if (fd < 0)
+		die("open %s", kvmx_dev);
+	return fd;
+}
+
+static struct kvmx_fha_attach attach_args(int vm_fd, int backing_fd, uint64_t gpa)
+{
+	struct kvmx_fha_attach a;
+
+	memset(&a, 0, sizeof(a));
+	a.size = sizeof(a);
+	a.flags = KVMX_FLUSH_FDATASYNC;
+	a.vm_fd = vm_fd;
+	a.backing_fd = backing_fd;
+	a.deep_flush_fd = -1;
+	a.gpa = gpa;
+	return a;
+}
+
+/* Attach; returns the handle, or 0 with errno set. */
+static uint32_t kvmx_attach(int kfd, struct kvmx_fha_attach *a)
+{
+	a->handle = 0;
+	if (ioctl(kfd, KVMX_FHA_ATTACH, a) != 0)
+		return 0;
+	return a->handle;
+}
+
+static int kvmx_detach(int kfd, uint32_t handle)
+{
+	return ioctl(kfd, KVMX_FHA_DETACH, &handle);
+}
+
+static struct kvmx_fha_stats kvmx_stats(int kfd, uint32_t handle)
+{
+	struct kvmx_fha_stats st;
+
+	memset(&st, 0, sizeof(st));
+	st.size = sizeof(st);
+	st.handle = handle;
+	if (ioctl(kfd, KVMX_FHA_STATS, &st) != 0)
+		die("KVMX_FHA_STATS(%u)", handle);
+	return st;
+}
+
+/* Module-wide counter from sysfs; -1 if the module is not there. */
+static long long counter(const char *name)
+{
+	char path[256], buf[64];
+	long long v = -1;
+	int fd;
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "%s/%s", sysdir, name);
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return -1;
+	n = read(fd, buf, sizeof(buf) - 1);
+	if (n > 0) {
+		buf[n] = 0;
+		v = strtoll(buf, NULL, 10);
+	}
+	close(fd);
+	return v;
+}
+
+static long long module_refcnt(const char *mod)
+{
+	char path[256], buf[64];
+	long long v = -1;
+	int fd;
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/sys/module/%s/refcnt", mod);
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return -1;
+	n = read(fd, buf, sizeof(buf) - 1);
+	if (n > 0) {
+		buf[n] = 0;
+		v = strtoll(buf, NULL, 10);
+	}
+	close(fd);
+	return v;
+}
+
+/* ---- test VMs -------------------------------------------------------- */
+
+#define MAX_VCPUS 8
+#define NR_EXIT_REASONS 64
+
+struct vcpu {
+	int fd;
+	struct kvm_run *run;
+	int stats_fd;
+	struct kvm_stats_header sh;
+	char *descs;
+	unsigned long exits[NR_EXIT_REASONS];	/* KVM_RUN returns, by reason */
+	unsigned long fha_mmio;			/* MMIO writes to the FHA page */
+};
+
+struct vm {
+	int kvm, fd;
+	int ram_fd, pmem_fd, fha_fd, extra_fd;
+	uint8_t *ram, *pmem, *fha, *extra;
+	char pmem_path[512];
+	int nvcpu;
+	struct vcpu vcpu[MAX_VCPUS];
+};
+
+static int kvm_run_size;
+
+static void *map_memfd(int *fdp, size_t size, const char *name)
+{
+	int fd = memfd_create(name, MFD_CLOEXEC);
+	void *p;
+
+	if (fd < 0 || ftruncate(fd, size) != 0)
+		die("memfd %s", name);
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED)
+		die("mmap %s", name);
+	*fdp = fd;
+	return p;
+}
+
+static int try_set_slot(struct vm *vm, uint32_t slot, uint64_t gpa, uint64_t size,
+			void *hva, uint32_t flags)
+{
+	struct kvm_userspace_memory_region r = {
+		.slot = slot, .flags = flags, .guest_phys_addr = gpa,
+		.memory_size = size, .userspace_addr = (uintptr_t)hva,
+	};
+
+	return ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &r);
+}
+
+static void set_slot(struct vm *vm, uint32_t slot, uint64_t gpa, uint64_t size,
+		     void *hva, uint32_t flags)
+{
+	if (try_set_slot(vm, slot, gpa, size, hva, flags) != 0)
+		die("KVM_SET_USER_MEMORY_REGION slot %u", slot);
+}
+
+static void stats_open(struct vcpu *v)
+{
+	size_t dsz;
+
+	v->stats_fd = ioctl(v->fd, KVM_GET_STATS_FD, NULL);
+	if (v->stats_fd < 0)
+		die("KVM_GET_STATS_FD");
+	if (pread(v->stats_fd, &v->sh, sizeof(v->sh), 0) != sizeof(v->sh))
+		die("read stats header");
+	dsz = (sizeof(struct kvm_stats_desc) + v->sh.name_size) * v->sh.num_desc;
+	v->descs = malloc(dsz);
+	if (!v->descs || pread(v->stats_fd, v->descs, dsz, v->sh.desc_offset) != (ssize_t)dsz)
+		die("read stats descriptors");
+}
+
+/* A vCPU statistic by name (binary stats API); -1 if it does not exist. */
+static long long vstat(struct vcpu *v, const char *name)
+{
+	size_t step = sizeof(struct kvm_stats_desc) + v->sh.name_size;
+	uint64_t val;
+	uint32_t i;
+
+	for (i = 0; i < v->sh.num_desc; i++) {
+		struct kvm_stats_desc *d = (void *)(v->descs + i * step);
+
+		if (strcmp(d->name, name) == 0) {
+			if (pread(v->stats_fd, &val, sizeof(val),
+				  v->sh.data_offset + d->offset) != sizeof(val))
+				die("read stat %s", name);
+			return (long long)val;
+		}
+	}
+	return -1;
+}
+
+static void vcpu_add(struct vm *vm)
+{
+	struct vcpu *v = &vm->vcpu[vm->nvcpu];
+	struct kvm_sregs s;
+	struct kvm_segment seg;
+
+	v->fd = ioctl(vm->fd, KVM_CREATE_VCPU, vm->nvcpu);
+	if (v->fd < 0)
+		die("KVM_CREATE_VCPU %d", vm->nvcpu);
+	v->run = mmap(NULL, kvm_run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
+	if (v->run == MAP_FAILED)
+		die("mmap kvm_run");
+	if (ioctl(v->fd, KVM_GET_SREGS, &s) != 0)
+		die("KVM_GET_SREGS");
+	/* Flat 4 GiB segments, 32-bit, protected mode without paging. */
+	memset(&seg, 0, sizeof(seg));
+	seg.base = 0;
+	seg.limit = 0xffffffff;
+	seg.present = 1;
+	seg.s = 1;
+	seg.db = 1;
+	seg.g = 1;
+	seg.type = 3;		/* data, read/write, accessed */
+	seg.selector = 0x10;
+	s.ds = s.es = s.fs = s.gs = s.ss = seg;
+	seg.type = 11;		/* code, execute/read, accessed */
+	seg.selector = 0x08;
+	s.cs = seg;
+	s.cr0 |= 1;		/* PE */
+	s.cr0 &= ~(1ul << 31);	/* PG */
+	s.efer = 0;
+	if (ioctl(v->fd, KVM_SET_SREGS, &s) != 0)
+		die("KVM_SET_SREGS");
+	stats_open(v);
+	vm->nvcpu++;
+}
+
+static void backing_create(struct vm *vm)
+{
+	static int seq;
+	static pid_t seq_pid;	/* numbered per process: a forked child starts at 0 */
+	uint8_t *zero;
+	struct statfs sf;
+
+	if (seq_pid != getpid()) {
+		seq_pid = getpid();
+		seq = 0;
+	}
+	snprintf(vm->pmem_path, sizeof(vm->pmem_path), "%s/kvmx-modtest-%d-%d.img",
+		 backing_dir, getpid(), seq++);
+	vm->pmem_fd = open(vm->pmem_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (vm->pmem_fd < 0)
+		die("create %s", vm->pmem_path);
+	/* Allocate the blocks now, so a flush later only writes data. */
+	zero = calloc(1, PMEM_SIZE);
+	if (!zero || pwrite(vm->pmem_fd, zero, PMEM_SIZE, 0) != (ssize_t)PMEM_SIZE)
+		die("fill %s", vm->pmem_path);
+	free(zero);
+	if (fsync(vm->pmem_fd) != 0)
+		die("fsync %s", vm->pmem_path);
+	vm->pmem = mmap(NULL, PMEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, vm->pmem_fd, 0);
+	if (vm->pmem == MAP_FAILED)
+		die("mmap %s", vm->pmem_path);
+	if (fstatfs(vm->pmem_fd, &sf) == 0)
+		backing_is_tmpfs = sf.f_type == TMPFS_MAGIC;
+}
+
+/*
+ * A VM with the standard layout and `nvcpu` vCPUs; the flush hint page is
+ * RAM, or a read-only memslot when fha_readonly (then guest writes to it
+ * exit to us as KVM_EXIT_MMIO, which is how QEMU traps it today).
+ */
+static struct vm *vm_new(int nvcpu, bool fha_readonly)
+{
+	struct vm *vm = calloc(1, sizeof(*vm));
+	int i;
+
+	if (!vm)
+		die("calloc");
+	vm->kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (vm->kvm < 0)
+		die("open /dev/kvm");
+	if (!kvm_run_size) {
+		kvm_run_size = ioctl(vm->kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+		if (kvm_run_size <= 0)
+			die("KVM_GET_VCPU_MMAP_SIZE");
+	}
+	vm->fd = ioctl(vm->kvm, KVM_CREATE_VM, 0);
+	if (vm->fd < 0)
+		die("KVM_CREATE_VM");
+	ioctl(vm->fd, KVM_SET_TSS_ADDR, 0xfffbd000ul);	/* VMX wants it; harmless */
+
+	vm->ram = map_memfd(&vm->ram_fd, RAM_SIZE, "kvmx-ram");
+	memcpy(vm->ram + CODE_GPA, guest_code, sizeof(guest_code));
+	vm->fha = map_memfd(&vm->fha_fd, PAGE, "kvmx-fha");
+	vm->extra = map_memfd(&vm->extra_fd, PAGE, "kvmx-extra");
+	backing_create(vm);
+
+	set_slot(vm, SLOT_RAM, 0, RAM_SIZE, vm->ram, 0);
+	set_slot(vm, SLOT_PMEM, PMEM_GPA, PMEM_SIZE, vm->pmem, 0);
+	set_slot(vm, SLOT_FHA, FHA_GPA, PAGE, vm->fha, fha_readonly ? KVM_MEM_READONLY : 0);
+	set_slot(vm, SLOT_EXTRA, EXTRA_GPA, PAGE, vm->extra, 0);
+	set_slot(vm, SLOT_RO, RO_GPA, PAGE, vm->extra, KVM_MEM_READONLY);
+	for (i = 0; i < nvcpu; i++)
+		vcpu_add(vm);
+	return vm;
+}
+
+static void vm_free(struct vm *vm)
+{
+	int i;
+
+	for (i = 0; i < vm->nvcpu; i++) {
+		munmap(vm->vcpu[i].run, kvm_run_size);
+		close(vm->vcpu[i].stats_fd);
+		close(vm->vcpu[i].fd);
+		free(vm->vcpu[i].descs);
+	}
+	close(vm->fd);
+	close(vm->kvm);
+	munmap(vm->ram, RAM_SIZE);
+	munmap(vm->fha, PAGE);
+	munmap(vm->extra, PAGE);
+	munmap(vm->pmem, PMEM_SIZE);
+	close(vm->ram_fd);
+	close(vm->fha_fd);
+	close(vm->extra_fd);
+	close(vm->pmem_fd);
+	unlink(vm->pmem_path);
+	free(vm);
+}
+
+/* Page-cache state of the backing file (cachestat(2)). */
+static struct cs_stat backing_cache(struct vm *vm)
+{
+	struct cs_range r = { 0, 0 };
+	struct cs_stat cs;
+
+	memset(&cs, 0, sizeof(cs));
+	if (syscall(__NR_cachestat, vm->pmem_fd, &r, &cs, 0) != 0)
+		die("cachestat");
+	return cs;
+}
+
+/*
+ * After a flush: no dirty and no writeback pages in the backing file.  On
+ * tmpfs there is nothing to check (fsync leaves shmem pages dirty).
+ */
+static void check_clean(struct vm *vm, const char *when)
+{
+	struct cs_stat cs;
+
+	if (backing_is_tmpfs) {
+		info("backing file on tmpfs: not checking the page cache %s", when);
+		return;
+	}
+	cs = backing_cache(vm);
+	check(cs.nr_dirty == 0 && cs.nr_writeback == 0,
+	      "backing file clean %s: %llu dirty, %llu under writeback pages", when,
+	      (unsigned long long)cs.nr_dirty, (unsigned long long)cs.nr_writeback);
+}
+
+struct run_args {
+	uint64_t data;		/* first data page (guest-physical) */
+	uint64_t stride;	/* added after each data store */
+	uint64_t fha;		/* flush hint address, 0: none */
+	uint32_t count;		/* loop iterations (0 = 2^32) */
+	/* MMIO writes to [user_fha, +PAGE) are flush hints we handle: */
+	uint64_t user_fha;
+	int user_flush_fd;	/* fdatasync() it per such write; -1: no */
+};
+
+/*
+ * Run the guest loop on a vCPU until HLT.  Returns 0 on HLT, -1 on any
+ * other end (reported).  Counts every KVM_RUN return by exit reason.
+ */
+static int vcpu_run_loop(struct vcpu *v, const struct run_args *ra)
+{
+	struct kvm_regs regs;
+
+	memset(&regs, 0, sizeof(regs));
+	regs.rip = CODE_GPA;
+	regs.rflags = 0x2;
+	regs.rax = 0x4b564d58;	/* "KVMX" */
+	regs.rsi = ra->data;
+	regs.rbp = ra->stride;
+	regs.rdi = ra->fha;
+	regs.rcx = ra->count;
+	if (ioctl(v->fd, KVM_SET_REGS, &regs) != 0)
+		die("KVM_SET_REGS");
+
+	for (;;) {
+		struct kvm_run *run = v->run;
+
+		if (ioctl(v->fd, KVM_RUN, 0) != 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			printf("KVMX-INFO %s: KVM_RUN: %s\n", cur_test, strerror(errno));
+			return -1;
+		}
+		if (run->exit_reason < NR_EXIT_REASONS)
+			v->exits[run->exit_reason]++;
+		switch (run->exit_reason) {
+		case KVM_EXIT_HLT:
+			return 0;
+		case KVM_EXIT_MMIO:
+			if (ra->user_fha && run->mmio.is_write &&
+			    run->mmio.phys_addr >= ra->user_fha &&
+			    run->mmio.phys_addr < ra->user_fha + PAGE) {
+				v->fha_mmio++;
+				if (ra->user_flush_fd >= 0 && fdatasync(ra->user_flush_fd) != 0)
+					die("fdatasync in the user path");
+				continue;
+			}
+			printf("KVMX-INFO %s: unexpected MMIO %s at 0x%llx\n", cur_test,
+			       run->mmio.is_write ? "write" : "read",
+			       (unsigned long long)run->mmio.phys_addr);
+			return -1;
+		case KVM_EXIT_INTR:
+			continue;
+		default:
+			printf("KVMX-INFO %s: unexpected exit reason %u (fail entry 0x%llx, "
+			       "internal suberror %u)\n", cur_test, run->exit_reason,
+			       (unsigned long long)run->fail_entry.hardware_entry_failure_reason,
+			       run->internal.suberror);
+			return -1;
+		}
+	}
+}
+
+static unsigned long exits_total(struct vcpu *v)
+{
+	unsigned long t = 0;
+	int i;
+
+	for (i = 0; i < NR_EXIT_REASONS; i++)
+		t += v->exits[i];
+	return t;
+}
+
+static void exits_reset(struct vcpu *v)
+{
+	memset(v->exits, 0, sizeof(v->exits));
+	v->fha_mmio = 0;
+}
+
+/* ---- tests ----------------------------------------------------------- */
+
+static void test_api(void)
+{
+	int kfd = kvmx_open();
+	long v = ioctl(kfd, KVMX_GET_API_VERSION, 0);
+
+	check(v == KVMX_API_VERSION, "KVMX_GET_API_VERSION = %ld (want %d)", v,
+	      KVMX_API_VERSION);
+	check(counter("api_version") == KVMX_API_VERSION, "sysfs api_version = %lld",
+	      counter("api_version"));
+	check(counter("attachments") == 0 && counter("vms") == 0,
+	      "nothing attached at start (attachments %lld, vms %lld)",
+	      counter("attachments"), counter("vms"));
+	close(kfd);
+}
+
+static void test_errors(void)
+{
+	struct vm *vm = vm_new(1, false);
+	int kfd = kvmx_open();
+	long long att0 = counter("attachments");
+	struct kvmx_fha_attach a, base = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+	int pipefd[2], efd, rofd, closed_fd;
+	char tmp[512];
+	uint32_t h, bad;
+	unsigned int i;
+	long r;
+
+	/* vm_fd: not a KVM VM */
+	a = base; a.vm_fd = devnull;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "vm_fd /dev/null");
+	a = base; a.vm_fd = vm->kvm;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "vm_fd is the /dev/kvm system fd");
+	a = base; a.vm_fd = vm->vcpu[0].fd;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "vm_fd is a vCPU fd");
+	a = base; a.vm_fd = kfd;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "vm_fd is /dev/kvmx itself");
+	a = base; a.vm_fd = vm->vcpu[0].stats_fd;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "vm_fd is a KVM stats fd");
+	a = base; a.vm_fd = -1;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EBADF, "vm_fd -1");
+	closed_fd = dup(devnull);
+	close(closed_fd);
+	a = base; a.vm_fd = closed_fd;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EBADF, "vm_fd closed");
+	a = base; a.vm_fd = 0x7fffffff;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EBADF, "vm_fd 0x7fffffff");
+
+	/* gpa */
+	a = base; a.gpa = 0x40000000;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "gpa 1 GiB, outside all memslots");
+	a = base; a.gpa = 0x300000;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "gpa in a hole between memslots");
+	a = base; a.gpa = 1ull << 60;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "gpa 2^60");
+	a = base; a.gpa = ~0ull & ~(PAGE - 1);
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "gpa 0xffff...f000");
+	a = base; a.gpa = FHA_GPA + 8;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "gpa not 4 KiB aligned");
+	a = base; a.gpa = FHA_GPA + 0x800;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "gpa 2 KiB aligned only");
+	a = base; a.gpa = RO_GPA;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "gpa in a KVM_MEM_READONLY memslot");
+
+	/* size, pads, reserved, flags */
+	{
+		static const uint32_t sizes[] = { 0, 4, 64, 71, 73, 80, 4096, 0xffffffff };
+
+		for (i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+			snprintf(tmp, sizeof(tmp), "size %u", sizes[i]);
+			a = base; a.size = sizes[i];
+			expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, tmp);
+		}
+	}
+	a = base; a.pad = 1;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "pad nonzero");
+	a = base; a.pad2 = 0x80000000u;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "pad2 nonzero");
+	for (i = 0; i < 4; i++) {
+		snprintf(tmp, sizeof(tmp), "reserved[%u] nonzero", i);
+		a = base; a.reserved[i] = 1ull << (i * 16);
+		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, tmp);
+	}
+	a = base; a.flags = 0;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "flags 0 (nothing to flush)");
+	a = base; a.flags = KVMX_FLUSH_FDATASYNC | (1u << 2);
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "unknown flag 1<<2");
+	a = base; a.flags = KVMX_FLUSH_FDATASYNC | 0x80000000u;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "unknown flag 1<<31");
+
+	/* backing_fd / deep_flush_fd */
+	a = base; a.backing_fd = -1;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EBADF, "FDATASYNC with backing_fd -1");
+	a = base; a.backing_fd = closed_fd;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EBADF, "FDATASYNC with a closed backing_fd");
+	if (pipe2(pipefd, O_CLOEXEC) != 0)
+		die("pipe");
+	a = base; a.backing_fd = pipefd[0];
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "backing_fd a pipe (no fsync)");
+	efd = eventfd(0, EFD_CLOEXEC);
+	a = base; a.backing_fd = efd;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "backing_fd an eventfd (no fsync)");
+	a = base; a.flags = KVMX_FLUSH_DEEP;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL,
+		     "backing_fd given without FDATASYNC");
+	a = base; a.deep_flush_fd = devnull;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL,
+		     "deep_flush_fd given without DEEP");
+	a = base; a.flags = KVMX_FLUSH_ALL;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EBADF, "DEEP with deep_flush_fd -1");
+	rofd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	a = base; a.flags = KVMX_FLUSH_ALL; a.deep_flush_fd = rofd;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EBADF, "DEEP with a read-only deep_flush_fd");
+	{
+		int full = open("/dev/full", O_WRONLY | O_CLOEXEC);
+
+		a = base; a.flags = KVMX_FLUSH_ALL; a.deep_flush_fd = full;
+		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL,
+			     "DEEP with /dev/full (no write_iter, kernel_write cannot use it)");
+		close(full);
+	}
+
+	/* bad pointers */
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, NULL), EFAULT, "ATTACH with a NULL argument");
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, (void *)8), EFAULT, "ATTACH with pointer 8");
+	expect_errno(ioctl(kfd, KVMX_FHA_DETACH, NULL), EFAULT, "DETACH with a NULL argument");
+	expect_errno(ioctl(kfd, KVMX_FHA_STATS, NULL), EFAULT, "STATS with a NULL argument");
+	expect_errno(ioctl(kfd, KVMX_FHA_STATS, (void *)-4096l), EFAULT,
+		     "STATS with a kernel-half pointer");
+
+	/* handles */
+	bad = 0;
+	expect_errno(ioctl(kfd, KVMX_FHA_DETACH, &bad), ENOENT, "DETACH handle 0");
+	bad = 12345;
+	expect_errno(ioctl(kfd, KVMX_FHA_DETACH, &bad), ENOENT, "DETACH unknown handle");
+	{
+		struct kvmx_fha_stats st = { .size = sizeof(st), .handle = 777 };
+
+		expect_errno(ioctl(kfd, KVMX_FHA_STATS, &st), ENOENT, "STATS unknown handle");
+		st.size = 87;
+		expect_errno(ioctl(kfd, KVMX_FHA_STATS, &st), EINVAL, "STATS size 87");
+		st.size = 0;
+		expect_errno(ioctl(kfd, KVMX_FHA_STATS, &st), EINVAL, "STATS size 0");
+	}
+
+	/* duplicates, and the happy path in between */
+	a = base;
+	h = kvmx_attach(kfd, &a);
+	check(h != 0, "valid ATTACH returns handle %u", h);
+	a = base;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EEXIST, "same page again in the same file");
+	{
+		int kfd2 = kvmx_open();
+		uint32_t h2;
+
+		a = base;
+		h2 = kvmx_attach(kfd2, &a);
+		check(h2 != 0, "same page from another open file is allowed (handle %u)", h2);
+		close(kfd2);
+	}
+	{
+		struct kvmx_fha_stats st = kvmx_stats(kfd, h);
+
+		check(st.size == sizeof(st) && st.handle == h && st.guest_flushes == 0 &&
+		      st.host_flushes == 0 && !st.reserved[0] && !st.reserved[3],
+		      "STATS of a fresh attachment: all zero");
+	}
+	check(kvmx_detach(kfd, h) == 0, "DETACH %u", h);
+	expect_errno(kvmx_detach(kfd, h), ENOENT, "DETACH the same handle twice");
+
+	/* ioctl numbers that are not ours */
+	{
+		struct { unsigned long cmd; const char *name; } cmds[] = {
+			{ _IO(KVMX_IO, 0x04), "_IO(KVMX_IO, 4)" },
+			{ _IO(KVMX_IO, 0xff), "_IO(KVMX_IO, 0xff)" },
+			{ _IOR(KVMX_IO, 0x00, int), "GET_API_VERSION encoded _IOR" },
+			{ _IOWR(KVMX_IO, 0x01, char[64]), "ATTACH encoded with size 64" },
+			{ _IOW(KVMX_IO, 0x02, uint64_t), "DETACH encoded with size 8" },
+			{ _IOR(KVMX_IO, 0x03, struct kvmx_fha_stats), "STATS encoded _IOR" },
+			{ KVM_RUN, "KVM_RUN" },
+			{ KVM_CREATE_VM, "KVM_CREATE_VM" },
+			{ 0, "0" },
+			{ 0xffffffffu, "0xffffffff" },
+			{ TCGETS, "TCGETS" },
+		};
+
+		for (i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
+			snprintf(tmp, sizeof(tmp), "ioctl %s", cmds[i].name);
+			r = ioctl(kfd, cmds[i].cmd, &a);
+			expect_errno(r, ENOTTY, tmp);
+		}
+	}
+
+	/* A VM of another process: KVM's page-track rule (same mm). */
+	{
+		pid_t pid = fork();
+		int st;
+
+		if (pid == 0) {
+			struct kvmx_fha_attach ca = base;
+			int e = 0;
+
+			if (ioctl(kfd, KVMX_FHA_ATTACH, &ca) != 0)
+				e = errno;
+			_exit(e);
+		}
+		waitpid(pid, &st, 0);
+		check(WIFEXITED(st) && WEXITSTATUS(st) == EPERM,
+		      "a child attaching its parent's VM (inherited fds) -> %s, expected EPERM",
+		      WIFEXITED(st) ? (WEXITSTATUS(st) ? strerrorname_np(WEXITSTATUS(st)) : "success")
+				    : "crash");
+	}
+
+	check(counter("attachments") == att0, "no attachment left behind (%lld)",
+	      counter("attachments"));
+	close(pipefd[0]);
+	close(pipefd[1]);
+	close(efd);
+	close(rofd);
+	close(devnull);
+	close(kfd);
+	check(counter("vms") == 0, "no notifier left after close (vms %lld)", counter("vms"));
+	vm_free(vm);
+}
+
+/* Flush hint page as plain RAM, nothing attached: the writes stay in the guest. */
+static void test_ram(void)
+{
+	struct vm *vm = vm_new(1, false);
+	struct vcpu *v = &vm->vcpu[0];
+	long long g0 = counter("guest_flushes"), m0 = vstat(v, "mmio_exits");
+	struct run_args ra = { PMEM_GPA, PAGE, FHA_GPA, M, 0, -1 };
+	struct cs_stat cs;
+
+	check(vcpu_run_loop(v, &ra) == 0, "guest ran %u data + flush hint writes to HLT", M);
+	check(exits_total(v) == 1 && v->exits[KVM_EXIT_HLT] == 1,
+	      "one exit to user space (the HLT), got %lu", exits_total(v));
+	check(vstat(v, "mmio_exits") - m0 == 0, "KVM mmio_exits +%lld",
+	      vstat(v, "mmio_exits") - m0);
+	check(counter("guest_flushes") == g0, "module counted no guest flush");
+	cs = backing_cache(vm);
+	if (!backing_is_tmpfs)
+		check(cs.nr_dirty >= M, "nothing flushed: %llu dirty pages in the backing file",
+		      (unsigned long long)cs.nr_dirty);
+	check(*(uint32_t *)vm->fha == 0x4b564d58, "the writes reached the RAM page");
+	vm_free(vm);
+}
+
+/* The kernel path: the page attached, flushes done by the module. */
+static void test_kernel(void)
+{
+	struct vm *vm = vm_new(1, false);
+	struct vcpu *v = &vm->vcpu[0];
+	int kfd = kvmx_open();
+	struct kvmx_fha_attach a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	struct kvmx_fha_stats st;
+	struct cs_stat cs;
+	uint32_t h;
+	long long m0, e0, em0, x0;
+	uint64_t t0, t1;
+
+	h = kvmx_attach(kfd, &a);
+	if (!check(h != 0, "attach the flush hint page (%s)", h ? "ok" : strerror(errno)))
+		goto out;
+
+	/* 1. data only: the backing file gets dirty, nothing is flushed */
+	{
+		struct run_args ra = { PMEM_GPA, PAGE, 0, 8, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "8 data writes");
+	}
+	cs = backing_cache(vm);
+	if (!backing_is_tmpfs)
+		check(cs.nr_dirty >= 8, "before the flush: %llu dirty pages",
+		      (unsigned long long)cs.nr_dirty);
+	else
+		info("backing file on tmpfs: fdatasync has nothing to write");
+
+	/* 2. one flush hint write makes them durable */
+	{
+		struct run_args ra = { PMEM_GPA + 8 * PAGE, PAGE, FHA_GPA, 1, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "1 data + 1 flush hint write");
+	}
+	st = kvmx_stats(kfd, h);
+	check(st.guest_flushes == 1 && st.host_flushes == 1 && st.host_flush_errors == 0,
+	      "one guest flush, one host flush (got %llu, %llu, errors %llu)",
+	      (unsigned long long)st.guest_flushes, (unsigned long long)st.host_flushes,
+	      (unsigned long long)st.host_flush_errors);
+	check_clean(vm, "when the flush hint write returned");
+
+	/* 3. measured: M x (data page + flush hint) */
+	exits_reset(v);
+	m0 = vstat(v, "mmio_exits");
+	e0 = vstat(v, "exits");
+	em0 = vstat(v, "insn_emulation");
+	x0 = counter("guest_flushes");
+	{
+		struct run_args ra = { PMEM_GPA + 16 * PAGE, PAGE, FHA_GPA, M, 0, -1 };
+
+		t0 = now_ns();
+		check(vcpu_run_loop(v, &ra) == 0, "%u data + flush hint writes", M);
+		t1 = now_ns();
+	}
+	st = kvmx_stats(kfd, h);
+	check(exits_total(v) == 1 && v->exits[KVM_EXIT_HLT] == 1 && v->exits[KVM_EXIT_MMIO] == 0,
+	      "no exit to user space but the final HLT (KVM_RUN returned %lu times, %lu MMIO)",
+	      exits_total(v), v->exits[KVM_EXIT_MMIO]);
+	check(vstat(v, "mmio_exits") - m0 == 0, "KVM mmio_exits +%lld",
+	      vstat(v, "mmio_exits") - m0);
+	check(vstat(v, "insn_emulation") - em0 >= M,
+	      "KVM emulated the tracked writes in the kernel (insn_emulation +%lld >= %u)",
+	      vstat(v, "insn_emulation") - em0, M);
+	check(st.guest_flushes == 1 + M, "guest flushes %llu == %u",
+	      (unsigned long long)st.guest_flushes, 1 + M);
+	check(st.host_flushes >= 1 && st.host_flushes <= st.guest_flushes &&
+	      st.host_flush_errors == 0, "host flushes %llu (>= 1, no errors)",
+	      (unsigned long long)st.host_flushes);
+	check(counter("guest_flushes") - x0 == M, "sysfs guest_flushes +%lld",
+	      counter("guest_flushes") - x0);
+	check(st.latency_min_ns > 0 && st.latency_min_ns <= st.latency_avg_ns &&
+	      st.latency_avg_ns <= st.latency_max_ns,
+	      "latency min %llu <= avg %llu <= max %llu ns",
+	      (unsigned long long)st.latency_min_ns, (unsigned long long)st.latency_avg_ns,
+	      (unsigned long long)st.latency_max_ns);
+	check_clean(vm, "at the end");
+
+	bench_kernel.have = true;
+	bench_kernel.ns_per_flush = (double)(t1 - t0) / M;
+	bench_kernel.user_exits_per_flush = (double)(exits_total(v) - 1) / M;
+	bench_kernel.vm_exits_per_flush = (double)(vstat(v, "exits") - e0) / M;
+	bench_kernel.module_avg_ns = st.latency_avg_ns;
+	info("%u flushes in %.1f ms: %.1f us per flush, module latency avg %.1f us, "
+	     "%.2f VM exits per flush", M, (t1 - t0) / 1e6, bench_kernel.ns_per_flush / 1e3,
+	     st.latency_avg_ns / 1e3, bench_kernel.vm_exits_per_flush);
+	check(kvmx_detach(kfd, h) == 0, "detach");
+out:
+	close(kfd);
+	vm_free(vm);
+}
+
+/* The user path (QEMU today): a read-only memslot; each write exits as
+ * KVM_EXIT_MMIO and we fdatasync() the backing file ourselves. */
+static void test_user(void)
+{
+	struct vm *vm = vm_new(1, true);
+	struct vcpu *v = &vm->vcpu[0];
+	struct run_args ra = { PMEM_GPA + 16 * PAGE, PAGE, FHA_GPA, M, FHA_GPA, vm->pmem_fd };
+	long long m0 = vstat(v, "mmio_exits"), e0 = vstat(v, "exits");
+	long long g0 = counter("guest_flushes");
+	uint64_t t0, t1;
+	int kfd = kvmx_open();
+	struct kvmx_fha_attach a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL,
+		     "attaching a flush hint page in a read-only memslot");
+	close(kfd);
+
+	t0 = now_ns();
+	check(vcpu_run_loop(v, &ra) == 0, "%u data + flush hint writes", M);
+	t1 = now_ns();
+	check(v->fha_mmio == M && v->exits[KVM_EXIT_MMIO] == M,
+	      "%u KVM_EXIT_MMIO exits for %u flush hint writes (got %lu)", M, M,
+	      v->exits[KVM_EXIT_MMIO]);
+	check(vstat(v, "mmio_exits") - m0 == M, "KVM mmio_exits +%lld",
+	      vstat(v, "mmio_exits") - m0);
+	check(counter("guest_flushes") == g0, "the module saw none of them");
+	check_clean(vm, "at the end");
+
+	bench_user.have = true;
+	bench_user.ns_per_flush = (double)(t1 - t0) / M;
+	bench_user.user_exits_per_flush = (double)v->exits[KVM_EXIT_MMIO] / M;
+	bench_user.vm_exits_per_flush = (double)(vstat(v, "exits") - e0) / M;
+	info("%u flushes in %.1f ms: %.1f us per flush, %.2f VM exits per flush", M,
+	     (t1 - t0) / 1e6, bench_user.ns_per_flush / 1e3, bench_user.vm_exits_per_flush);
+	vm_free(vm);
+}
+
+static void print_bench(void)
+{
+	if (!bench_kernel.have || !bench_user.have)
+		return;
+	printf("KVMX-BENCH M=%u kernel_exits_per_flush=%.3f user_exits_per_flush=%.3f "
+	       "kernel_vmexits_per_flush=%.3f user_vmexits_per_flush=%.3f "
+	       "kernel_ns_per_flush=%.0f user_ns_per_flush=%.0f kernel_module_avg_ns=%.0f "
+	       "user_over_kernel_latency=%.3f backing=%s\n", M,
+	       bench_kernel.user_exits_per_flush, bench_user.user_exits_per_flush,
+	       bench_kernel.vm_exits_per_flush, bench_user.vm_exits_per_flush,
+	       bench_kernel.ns_per_flush, bench_user.ns_per_flush, bench_kernel.module_avg_ns,
+	       bench_user.ns_per_flush / bench_kernel.ns_per_flush,
+	       backing_is_tmpfs ? "tmpfs" : "disk");
+	fflush(stdout);
+}
+
+/* FDATASYNC | DEEP: the deep flush file gets "1" per host flush. */
+static void test_deep(void)
+{
+	struct vm *vm = vm_new(1, false);
+	struct vcpu *v = &vm->vcpu[0];
+	int kfd = kvmx_open();
+	char own[512] = "";
+	const char *path = deep_path;
+	struct kvmx_fha_attach a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	struct kvmx_fha_stats st;
+	unsigned int k = M < 10 ? M : 10;
+	int dfd;
+	uint32_t h;
+
+	if (!path) {
+		snprintf(own, sizeof(own), "/tmp/kvmx-modtest-deep-%d", getpid());
+		path = own;
+	}
+	dfd = open(path, O_WRONLY | O_CLOEXEC | (own[0] ? O_CREAT | O_TRUNC : 0), 0600);
+	if (dfd < 0)
+		die("open %s", path);
+	a.flags = KVMX_FLUSH_ALL;
+	a.deep_flush_fd = dfd;
+	h = kvmx_attach(kfd, &a);
+	if (!check(h != 0, "attach with FDATASYNC|DEEP, deep flush to %s", path))
+		goto out;
+	{
+		struct run_args ra = { PMEM_GPA, PAGE, FHA_GPA, k, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "%u data + flush hint writes", k);
+	}
+	st = kvmx_stats(kfd, h);
+	check(st.guest_flushes == k && st.host_flushes >= 1 && st.host_flush_errors == 0,
+	      "guest flushes %llu, host flushes %llu, errors %llu",
+	      (unsigned long long)st.guest_flushes, (unsigned long long)st.host_flushes,
+	      (unsigned long long)st.host_flush_errors);
+	printf("KVMX-DEEP host_flushes=%llu path=%s\n", (unsigned long long)st.host_flushes, path);
+	if (own[0]) {
+		char buf[8] = "";
+		int rfd = open(own, O_RDONLY | O_CLOEXEC);
+
+		check(rfd >= 0 && read(rfd, buf, sizeof(buf)) == 1 && buf[0] == '1',
+		      "the deep flush file reads \"1\"");
+		if (rfd >= 0)
+			close(rfd);
+	}
+	check_clean(vm, "at the end");
+	check(kvmx_detach(kfd, h) == 0, "detach");
+
+	/*
+	 * A deep flush that fails is counted, not fatal: a memfd sealed
+	 * against writes (F_SEAL_WRITE: EPERM) as the deep flush file.
+	 */
+	{
+		int full = memfd_create("kvmx-sealed", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+		long long e0 = counter("host_flush_errors");
+
+		if (full < 0 || fcntl(full, F_ADD_SEALS, F_SEAL_WRITE) != 0)
+			die("sealed memfd");
+		struct run_args ra = { PMEM_GPA, 0, SCRATCH_GPA, 2, 0, -1 };
+
+		a = attach_args(vm->fd, vm->pmem_fd, SCRATCH_GPA);
+		a.flags = KVMX_FLUSH_ALL;
+		a.deep_flush_fd = full;
+		h = kvmx_attach(kfd, &a);
+		check(h != 0 && vcpu_run_loop(v, &ra) == 0,
+		      "2 flush hint writes with a write-sealed memfd as the deep flush file");
+		st = kvmx_stats(kfd, h);
+		check(st.guest_flushes == 2 && st.host_flushes == 2 && st.host_flush_errors == 2 &&
+		      counter("host_flush_errors") - e0 == 2,
+		      "2 guest flushes, 2 host flushes, 2 errors (got %llu, %llu, %llu)",
+		      (unsigned long long)st.guest_flushes, (unsigned long long)st.host_flushes,
+		      (unsigned long long)st.host_flush_errors);
+		check(kvmx_detach(kfd, h) == 0, "detach");
+		close(full);
+	}
+out:
+	close(dfd);
+	if (own[0])
+		unlink(own);
+	close(kfd);
+	vm_free(vm);
+}
+
+/* After DETACH the page is plain RAM again: no flush, no exit. */
+static void test_detach(void)
+{
+	struct vm *vm = vm_new(1, false);
+	struct vcpu *v = &vm->vcpu[0];
+	int kfd = kvmx_open();
+	struct kvmx_fha_attach a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	struct kvmx_fha_attach b = attach_args(vm->fd, vm->pmem_fd, SCRATCH_GPA);
+	long long g0, em0, base;
+	uint32_t h1, h2;
+
+	h1 = kvmx_attach(kfd, &a);
+	h2 = kvmx_attach(kfd, &b);
+	check(h1 && h2 && h1 != h2, "two attachments, handles %u and %u", h1, h2);
+	{
+		struct run_args ra = { PMEM_GPA, PAGE, FHA_GPA, 3, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "3 flush hint writes while attached");
+	}
+	check(kvmx_stats(kfd, h1).guest_flushes == 3, "counted 3");
+	check(kvmx_detach(kfd, h1) == 0, "detach the flush hint page");
+	check(counter("tracked") == 1, "sysfs tracked = 1 (%lld)", counter("tracked"));
+
+	/*
+	 * Emulations a run costs anyway: KVM skips the HLT by emulating it
+	 * when the CPU has no next-RIP save (TCG's SVM has none).
+	 */
+	em0 = vstat(v, "insn_emulation");
+	{
+		struct run_args ra = { PMEM_GPA + 100 * PAGE, 0, 0, 1, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "a run without flush hint writes");
+	}
+	base = vstat(v, "insn_emulation") - em0;
+
+	g0 = counter("guest_flushes");
+	em0 = vstat(v, "insn_emulation");
+	exits_reset(v);
+	{
+		struct run_args ra = { PMEM_GPA, PAGE, FHA_GPA, M, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "%u writes after detach", M);
+	}
+	check(counter("guest_flushes") == g0, "no flush counted after detach (+%lld)",
+	      counter("guest_flushes") - g0);
+	check(exits_total(v) == 1, "no exit but HLT (%lu)", exits_total(v));
+	check(vstat(v, "insn_emulation") - em0 == base,
+	      "writes no longer emulated (insn_emulation +%lld, a run without them +%lld)",
+	      vstat(v, "insn_emulation") - em0, base);
+	check(kvmx_stats(kfd, h2).guest_flushes == 0, "the other attachment saw nothing");
+	{
+		struct run_args ra = { PMEM_GPA, 0, SCRATCH_GPA, 1, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "one write to the other attached page");
+	}
+	check(kvmx_stats(kfd, h2).guest_flushes == 1, "... counted there");
+	close(kfd);
+	check(counter("attachments") == 0 && counter("vms") == 0 && counter("tracked") == 0,
+	      "close detached the rest (attachments %lld, vms %lld, tracked %lld)",
+	      counter("attachments"), counter("vms"), counter("tracked"));
+	vm_free(vm);
+}
+
+/* track_remove_region: deleting the memslot drops the tracking. */
+static void test_memslot(void)
+{
+	struct vm *vm = vm_new(1, false);
+	struct vcpu *v = &vm->vcpu[0];
+	int kfd = kvmx_open();
+	struct kvmx_fha_attach a = attach_args(vm->fd, vm->pmem_fd, EXTRA_GPA);
+	long long g0;
+	uint32_t h, h2;
+
+	h = kvmx_attach(kfd, &a);
+	check(h != 0, "attach a page of memslot %d", SLOT_EXTRA);
+	{
+		struct run_args ra = { PMEM_GPA, 0, EXTRA_GPA, 2, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "2 writes");
+	}
+	check(kvmx_stats(kfd, h).guest_flushes == 2, "counted 2");
+
+	set_slot(vm, SLOT_EXTRA, EXTRA_GPA, 0, vm->extra, 0);	/* delete */
+	check(counter("tracked") == 0 && counter("attachments") == 1,
+	      "memslot deleted: attachment kept, no longer tracked (tracked %lld)",
+	      counter("tracked"));
+	check(kvmx_stats(kfd, h).guest_flushes == 2, "its counters still readable");
+
+	set_slot(vm, SLOT_EXTRA, EXTRA_GPA, PAGE, vm->extra, 0);	/* back */
+	g0 = counter("guest_flushes");
+	exits_reset(v);
+	{
+		struct run_args ra = { PMEM_GPA, 0, EXTRA_GPA, M, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "%u writes to the re-created memslot", M);
+	}
+	check(counter("guest_flushes") == g0 && exits_total(v) == 1,
+	      "not tracked any more: no flush, no exit");
+	check(kvmx_detach(kfd, h) == 0, "detach the untracked attachment");
+
+	a = attach_args(vm->fd, vm->pmem_fd, EXTRA_GPA);
+	h2 = kvmx_attach(kfd, &a);
+	check(h2 != 0 && h2 != h, "attach again in the new memslot (handle %u)", h2);
+	{
+		struct run_args ra = { PMEM_GPA, 0, EXTRA_GPA, 1, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "1 write");
+	}
+	check(kvmx_stats(kfd, h2).guest_flushes == 1, "counted again");
+
+	/*
+	 * A memslot of address space 1 (SMM) over the same page going away
+	 * says nothing about ours: the tracking stays.
+	 */
+	if (ioctl(vm->fd, KVM_CHECK_EXTENSION, KVM_CAP_MULTI_ADDRESS_SPACE) >= 2) {
+		g0 = counter("guest_flushes");
+		set_slot(vm, (1u << 16) | 7, EXTRA_GPA, PAGE, vm->extra, 0);
+		set_slot(vm, (1u << 16) | 7, EXTRA_GPA, 0, vm->extra, 0);
+		check(counter("tracked") == 1,
+		      "deleting an SMM-address-space memslot over the page keeps it tracked");
+		{
+			struct run_args ra = { PMEM_GPA, 0, EXTRA_GPA, 1, 0, -1 };
+
+			check(vcpu_run_loop(v, &ra) == 0, "1 write");
+		}
+		check(kvmx_stats(kfd, h2).guest_flushes == 2 && counter("guest_flushes") == g0 + 1,
+		      "... and still flushed");
+	} else {
+		info("no second address space: SMM memslot case not run");
+	}
+
+	/*
+	 * KVM (6.12 kvm_arch_prepare_memory_region) refuses to move a memslot
+	 * of a VM that has an external page-track notifier; QEMU never moves
+	 * memslots (it deletes and re-creates them).
+	 */
+	expect_errno(try_set_slot(vm, SLOT_EXTRA, EXTRA_GPA + 0x200000, PAGE, vm->extra, 0),
+		     EINVAL, "KVM refuses a memslot move (KVM_MR_MOVE) while we track");
+	check(counter("tracked") == 1, "still tracked after the refused move");
+	/* Delete it again and close with the attachment untracked. */
+	set_slot(vm, SLOT_EXTRA, EXTRA_GPA, 0, vm->extra, 0);
+	check(counter("tracked") == 0 && counter("attachments") == 1,
+	      "memslot deleted again: untracked (tracked %lld)", counter("tracked"));
+	close(kfd);
+	check(counter("attachments") == 0 && counter("vms") == 0,
+	      "close cleaned up (attachments %lld, vms %lld)", counter("attachments"),
+	      counter("vms"));
+	vm_free(vm);
+}
+
+/* KVMX_MAX_ATTACH per open file. */
+static void test_limits(void)
+{
+	struct vm *vm = vm_new(0, false);
+	int kfd = kvmx_open();
+	uint32_t *h = calloc(KVMX_MAX_ATTACH + 1, sizeof(*h));
+	struct kvmx_fha_attach a;
+	unsigned int i, ok = 0;
+	int kfd2;
+
+	for (i = 0; i < KVMX_MAX_ATTACH; i++) {
+		a = attach_args(vm->fd, vm->pmem_fd, MANY_GPA + i * PAGE);
+		h[i] = kvmx_attach(kfd, &a);
+		ok += h[i] != 0;
+	}
+	check(ok == KVMX_MAX_ATTACH, "%u of %u attachments made", ok, KVMX_MAX_ATTACH);
+	a = attach_args(vm->fd, vm->pmem_fd, MANY_GPA + KVMX_MAX_ATTACH * PAGE);
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), ENOSPC,
+		     "attachment number KVMX_MAX_ATTACH + 1");
+	kfd2 = kvmx_open();
+	a = attach_args(vm->fd, vm->pmem_fd, MANY_GPA + KVMX_MAX_ATTACH * PAGE);
+	h[KVMX_MAX_ATTACH] = kvmx_attach(kfd2, &a);
+	check(h[KVMX_MAX_ATTACH] != 0, "the limit is per open file: another file may attach");
+	close(kfd2);
+	check(counter("vms") == 1 && counter("attachments") == KVMX_MAX_ATTACH,
+	      "sysfs: vms %lld, attachments %lld", counter("vms"), counter("attachments"));
+	for (i = 0, ok = 0; i < KVMX_MAX_ATTACH; i += 2)
+		ok += kvmx_detach(kfd, h[i]) == 0;
+	check(ok == KVMX_MAX_ATTACH / 2, "detached every other one");
+	a = attach_args(vm->fd, vm->pmem_fd, MANY_GPA + KVMX_MAX_ATTACH * PAGE);
+	check(kvmx_attach(kfd, &a) != 0, "room again after detaching");
+	close(kfd);
+	check(counter("attachments") == 0 && counter("vms") == 0 && counter("tracked") == 0,
+	      "close released all %u", KVMX_MAX_ATTACH);
+	free(h);
+	vm_free(vm);
+}
+
+/* ---- concurrency ----------------------------------------------------- */
+
+struct conc {
+	struct vm *vm;
+	int kfd;		/* shared by the threads */
+	volatile int stop;
+	unsigned long ops[8], errs[8];
+	char first_err[8][128];
+};
+struct conc_thread {
+	struct conc *c;
+	int id;
+};
+
+static void conc_err(struct conc *c, int id, const char *what)
+{
+	if (!c->errs[id]++)
+		snprintf(c->first_err[id], sizeof(c->first_err[id]), "%s: %s", what,
+			 strerrorname_np(errno));
+}
+
+/* Threads 0..2: attach/stats/detach their own pages; thread 3 toggles the
+ * flush hint page the vCPU is writing; thread 4 pokes at random handles. */
+static void *conc_worker(void *arg)
+{
+	struct conc_thread *t = arg;
+	struct conc *c = t->c;
+	unsigned int seed = t->id * 7919 + 1;
+
+	while (!c->stop) {
+		if (t->id < 3) {
+			uint64_t gpa = SCRATCH_GPA + (t->id * 16 + rand_r(&seed) % 16) * PAGE;
+			struct kvmx_fha_attach a = attach_args(c->vm->fd, c->vm->pmem_fd, gpa);
+			uint32_t h = kvmx_attach(c->kfd, &a);
+			struct kvmx_fha_stats st = { .size = sizeof(st), .handle = h };
+
+			if (!h) {
+				conc_err(c, t->id, "attach");
+				continue;
+			}
+			if (ioctl(c->kfd, KVMX_FHA_STATS, &st) != 0)
+				conc_err(c, t->id, "stats");
+			if (kvmx_detach(c->kfd, h) != 0)
+				conc_err(c, t->id, "detach");
+		} else if (t->id == 3) {
+			struct kvmx_fha_attach a = attach_args(c->vm->fd, c->vm->pmem_fd, FHA_GPA);
+			uint32_t h = kvmx_attach(c->kfd, &a);
+
+			if (!h) {
+				conc_err(c, t->id, "attach fha");
+				continue;
+			}
+			usleep(rand_r(&seed) % 20000);
+			if (kvmx_detach(c->kfd, h) != 0)
+				conc_err(c, t->id, "detach fha");
+		} else {
+			struct kvmx_fha_stats st = { .size = sizeof(st),
+						     .handle = rand_r(&seed) % 64 };
+			uint32_t h = rand_r(&seed) % 64 + 1000000;
+
+			/* Racing lookups: found or ENOENT, nothing else. */
+			if (ioctl(c->kfd, KVMX_FHA_STATS, &st) != 0 && errno != ENOENT)
+				conc_err(c, t->id, "stats random");
+			if (kvmx_detach(c->kfd, h) == 0 || errno != ENOENT)
+				conc_err(c, t->id, "detach nonexistent");
+		}
+		c->ops[t->id]++;
+	}
+	return NULL;
+}
+
+static void test_concurrent(void)
+{
+	struct conc c;
+	struct conc_thread ts[5];
+	pthread_t th[5];
+	struct vcpu *v;
+	unsigned int count = M * 4;
+	long long g0;
+	int i, r;
+
+	memset(&c, 0, sizeof(c));
+	c.vm = vm_new(1, false);
+	c.kfd = kvmx_open();
+	v = &c.vm->vcpu[0];
+	g0 = counter("guest_flushes");
+	for (i = 0; i < 5; i++) {
+		ts[i].c = &c;
+		ts[i].id = i;
+		pthread_create(&th[i], NULL, conc_worker, &ts[i]);
+	}
+	{
+		struct run_args ra = { PMEM_GPA, 0, FHA_GPA, count, 0, -1 };
+
+		r = vcpu_run_loop(v, &ra);
+	}
+	c.stop = 1;
+	for (i = 0; i < 5; i++)
+		pthread_join(th[i], NULL);
+	check(r == 0, "the vCPU finished %u flush hint writes while 5 threads "
+	      "attached/detached", count);
+	for (i = 0; i < 5; i++)
+		check(c.errs[i] == 0, "thread %d: %lu operations, %lu errors%s%s", i, c.ops[i],
+		      c.errs[i], c.errs[i] ? ", first: " : "", c.first_err[i]);
+	info("the toggled page caught %lld of %u writes", counter("guest_flushes") - g0, count);
+	check(counter("guest_flushes") - g0 <= count, "never more flushes than writes");
+	check(counter("attachments") == 0 && counter("tracked") == 0,
+	      "all detached (attachments %lld, tracked %lld)", counter("attachments"),
+	      counter("tracked"));
+	check(counter("vms") == 0, "notifier released with the last attachment (vms %lld)",
+	      counter("vms"));
+	close(c.kfd);
+	vm_free(c.vm);
+}
+
+struct mv_arg {
+	struct vcpu *v;
+	struct run_args ra;
+	int r;
+};
+
+static void *mv_run(void *p)
+{
+	struct mv_arg *m = p;
+
+	m->r = vcpu_run_loop(m->v, &m->ra);
+	return NULL;
+}
+
+/* Several vCPUs flushing at once: every write counted, flushes coalesce. */
+static void test_multivcpu(void)
+{
+	enum { NV = 4 };
+	struct vm *vm = vm_new(NV, false);
+	int kfd = kvmx_open();
+	struct kvmx_fha_attach a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	struct mv_arg args[NV];
+	pthread_t th[NV];
+	struct kvmx_fha_stats st;
+	unsigned int k = M / 2 ? M / 2 : 1;
+	uint32_t h;
+	int i, ok = 0;
+
+	h = kvmx_attach(kfd, &a);
+	check(h != 0, "attach");
+	for (i = 0; i < NV; i++) {
+		args[i].v = &vm->vcpu[i];
+		/* each vCPU stores to its own run of pages, then flushes */
+		args[i].ra = (struct run_args){ PMEM_GPA + i * 64 * PAGE, PAGE, FHA_GPA, k, 0, -1 };
+		pthread_create(&th[i], NULL, mv_run, &args[i]);
+	}
+	for (i = 0; i < NV; i++) {
+		pthread_join(th[i], NULL);
+		ok += args[i].r == 0;
+	}
+	check(ok == NV, "%d vCPUs x %u flush hint writes", NV, k);
+	st = kvmx_stats(kfd, h);
+	check(st.guest_flushes == (uint64_t)NV * k, "guest flushes %llu == %u",
+	      (unsigned long long)st.guest_flushes, NV * k);
+	check(st.host_flushes >= 1 && st.host_flushes <= st.guest_flushes &&
+	      st.host_flush_errors == 0, "host flushes %llu <= guest flushes",
+	      (unsigned long long)st.host_flushes);
+	check_clean(vm, "at the end");
+	printf("KVMX-COALESCE vcpus=%d guest_flushes=%llu host_flushes=%llu\n", NV,
+	       (unsigned long long)st.guest_flushes, (unsigned long long)st.host_flushes);
+	close(kfd);
+	vm_free(vm);
+}
+
+/*
+ * The VM's fds closed (and its memory unmapped) while still attached: the
+ * module's reference keeps the VM until /dev/kvmx is closed, and then the
+ * VM goes away from the module's release.
+ */
+static void test_vmclose(void)
+{
+	const char *vendor = module_refcnt("kvm_amd") >= 0 ? "kvm_amd" : "kvm_intel";
+	long long vendor0 = module_refcnt(vendor);
+	struct vm *vm = vm_new(1, false);
+	int kfd = kvmx_open();
+	struct kvmx_fha_attach a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	struct run_args ra = { PMEM_GPA, 0, FHA_GPA, 2, 0, -1 };
+	uint32_t h = kvmx_attach(kfd, &a);
+
+	check(h != 0 && vcpu_run_loop(&vm->vcpu[0], &ra) == 0, "attached, 2 flushes");
+	vm_free(vm);
+	check(module_refcnt(vendor) > vendor0,
+	      "VM fds closed: the VM lives on, pinned by kvmx (%s refcnt %lld, was %lld)",
+	      vendor, module_refcnt(vendor), vendor0);
+	check(kvmx_stats(kfd, h).guest_flushes == 2, "its attachment still answers");
+	close(kfd);
+	check(counter("attachments") == 0 && counter("vms") == 0,
+	      "closing /dev/kvmx released it (attachments %lld, vms %lld)",
+	      counter("attachments"), counter("vms"));
+	check(module_refcnt(vendor) == vendor0, "and the VM is gone (%s refcnt %lld)", vendor,
+	      module_refcnt(vendor));
+}
+
+/* ---- module unload --------------------------------------------------- */
+
+static int mod_delete(void)
+{
+	return syscall(__NR_delete_module, "kvmx", O_NONBLOCK);
+}
+
+static bool mod_load(void)
+{
+	int fd, r, i;
+
+	if (!ko_path) {
+		check(false, "-k PATH to kvmx.ko is needed to reload the module");
+		return false;
+	}
+	fd = open(ko_path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		die("open %s", ko_path);
+	r = syscall(__NR_finit_module, fd, "", 0);
+	close(fd);
+	if (!check(r == 0, "module loaded again (%s)", r ? strerror(errno) : "ok"))
+		return false;
+	for (i = 0; i < 100 && access(kvmx_dev, F_OK) != 0; i++)
+		usleep(20000);	/* devtmpfs makes the node asynchronously */
+	return check(access(kvmx_dev, R_OK | W_OK) == 0, "%s is back", kvmx_dev);
+}
+
+static void test_rmmod(void)
+{
+	struct vm *vm = vm_new(1, false);
+	int kfd = kvmx_open();
+	struct kvmx_fha_attach a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	long long own;
+	int r, e;
+
+	own = module_refcnt("kvmx");
+	check(own >= 1, "kvmx refcnt %lld while /dev/kvmx is open", own);
+	r = mod_delete();
+	e = errno;
+	check(r == -1 && (e == EWOULDBLOCK || e == EBUSY),
+	      "rmmod with /dev/kvmx open refused: %s", r ? strerrorname_np(e) : "it unloaded!");
+	check(kvmx_attach(kfd, &a) != 0, "attach");
+	r = mod_delete();
+	e = errno;
+	check(r == -1 && (e == EWOULDBLOCK || e == EBUSY),
+	      "rmmod with an attachment refused: %s", r ? strerrorname_np(e) : "it unloaded!");
+	close(kfd);
+	/* The VM itself stays open: it does not pin kvmx. */
+	r = mod_delete();
+	check(r == 0, "rmmod after close succeeds (%s)", r ? strerror(errno) : "ok");
+	if (r == 0)
+		mod_load();
+	vm_free(vm);
+}
+
+/* A process that attached is SIGKILLed mid-run, in the middle of flushes. */
+static void test_sigkill(void)
+{
+	const char *vendor = module_refcnt("kvm_amd") >= 0 ? "kvm_amd" : "kvm_intel";
+	long long vendor0 = module_refcnt(vendor), kvm0 = module_refcnt("kvm");
+	long long g0 = counter("guest_flushes");
+	int p[2], st, i, r;
+	char c;
+	pid_t pid;
+
+	if (pipe(p) != 0)
+		die("pipe");
+	pid = fork();
+	if (pid == 0) {
+		struct vm *vm;
+		int kfd;
+		struct kvmx_fha_attach a;
+
+		close(p[0]);
+		vm = vm_new(2, false);
+		kfd = kvmx_open();
+		a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+		if (!kvmx_attach(kfd, &a))
+			_exit(3);
+		a = attach_args(vm->fd, vm->pmem_fd, SCRATCH_GPA);
+		if (!kvmx_attach(kfd, &a))
+			_exit(3);
+		if (write(p[1], "r", 1) != 1)
+			_exit(4);
+		{
+			/* second vCPU in a thread, so the kill finds two in flight */
+			struct mv_arg m = { &vm->vcpu[1],
+					    { PMEM_GPA + 128 * PAGE, 0, SCRATCH_GPA, 0, 0, -1 }, 0 };
+			struct run_args ra = { PMEM_GPA, 0, FHA_GPA, 0, 0, -1 };
+			pthread_t t;
+
+			pthread_create(&t, NULL, mv_run, &m);
+			/* count 0: 2^32 iterations, i.e. until killed */
+			for (;;)
+				vcpu_run_loop(&vm->vcpu[0], &ra);
+		}
+	}
+	close(p[1]);
+	r = read(p[0], &c, 1);
+	check(r == 1, "child attached two pages and runs two vCPUs");
+	for (i = 0; i < 3000 && counter("guest_flushes") - g0 < 10; i++)
+		usleep(10000);
+	check(counter("guest_flushes") - g0 >= 10, "child is flushing (%lld so far)",
+	      counter("guest_flushes") - g0);
+	kill(pid, SIGKILL);
+	waitpid(pid, &st, 0);
+	check(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL, "child died of SIGKILL");
+	close(p[0]);
+	for (i = 0; i < 8; i++) {	/* its backing files (see backing_create) */
+		char path[512];
+
+		snprintf(path, sizeof(path), "%s/kvmx-modtest-%d-%d.img", backing_dir, pid, i);
+		unlink(path);
+	}
+	for (i = 0; i < 500 && counter("attachments") != 0; i++)
+		usleep(10000);
+	check(counter("attachments") == 0 && counter("tracked") == 0 && counter("vms") == 0,
+	      "nothing left: attachments %lld, tracked %lld, vms %lld",
+	      counter("attachments"), counter("tracked"), counter("vms"));
+	for (i = 0; i < 500 && module_refcnt(vendor) != vendor0; i++)
+		usleep(10000);
+	check(module_refcnt(vendor) == vendor0 && module_refcnt("kvm") == kvm0,
+	      "%s refcnt %lld (was %lld), kvm refcnt %lld (was %lld): the VM is gone", vendor,
+	      module_refcnt(vendor), vendor0, module_refcnt("kvm"), kvm0);
+	check(module_refcnt("kvmx") == 0, "kvmx refcnt 0");
+	r = mod_delete();
+	if (check(r == 0, "rmmod kvmx after the kill (%s)", r ? strerror(errno) : "ok"))
+		mod_load();
+}
+
+/* ---- main ------------------------------------------------------------ */
+
+static const struct {
+	const char *name;
+	void (*fn)(void);
+	bool in_all;
+} tests[] = {
+	{ "api", test_api, true },
+	{ "errors", test_errors, true },
+	{ "ram", test_ram, true },
+	{ "kernel", test_kernel, true },
+	{ "user", test_user, true },
+	{ "deep", test_deep, true },
+	{ "detach", test_detach, true },
+	{ "memslot", test_memslot, true },
+	{ "limits", test_limits, true },
+	{ "concurrent", test_concurrent, true },
+	{ "multivcpu", test_multivcpu, true },
+	{ "vmclose", test_vmclose, true },
+	{ "rmmod", test_rmmod, false },
+	{ "sigkill", test_sigkill, false },
+};
+#define NTESTS (sizeof(tests) / sizeof(tests[0]))
+
+static void run_test(unsigned int i)
+{
+	int f0 = n_fail;
+
+	cur_test = tests[i].name;
+	printf("KVMX-TEST-BEGIN %s\n", cur_test);
+	fflush(stdout);
+	tests[i].fn();
+	printf("KVMX-TEST-END %s %s\n", cur_test, n_fail == f0 ? "PASS" : "FAIL");
+	fflush(stdout);
+	if (!strcmp(cur_test, "user") || !strcmp(cur_test, "kernel"))
+		print_bench();
+}
+
+int main(int argc, char **argv)
+{
+	unsigned int i;
+	int opt, a;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	while ((opt = getopt(argc, argv, "m:d:D:k:")) != -1) {
+		switch (opt) {
+		case 'm':
+			M = strtoul(optarg, NULL, 0);
+			if (M == 0 || M > 200) {
+				fprintf(stderr, "-m: 1..200\n");
+				return 2;
+			}
+			break;
+		case 'd':
+			backing_dir = optarg;
+			break;
+		case 'D':
+			deep_path = optarg;
+			break;
+		case 'k':
+			ko_path = optarg;
+			break;
+		default:
+			fprintf(stderr, "usage: %s [-m N] [-d DIR] [-D PATH] [-k KO] TEST...\n",
+				argv[0]);
+			return 2;
+		}
+	}
+	if (optind >= argc) {
+		fprintf(stderr, "no test named (see the source header)\n");
+		return 2;
+	}
+	for (a = optind; a < argc; a++) {
+		bool found = false;
+
+		for (i = 0; i < NTESTS; i++) {
+			if (!strcmp(argv[a], "all") ? tests[i].in_all : !strcmp(argv[a], tests[i].name)) {
+				run_test(i);
+				found = true;
+			}
+		}
+		if (!found) {
+			fprintf(stderr, "unknown test %s\n", argv[a]);
+			return 2;
+		}
+	}
+	printf("KVMX-MODTEST-RESULT passed=%d failed=%d\n", n_pass, n_fail);
+	return n_fail ? 1 : 0;
+}

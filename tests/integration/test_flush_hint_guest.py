@@ -17,31 +17,21 @@ import json
 import os
 import re
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
 import pagecache  # noqa: E402
 
 SIZE = 256 << 20
-failures = []
-
-
-def check(cond, what):
-    print(f"{'ok  ' if cond else 'FAIL'} {what}", flush=True)
-    if not cond:
-        failures.append(what)
-    return cond
+check = kvmxtest.Checks()
 
 
 def vm_args(img, flush_hint):
     dev = 'nvdimm,id=nv0,memdev=mem1'
     if flush_hint is not None:
         dev += f',flush-hint={flush_hint}'
-    return ['-machine', 'q35,nvdimm=on', '-m', '1G,slots=2,maxmem=4G',
-            '-object', f'memory-backend-file,id=mem1,share=on,'
-                       f'mem-path={img},size={SIZE}',
-            '-device', dev]
+    return kvmxtest.nvdimm_args(img, SIZE, dev)
 
 
 # Prints what the host checks, then waits for the host's "go" (a line on
@@ -217,24 +207,13 @@ def run_off(work, img):
 
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else 'on'
-    try:
-        kvmxvm.guest_image()
-    except kvmxvm.GuestImageMissing as e:
-        kvmxvm.skip(str(e))
+    kvmxtest.require_guest_image()
     if not pagecache.available():
         kvmxvm.skip('host kernel has no cachestat(2)')
-    work = tempfile.mkdtemp(prefix=f'flush-{mode}-', dir=kvmxvm.scratch_dir())
-    img = os.path.join(work, 'pmem.img')
-    with open(img, 'wb') as f:
-        f.truncate(SIZE)
+    work = kvmxtest.workdir(f'flush-{mode}-')
+    img = kvmxtest.backing_file(work, 'pmem.img', SIZE)
     {'on': run_on, 'off': run_off}[mode](work, img)
-    if failures:
-        print(f'FAILED ({len(failures)}): ' + '; '.join(failures))
-        print(f'work files kept in {work}')
-        return 1
-    import shutil
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return check.finish(work)
 
 
 if __name__ == '__main__':

@@ -10,21 +10,15 @@ trips; the bound checked (2 s) is far above a healthy answer and far below
 what holding the BQL across back-to-back fdatasync() calls would give."""
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
 
 SIZE = 256 << 20
 SECONDS = 20
-failures = []
-
-
-def check(cond, what):
-    print(f"{'ok  ' if cond else 'FAIL'} {what}", flush=True)
-    if not cond:
-        failures.append(what)
+check = kvmxtest.Checks()
 
 
 SCRIPT = r'''
@@ -43,20 +37,11 @@ sleep 3600
 
 
 def main():
-    try:
-        kvmxvm.guest_image()
-    except kvmxvm.GuestImageMissing as e:
-        kvmxvm.skip(str(e))
+    kvmxtest.require_guest_image()
     qemu = kvmxvm.patched_qemu()
-    work = tempfile.mkdtemp(prefix='hammer-', dir=kvmxvm.scratch_dir())
-    img = os.path.join(work, 'pmem.img')
-    with open(img, 'wb') as f:
-        f.truncate(SIZE)
-    args = ['-machine', 'q35,nvdimm=on', '-smp', '4',
-            '-m', '1G,slots=2,maxmem=4G',
-            '-object', f'memory-backend-file,id=mem1,share=on,'
-                       f'mem-path={img},size={SIZE}',
-            '-device', 'nvdimm,id=nv0,memdev=mem1,flush-hint=on']
+    work = kvmxtest.workdir('hammer-')
+    img = kvmxtest.backing_file(work, 'pmem.img', SIZE)
+    args = kvmxtest.nvdimm_args(img, SIZE, extra=['-smp', '4'])
     with kvmxvm.start_guest(qemu, SCRIPT, args, work, 'hammer') as vm:
         vm.wait_console(r'HAMMERING', 300)
         before = vm.qmp.cmd('query-nvdimm-flush')[0]
@@ -86,13 +71,7 @@ def main():
         check(vm.qmp.cmd('query-status')['status'] == 'running',
               'VM still running')
         vm.kill()
-    if failures:
-        print(f'FAILED ({len(failures)}): ' + '; '.join(failures))
-        print(f'work files kept in {work}')
-        return 1
-    import shutil
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return check.finish(work)
 
 
 if __name__ == '__main__':

@@ -11,19 +11,13 @@ work afterwards."""
 import os
 import re
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
 
 SIZE = 64 << 20
-failures = []
-
-
-def check(cond, what):
-    print(f"{'ok  ' if cond else 'FAIL'} {what}", flush=True)
-    if not cond:
-        failures.append(what)
+check = kvmxtest.Checks()
 
 
 # (offset, width in bits).  Naturally aligned ones, at the first and
@@ -68,23 +62,15 @@ echo "SYNC-DONE $?"
 
 
 def main():
-    try:
-        kvmxvm.guest_image()
-    except kvmxvm.GuestImageMissing as e:
-        kvmxvm.skip(str(e))
+    kvmxtest.require_guest_image()
     qemu = kvmxvm.patched_qemu()
-    work = tempfile.mkdtemp(prefix='hostile-', dir=kvmxvm.scratch_dir())
+    work = kvmxtest.workdir('hostile-')
     for mapping in ('rom', 'mmio'):
-        img = os.path.join(work, f'{mapping}.img')
-        with open(img, 'wb') as f:
-            f.truncate(SIZE)
+        img = kvmxtest.backing_file(work, f'{mapping}.img', SIZE)
         dev = 'nvdimm,id=nv0,memdev=mem1,flush-hint=on'
         if mapping == 'mmio':
             dev += ',x-flush-hint-mmio=on'
-        args = ['-machine', 'q35,nvdimm=on', '-m', '1G,slots=2,maxmem=4G',
-                '-object', f'memory-backend-file,id=mem1,share=on,'
-                           f'mem-path={img},size={SIZE}',
-                '-device', dev]
+        args = kvmxtest.nvdimm_args(img, SIZE, dev)
         # The address is fixed by the command line: learn it from a paused
         # QEMU first, then hand it to the guest script.
         with kvmxvm.Vm(qemu, args + ['-S'], work, f'probe-{mapping}') as vm:
@@ -127,13 +113,7 @@ def main():
     text = open(os.path.join(work, 'rom.console'), errors='replace').read()
     check(not re.search(r'Call Trace|BUG:|Oops', text),
           'guest kernel logged no oops')
-    if failures:
-        print(f'FAILED ({len(failures)}): ' + '; '.join(failures))
-        print(f'work files kept in {work}')
-        return 1
-    import shutil
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return check.finish(work)
 
 
 if __name__ == '__main__':

@@ -15,9 +15,9 @@ leaves it clean.  Exits 77 where /dev/kvm cannot run a VM."""
 import fcntl
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
 import pagecache  # noqa: E402
 from fsguest import FsGuest  # noqa: E402
@@ -26,13 +26,7 @@ N_READS = 2000
 M_WRITES = 300
 SIZE = 64 << 20
 KVM_GET_API_VERSION = 0xAE00
-failures = []
-
-
-def check(cond, what):
-    print(f"{'ok  ' if cond else 'FAIL'} {what}", flush=True)
-    if not cond:
-        failures.append(what)
+check = kvmxtest.Checks()
 
 
 def kvm_unusable_reason():
@@ -76,10 +70,8 @@ def main():
         kvmxvm.skip(reason)
     qemu = kvmxvm.patched_qemu()
     elf = guest_elf()
-    work = tempfile.mkdtemp(prefix='kvm-', dir=kvmxvm.scratch_dir())
-    img = os.path.join(work, 'pmem.img')
-    with open(img, 'wb') as f:
-        f.truncate(SIZE)
+    work = kvmxtest.workdir('kvm-')
+    img = kvmxtest.backing_file(work, 'pmem.img', SIZE)
     args = ['-accel', 'kvm', '-machine', 'q35,nvdimm=on', '-cpu', 'host',
             '-m', '256M,slots=4,maxmem=4G', '-no-reboot', '-kernel', elf,
             '-device', 'isa-debug-exit,iobase=0xf4,iosize=0x04',
@@ -145,13 +137,7 @@ def main():
         check(flush_info(vm)['nv2']['guest-flushes'] == 0,
               'nv2 counted no guest flushes')
         g.quit(0)
-    if failures:
-        print(f'FAILED ({len(failures)}): ' + '; '.join(failures))
-        print(f'work files kept in {work}')
-        return 1
-    import shutil
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return check.finish(work)
 
 
 if __name__ == '__main__':

@@ -8,29 +8,19 @@ import hashlib
 import os
 import re
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
 import pagecache  # noqa: E402
 
 SIZE = 256 << 20
-failures = []
-
-
-def check(cond, what):
-    print(f"{'ok  ' if cond else 'FAIL'} {what}", flush=True)
-    if not cond:
-        failures.append(what)
-    return cond
+check = kvmxtest.Checks()
 
 
 def vm_args(img):
-    return ['-machine', 'q35,nvdimm=on', '-m', '1G,slots=2,maxmem=4G',
-            '-object', f'memory-backend-file,id=mem1,share=on,'
-                       f'mem-path={img},size={SIZE}',
-            '-device', 'nvdimm,id=nv0,memdev=mem1,flush-hint=on']
+    return kvmxtest.nvdimm_args(img, SIZE)
 
 
 # Writes 4 KiB block i, syncs it, reports its md5; forever.
@@ -52,16 +42,11 @@ def flush_count(vm):
 
 
 def main():
-    try:
-        kvmxvm.guest_image()
-    except kvmxvm.GuestImageMissing as e:
-        kvmxvm.skip(str(e))
+    kvmxtest.require_guest_image()
     qemu = kvmxvm.patched_qemu()
-    work = tempfile.mkdtemp(prefix='migrate-', dir=kvmxvm.scratch_dir())
-    src_img, dst_img = (os.path.join(work, n) for n in ('src.img', 'dst.img'))
-    for p in (src_img, dst_img):
-        with open(p, 'wb') as f:
-            f.truncate(SIZE)
+    work = kvmxtest.workdir('migrate-')
+    src_img, dst_img = (kvmxtest.backing_file(work, n, SIZE)
+                        for n in ('src.img', 'dst.img'))
     sock = os.path.join(work, 'mig.sock')
 
     with kvmxvm.start_guest(qemu, SCRIPT, vm_args(src_img), work,
@@ -117,13 +102,7 @@ def main():
                   'same flush hint address on both sides')
             dst.kill()
         src.kill()
-    if failures:
-        print(f'FAILED ({len(failures)}): ' + '; '.join(failures))
-        print(f'work files kept in {work}')
-        return 1
-    import shutil
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return check.finish(work)
 
 
 if __name__ == '__main__':

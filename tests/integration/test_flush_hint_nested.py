@@ -24,20 +24,14 @@ its deep_flush and decides:
 import os
 import re
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
 
 SIZE = 512 << 20
 M = 20
-failures = []
-
-
-def check(cond, what):
-    print(f"{'ok  ' if cond else 'FAIL'} {what}", flush=True)
-    if not cond:
-        failures.append(what)
+check = kvmxtest.Checks()
 
 
 # Runs in L1.  L2's serial port and monitor are FIFOs (QEMU's pipe:
@@ -161,14 +155,9 @@ echo "L1-DONE"
 
 
 def run_kernel(work):
-    img = os.path.join(work, 'kernel.img')
-    with open(img, 'wb') as f:
-        f.truncate(SIZE)
-    args = ['-machine', 'q35,nvdimm=on', '-cpu', 'max',
-            '-m', '1536M,slots=2,maxmem=4G',
-            '-object', f'memory-backend-file,id=mem1,share=on,mem-path={img},'
-                       f'size={SIZE}',
-            '-device', 'nvdimm,id=nv0,memdev=mem1,flush-hint=on']
+    img = kvmxtest.backing_file(work, 'kernel.img', SIZE)
+    args = kvmxtest.nvdimm_args(img, SIZE, mem='1536M,slots=2,maxmem=4G',
+                                extra=['-cpu', 'max'])
     script = L1_KVM_SCRIPT.replace('__M__', str(M))
     os.environ['KVMX_GUEST_DIR'] = os.path.join(kvmxvm.REPO_ROOT, 'build',
                                                 'guest-nested')
@@ -212,14 +201,11 @@ def run_kernel(work):
 
 
 def run(case, work):
-    img = os.path.join(work, f'{case}.img')
-    with open(img, 'wb') as f:
-        f.truncate(SIZE)
+    img = kvmxtest.backing_file(work, f'{case}.img', SIZE)
     outer = 'on' if case == 'wpq' else 'off'
-    args = ['-machine', 'q35,nvdimm=on', '-m', '1536M,slots=2,maxmem=4G',
-            '-object', f'memory-backend-file,id=mem1,share=on,mem-path={img},'
-                       f'size={SIZE}',
-            '-device', f'nvdimm,id=nv0,memdev=mem1,flush-hint={outer}']
+    args = kvmxtest.nvdimm_args(img, SIZE,
+                                f'nvdimm,id=nv0,memdev=mem1,flush-hint={outer}',
+                                mem='1536M,slots=2,maxmem=4G')
     script = (L1_SCRIPT.replace('__M__', str(M))
               .replace('__PMEM__', ',pmem=on' if case == 'no-wpq' else ''))
     nested = os.path.join(kvmxvm.REPO_ROOT, 'build', 'guest-nested')
@@ -267,20 +253,14 @@ def main():
     nested = os.path.join(kvmxvm.REPO_ROOT, 'build', 'guest-nested')
     if not os.path.isfile(os.path.join(nested, 'initramfs.cpio.gz')):
         kvmxvm.skip(f'{nested} missing (run scripts/mkguest --nested)')
-    work = tempfile.mkdtemp(prefix='nested-', dir=kvmxvm.scratch_dir())
+    work = kvmxtest.workdir('nested-')
     cases = sys.argv[1:] or ['wpq', 'no-wpq', 'kernel']
     for case in cases:
         if case == 'kernel':
             run_kernel(work)
         else:
             run(case, work)
-    if failures:
-        print(f'FAILED ({len(failures)}): ' + '; '.join(failures))
-        print(f'work files kept in {work}')
-        return 1
-    import shutil
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return check.finish(work)
 
 
 if __name__ == '__main__':

@@ -18,8 +18,8 @@ its deep_flush and decides:
           module loaded: with the default flush-hint-accel=auto QEMU takes
           the kernel path and L2's flushes cause no MMIO exit to L1's QEMU
           (KVM's mmio_exits), while the module counts them and every one
-          reaches the outer host; with flush-hint-accel=user, each is an
-          exit.  Skipped if L1 gets no working /dev/kvm or no kvmx.ko.
+          reaches the outer host; with flush-hint-accel=user, and with
+          auto after rmmod kvmx, each is an exit.  Skipped if L1 gets no working /dev/kvm or no kvmx.ko.
 """
 import os
 import re
@@ -149,6 +149,8 @@ run_l2() {  # run_l2 LABEL ACCEL
 }
 run_l2 AUTO auto
 run_l2 USER user
+rmmod kvmx || echo "L1-RMMOD-FAILED"
+run_l2 NOMOD auto
 dmesg | grep -E "WARNING|BUG|Oops" && echo "L1-DMESG-BAD"
 echo "L1-DONE"
 '''
@@ -165,7 +167,7 @@ def run_kernel(work):
     with kvmxvm.start_guest(kvmxvm.patched_qemu(), script, args, work,
                             'kernel', append_extra='kvmx.modules=kvm,kvm_amd'
                             ) as vm:
-        for label in ('AUTO', 'USER'):
+        for label in ('AUTO', 'USER', 'NOMOD'):
             m = vm.wait_console(rf'L1-{label}-READY|L1-SKIP (.*)\n', 1500)
             if m[0].startswith('L1-SKIP'):
                 vm.kill()
@@ -179,11 +181,13 @@ def run_kernel(work):
         rc = kvmxvm.wait_guest_exit(vm, 600)
         text = vm.console_text()
     res = {}
-    for label in ('AUTO', 'USER'):
+    for label in ('AUTO', 'USER', 'NOMOD'):
         r = re.search(rf'L1-{label}-RESULT path=(\w*) mmio=(-?\d+) '
                       rf'flushes=(\d*)', text)
         res[label] = (r[1], int(r[2]), int(r[3] or -1))
-        print(f'[kernel] flush-hint-accel={label.lower()}: path {r[1]}, '
+        shown = {'AUTO': 'auto', 'USER': 'user',
+                 'NOMOD': 'auto after rmmod kvmx'}[label]
+        print(f'[kernel] flush-hint-accel={shown}: path {r[1]}, '
               f'{r[2]} MMIO exits, {r[3]} guest flushes counted; outer '
               f'host saw {outer[label]} flushes')
     for line in re.findall(r'L1-\w+-LOG (.*)', text):
@@ -198,6 +202,9 @@ def run_kernel(work):
     check(res['USER'] == ('user', M, M),
           f'[kernel] flush-hint-accel=user: user path, {M} MMIO exits '
           f'({res["USER"]})')
+    check('L1-RMMOD-FAILED' not in text and res['NOMOD'] == ('user', M, M),
+          f'[kernel] after rmmod kvmx, auto falls back to the user path: '
+          f'{M} MMIO exits ({res["NOMOD"]})')
 
 
 def run(case, work):

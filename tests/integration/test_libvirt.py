@@ -1,0 +1,427 @@
+#!/usr/bin/python3
+"""kvmx VMs through libvirt 11.3 (qemu:///system, TCG), with the real
+libvirtd started by scripts/libvirtd-up.
+
+The domain comes from examples/libvirt/nvdimm-flush-hint.xml (placeholders
+filled in, a second serial port added as the test's control channel, the
+guest script swapped for the test's):
+  - scripts/kvmx-validate-domain accepts it; virsh define and start work;
+    QEMU's command line carries the flush-hint properties of qemu:override;
+  - in the guest region0/deep_flush reads 1; a synced write to /dev/pmem0
+    raises guest and host flushes in query-nvdimm-flush, read through
+    virsh qemu-monitor-command (QMP and HMP) and scripts/kvmx-flushstat;
+    the backing file holds the data and is clean when the sync returns;
+  - virsh destroy ends QEMU; the undefined domain is gone.
+Broken variants: flush hints on a dimm, a private (share=off) backend with
+access='private' or no access at all, maxMemory without room for the hint
+page: the validator names each mistake, virsh start fails with QEMU's one
+line, and the domain is shut off with no QEMU left.  An override whose
+alias matches no device starts without flush hints (libvirt drops it): the
+validator is what catches that one.
+
+Domains are called kvmx-test-<pid>-*; they are destroyed and undefined on
+the way out (and those of dead test runs at the next start).  libvirtd is
+held with libvirtd-up --hold and released at the end: if this test started
+it and nothing else holds it or runs a domain, it is stopped.
+"""
+import hashlib
+import json
+import os
+import pwd
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+import kvmxtest  # noqa: E402
+import kvmxvm  # noqa: E402
+import pagecache  # noqa: E402
+
+REPO = kvmxvm.REPO_ROOT
+SCRIPTS = REPO / 'scripts'
+EXAMPLE = REPO / 'examples' / 'libvirt' / 'nvdimm-flush-hint.xml'
+URI = 'qemu:///system'
+QEMU_NS = 'http://libvirt.org/schemas/domain/qemu/1.0'
+Q = '{%s}' % QEMU_NS
+PREFIX = f'kvmx-test-{os.getpid()}-'
+QEMU_USER = 'libvirt-qemu'
+
+check = kvmxtest.Checks()
+domains = []            # every domain this run defined (cleaned up at exit)
+
+GUEST_SCRIPT = r'''
+echo "DEEP_FLUSH=$(cat /sys/bus/nd/devices/region0/deep_flush)"
+dd if=/dev/urandom of=/tmp/blk bs=1M count=1 2>/dev/null
+echo READY
+read ack </dev/ttyS1
+dd if=/tmp/blk of=/dev/pmem0 bs=1M count=1 conv=fsync 2>/dev/null
+echo "SYNCED $? $(md5sum /tmp/blk | cut -d' ' -f1)"
+read ack </dev/ttyS1
+'''
+
+
+def virsh(*args, timeout=180):
+    return subprocess.run(['virsh', '-c', URI] + [str(a) for a in args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line(text):
+    return ' '.join(ln.strip() for ln in text.splitlines() if ln.strip())
+
+
+def domstate(name):
+    return virsh('domstate', name).stdout.strip()
+
+
+def qemu_pids(name):
+    """PIDs of processes whose command line names the domain (libvirt starts
+    QEMU with -name guest=NAME,...)."""
+    needle = f'guest={name},'.encode()
+    pids = []
+    for p in os.listdir('/proc'):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f'/proc/{p}/cmdline', 'rb') as f:
+                if needle in f.read():
+                    pids.append(int(p))
+        except OSError:
+            pass
+    return pids
+
+
+def proc_user(pid):
+    with open(f'/proc/{pid}/status') as f:
+        uid = next(int(ln.split()[1]) for ln in f if ln.startswith('Uid:'))
+    return pwd.getpwuid(uid).pw_name
+
+
+def remove_domain(name):
+    virsh('destroy', name)
+    virsh('undefine', name)
+
+
+def reap_leftovers():
+    """Domains of test runs that died without cleaning up."""
+    for name in virsh('list', '--all', '--name').stdout.split():
+        m = re.match(r'kvmx-test-(\d+)-', name)
+        if m and not os.path.exists(f'/proc/{m[1]}'):
+            print(f'removing domain {name} left by a dead test run')
+            remove_domain(name)
+
+
+def reachable(path):
+    """Whether QEMU, running as libvirt-qemu, can reach `path`: every
+    directory above it searchable by others (libvirt itself gives QEMU the
+    files it labels, not their directories)."""
+    return all(d.stat().st_mode & stat.S_IXOTH for d in path.parents)
+
+
+# -- the domain XML ------------------------------------------------------------
+def render(name, work, qemu, script, ctl_sock, root_qemu=False):
+    """The example with its placeholders filled in, for this test: our own
+    QEMU and guest image, our guest script, a control serial port."""
+    ET.register_namespace('qemu', QEMU_NS)
+    text = EXAMPLE.read_text().replace('@KVMX_REPO@', str(REPO)) \
+                              .replace('@VMDIR@', str(work))
+    dom = ET.fromstring(text)
+    dom.find('name').text = name
+    kernel, initrd = kvmxvm.guest_image()
+    dom.find('os/kernel').text = str(kernel)
+    dom.find('os/initrd').text = str(initrd)
+    dom.find('devices/emulator').text = str(qemu)
+    dom.find("sysinfo[@type='fwcfg']/entry[@name='opt/kvmx/script']") \
+       .set('file', str(script))
+    devices = dom.find('devices')
+    ctl = ET.SubElement(devices, 'serial', type='unix')
+    ET.SubElement(ctl, 'source', mode='bind', path=str(ctl_sock))
+    ET.SubElement(ctl, 'target', port='1')
+    if root_qemu:
+        sec = ET.SubElement(dom, 'seclabel', type='static', model='dac',
+                            relabel='no')
+        ET.SubElement(sec, 'label').text = '+0:+0'
+    return dom
+
+
+def xml_text(dom):
+    return ET.tostring(dom, encoding='unicode')
+
+
+def pmem_size(dom):
+    size = dom.find("devices/memory[@model='nvdimm']/target/size")
+    assert size.get('unit') == 'MiB', 'the example gives the size in MiB'
+    return int(size.text) << 20
+
+
+def validate(path):
+    p = subprocess.run([SCRIPTS / 'kvmx-validate-domain', path],
+                       capture_output=True, text=True)
+    return p.returncode, one_line(p.stdout + p.stderr)
+
+
+def define(dom, work, tag):
+    path = os.path.join(work, f'{tag}.xml')
+    with open(path, 'w') as f:
+        f.write(xml_text(dom))
+    domains.append(dom.find('name').text)
+    p = virsh('define', path)
+    check(p.returncode == 0, f'{tag}: virsh define ({one_line(p.stderr)})')
+    return path
+
+
+def monitor(name, hmp=None):
+    if hmp:
+        return virsh('qemu-monitor-command', name, '--hmp', hmp).stdout
+    p = virsh('qemu-monitor-command', name,
+              '{"execute":"query-nvdimm-flush"}')
+    if p.returncode != 0:
+        raise RuntimeError(f'query-nvdimm-flush: {one_line(p.stderr)}')
+    return json.loads(p.stdout)['return']
+
+
+def wait_console(path, regex, name, timeout):
+    """Wait for `regex` in the console file; stop early if the domain ends."""
+    deadline = time.monotonic() + timeout
+    rx = re.compile(regex)
+    while True:
+        try:
+            text = open(path, errors='replace').read().replace('\r\n', '\n')
+        except OSError:
+            text = ''
+        m = rx.search(text)
+        if m:
+            return m, text
+        if time.monotonic() > deadline or domstate(name) != 'running':
+            raise RuntimeError(f'console did not show {regex!r} '
+                               f'(domain {domstate(name)}); tail:\n'
+                               f'{text[-2000:]}')
+        time.sleep(0.5)
+
+
+# -- the working domain ---------------------------------------------------------
+def run_good(work, qemu, ctl_dir, root_qemu):
+    name = PREFIX + 'good'
+    script = os.path.join(work, 'guest.sh')
+    with open(script, 'w') as f:
+        f.write(GUEST_SCRIPT)
+    console = os.path.join(work, 'console.log')
+    ctl_sock = os.path.join(ctl_dir, 'ctl.sock')
+    dom = render(name, work, qemu, script, ctl_sock, root_qemu)
+    img = kvmxtest.backing_file(work, 'pmem.img', pmem_size(dom))
+    path = define(dom, work, 'good')
+    rc, out = validate(path)
+    check(rc == 0 and 'ok: ua-pmem0 flush-hint=on' in out,
+          f'kvmx-validate-domain accepts the example ({out})')
+
+    p = virsh('start', name)
+    if not check(p.returncode == 0,
+                 f'virsh start {name} ({one_line(p.stdout + p.stderr)})'):
+        return
+    pids = qemu_pids(name)
+    cmdline = b''
+    if pids:
+        with open(f'/proc/{pids[0]}/cmdline', 'rb') as f:
+            cmdline = f.read()
+    user = 'root' if root_qemu else QEMU_USER
+    check(pids and proc_user(pids[0]) == user, f'QEMU runs as {user}')
+    check(len(pids) == 1 and b'"id":"ua-pmem0"' in cmdline and
+          b'"flush-hint":"on"' in cmdline and str(qemu).encode() in cmdline,
+          f'one QEMU ({pids}), the patched one, with qemu:override\'s '
+          'flush-hint on the nvdimm device ua-pmem0')
+
+    _, text = wait_console(console, r'READY\n', name, 300)
+    check('DEEP_FLUSH=1' in text, 'guest region0/deep_flush reads 1')
+    q0 = monitor(name)
+    check(len(q0) == 1 and q0[0]['id'] == 'ua-pmem0' and
+          q0[0]['mode'] == 'trap' and q0[0]['host-flush'] == 'fdatasync',
+          f'query-nvdimm-flush through virsh: ua-pmem0 traps ({q0})')
+
+    with socket.socket(socket.AF_UNIX) as ctl:
+        ctl.connect(ctl_sock)
+        ctl.sendall(b'go\n')
+        m, _ = wait_console(console, r'SYNCED (\d+) ([0-9a-f]{32})\n', name, 120)
+        st = pagecache.cachestat(img) if pagecache.available() else None
+        q1 = monitor(name)
+        check(m[1] == '0', 'guest dd conv=fsync to /dev/pmem0 succeeded')
+        g0, g1 = q0[0]['guest-flushes'], q1[0]['guest-flushes']
+        h0, h1 = q0[0]['host-flushes'], q1[0]['host-flushes']
+        check(g1 > g0 and h1 > h0 and q1[0]['host-flush-errors'] == 0,
+              f'synced write raised guest flushes {g0}->{g1}, host flushes '
+              f'{h0}->{h1}, no errors')
+        if st is not None:
+            check(st['dirty'] == 0 and st['writeback'] == 0,
+                  f'backing file clean when the guest sync returned ({st})')
+        with open(img, 'rb') as f:
+            check(hashlib.md5(f.read(1 << 20)).hexdigest() == m[2],
+                  'backing file holds what the guest wrote')
+        hmp = monitor(name, hmp='info nvdimm-flush')
+        check('ua-pmem0: mode trap' in hmp and
+              f'guest flushes: {g1},' in hmp,
+              f'HMP info nvdimm-flush through virsh ({one_line(hmp)})')
+        p = subprocess.run([SCRIPTS / 'kvmx-flushstat', name],
+                           capture_output=True, text=True)
+        row = next((ln.split() for ln in p.stdout.splitlines()
+                    if ln.startswith('ua-pmem0 ')), [])
+        check(p.returncode == 0 and row[1:3] == ['trap', 'fdatasync'] and
+              row[5] == str(g1),
+              f'kvmx-flushstat prints the row ({p.stdout!r} {p.stderr!r})')
+
+        p = virsh('destroy', name)
+        check(p.returncode == 0, f'virsh destroy ({one_line(p.stderr)})')
+    check(domstate(name) == 'shut off', 'destroyed domain is shut off')
+    check(gone(pids), f'its QEMU {pids} is gone')
+    p = virsh('undefine', name)
+    check(p.returncode == 0 and virsh('dominfo', name).returncode != 0,
+          'undefined domain no longer exists')
+
+
+def gone(pids, timeout=15):
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f'/proc/{p}') for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+# -- broken domains ---------------------------------------------------------------
+def dimm_override(dom):
+    """Flush hints aimed at a plain DIMM."""
+    mem = ET.SubElement(dom.find('devices'), 'memory', model='dimm')
+    ET.SubElement(mem, 'alias', name='ua-dimm0')
+    target = ET.SubElement(mem, 'target')
+    ET.SubElement(target, 'size', unit='MiB').text = '128'
+    ET.SubElement(target, 'node').text = '0'
+    dom.find(f'{Q}override/{Q}device').set('alias', 'ua-dimm0')
+
+
+def private_access(dom):
+    dom.find("devices/memory[@model='nvdimm']").set('access', 'private')
+
+
+def no_access(dom):
+    del dom.find("devices/memory[@model='nvdimm']").attrib['access']
+
+
+def no_room(dom):
+    """maxMemory = RAM + the NVDIMM exactly: nothing left for the hint page."""
+    mm = dom.find('maxMemory')
+    mm.set('unit', 'MiB')
+    mm.text = str(1024 + (pmem_size(dom) >> 20))
+
+
+def alias_typo(dom):
+    dom.find(f'{Q}override/{Q}device').set('alias', 'ua-pmem9')
+
+
+BROKEN = (   # tag, change, what the validator says, what QEMU says
+    ('dimm', dimm_override, "on 'ua-dimm0', a <memory model='dimm'>",
+     "Property 'pc-dimm.flush-hint' not found"),
+    ('private', private_access, "its access is 'private'",
+     "memdev 'memua-pmem0' is not shared with the host (share=off)"),
+    ('no-access', no_access, "add access='shared'",
+     "memdev 'memua-pmem0' is not shared with the host (share=off)"),
+    ('no-room', no_room, 'raise maxMemory to at least 1282 MiB',
+     "needs 2 MiB of device memory beyond the NVDIMM's size"),
+)
+
+
+def run_broken(work, qemu, ctl_dir, root_qemu):
+    script = os.path.join(work, 'idle.sh')
+    with open(script, 'w') as f:
+        f.write('while :; do sleep 60; done\n')
+    kvmxtest.backing_file(work, 'pmem.img', 256 << 20)
+    for tag, change, says, qemu_says in BROKEN:
+        name = PREFIX + tag
+        dom = render(name, work, qemu, script,
+                     os.path.join(ctl_dir, f'{tag}.sock'), root_qemu)
+        change(dom)
+        path = define(dom, work, tag)
+        rc, out = validate(path)
+        check(rc == 1 and says in out and out.count('error:') == 1,
+              f'{tag}: validator: one clear error ({out})')
+        p = virsh('start', name)
+        err = p.stderr.strip()
+        check(p.returncode != 0 and qemu_says in err and
+              'Failed to start domain' in err,
+              f'{tag}: virsh start fails with QEMU\'s reason ({one_line(err)})')
+        check(domstate(name) == 'shut off' and gone(qemu_pids(name), 5),
+              f'{tag}: domain shut off, no QEMU left')
+        virsh('undefine', name)
+
+    # Silent: libvirt drops an override whose alias matches no device.
+    name = PREFIX + 'typo'
+    dom = render(name, work, qemu, script,
+                 os.path.join(ctl_dir, 'typo.sock'), root_qemu)
+    alias_typo(dom)
+    path = define(dom, work, 'typo')
+    rc, out = validate(path)
+    check(rc == 1 and "alias 'ua-pmem9', but no device" in out,
+          f'typo: validator names the alias nothing has ({out})')
+    p = virsh('start', name)
+    if check(p.returncode == 0, 'typo: libvirt starts the domain anyway'):
+        q = monitor(name)
+        check(len(q) == 1 and q[0]['mode'] == 'off',
+              f'typo: and its NVDIMM has no flush hints ({q})')
+    remove_domain(name)
+    check(gone(qemu_pids(name)), 'typo: QEMU gone after destroy')
+
+
+# -- main ---------------------------------------------------------------------------
+def terminate(signum, frame):
+    raise SystemExit(f'killed by signal {signum}')
+
+
+def main():
+    kvmxtest.require_guest_image()
+    qemu = kvmxvm.patched_qemu()
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+    up = subprocess.run([SCRIPTS / 'libvirtd-up', '--hold', str(os.getpid())],
+                        capture_output=True, text=True)
+    print(up.stderr.strip())
+    if up.returncode == 77:
+        kvmxvm.skip(one_line(up.stderr))
+    if up.returncode != 0:
+        print('FAIL scripts/libvirtd-up could not start libvirtd')
+        return 1
+    work = kvmxtest.workdir('libvirt-')
+    ctl_dir = work
+    try:
+        reap_leftovers()
+        os.chmod(work, 0o755)       # QEMU runs as libvirt-qemu
+        if len(os.path.join(work, 'no-access.sock')) > 100:   # sun_path
+            ctl_dir = tempfile.mkdtemp(prefix='kvmx-lv-')
+            os.chmod(ctl_dir, 0o755)
+        root_qemu = bool(os.environ.get('KVMX_LIBVIRT_ROOT_QEMU'))
+        for p in (qemu, kvmxvm.guest_image()[0], work):
+            if not root_qemu and not reachable(Path(p)):
+                print(f'note: {p} is not reachable by {QEMU_USER}: '
+                      'QEMU runs as root (<seclabel model=dac>)')
+                root_qemu = True
+        run_good(work, qemu, ctl_dir, root_qemu)
+        run_broken(work, qemu, ctl_dir, root_qemu)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        check(False, str(e))
+    finally:
+        for name in domains:
+            remove_domain(name)
+        left = [n for n in domains if qemu_pids(n)]
+        check(not left, f'no QEMU of this test left ({left})')
+        rel = subprocess.run([SCRIPTS / 'libvirtd-up', '--release',
+                              str(os.getpid())], capture_output=True, text=True)
+        print(rel.stderr.strip())
+        if ctl_dir != work:
+            subprocess.run(['rm', '-rf', ctl_dir])
+    return check.finish(work)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -34,14 +34,28 @@ M = 20
 check = kvmxtest.Checks()
 
 
+# Shared by both L1 scripts: the outer NVDIMM as DAX ext4 on /mnt, and
+# waitfor FILE PATTERN SECONDS, which gives up if L2's QEMU ($qpid) dies.
+L1_COMMON = r'''
+. /usr/lib/kvmx/pmem-fsdax.sh
+dev=$(pmem_fsdax)
+mkfs.ext4 -q -F -b 4096 "$dev" && mount -t ext4 -o dax "$dev" /mnt || exit 3
+waitfor() {  # waitfor FILE PATTERN SECONDS
+  i=0
+  while ! grep -q "$2" "$1"; do
+    i=$((i+1)); [ $i -gt $3 ] && { echo "L1-TIMEOUT $2"; cat /tmp/qemu.err; exit 4; }
+    kill -0 $qpid 2>/dev/null || { echo "L1-QEMU-DIED"; cat /tmp/qemu.err; exit 5; }
+    sleep 1
+  done
+}
+'''
+
+
 # Runs in L1.  L2's serial port and monitor are FIFOs (QEMU's pipe:
 # chardev); the script waits for L2, learns its flush hint address from
 # "info nvdimm-flush", and has L2 write it M times when the host says go.
 L1_SCRIPT = r'''
-. /usr/lib/kvmx/pmem-fsdax.sh
-dev=$(pmem_fsdax)
-mkfs.ext4 -q -F -b 4096 "$dev" && mount -t ext4 -o dax "$dev" /mnt || exit 3
-echo "L1-DEEP-FLUSH $(cat /sys/bus/nd/devices/region0/deep_flush)"
+__L1_COMMON__echo "L1-DEEP-FLUSH $(cat /sys/bus/nd/devices/region0/deep_flush)"
 dd if=/dev/zero of=/mnt/l2.img bs=1M count=32 conv=fsync 2>/dev/null
 mkfifo /tmp/ser.in /tmp/ser.out /tmp/mon.in /tmp/mon.out
 /opt/kvmx/qemu-system-x86_64 -accel tcg -machine q35,nvdimm=on \
@@ -55,14 +69,6 @@ qpid=$!
 cat /tmp/ser.out > /tmp/ser.log &
 cat /tmp/mon.out > /tmp/mon.log &
 exec 3>/tmp/ser.in 4>/tmp/mon.in
-waitfor() {  # waitfor FILE PATTERN SECONDS
-  i=0
-  while ! grep -q "$2" "$1"; do
-    i=$((i+1)); [ $i -gt $3 ] && { echo "L1-TIMEOUT $2"; cat /tmp/qemu.err; exit 4; }
-    kill -0 $qpid 2>/dev/null || { echo "L1-QEMU-DIED"; cat /tmp/qemu.err; exit 5; }
-    sleep 1
-  done
-}
 waitfor /tmp/ser.log "kvmx-testguest ready" 600
 echo "info nvdimm-flush" >&4
 waitfor /tmp/mon.log "flush hint address" 60
@@ -87,19 +93,8 @@ L1_KVM_SCRIPT = r'''
 [ -c /dev/kvm ] || { echo "L1-SKIP no /dev/kvm in L1"; exit 0; }
 [ -f /opt/kvmx/kvmx.ko ] || { echo "L1-SKIP no kvmx.ko in the image"; exit 0; }
 insmod /opt/kvmx/kvmx.ko || { echo "L1-SKIP insmod kvmx.ko failed"; exit 0; }
-. /usr/lib/kvmx/pmem-fsdax.sh
-dev=$(pmem_fsdax)
-mkfs.ext4 -q -F -b 4096 "$dev" && mount -t ext4 -o dax "$dev" /mnt || exit 3
-dd if=/dev/zero of=/mnt/l2.img bs=1M count=32 conv=fsync 2>/dev/null
+__L1_COMMON__dd if=/dev/zero of=/mnt/l2.img bs=1M count=32 conv=fsync 2>/dev/null
 mkfifo /tmp/ser.in /tmp/ser.out /tmp/mon.in /tmp/mon.out
-waitfor() {  # waitfor FILE PATTERN SECONDS
-  i=0
-  while ! grep -q "$2" "$1"; do
-    i=$((i+1)); [ $i -gt $3 ] && { echo "L1-TIMEOUT $2"; cat /tmp/qemu.err; exit 4; }
-    kill -0 $qpid 2>/dev/null || { echo "L1-QEMU-DIED"; cat /tmp/qemu.err; exit 5; }
-    sleep 1
-  done
-}
 mmio() {  # total mmio_exits of the inner VM's vCPUs
   : > /tmp/mon.log
   echo "info stats vcpu mmio_exits kvm" >&4
@@ -160,7 +155,8 @@ def run_kernel(work):
     img = kvmxtest.backing_file(work, 'kernel.img', SIZE)
     args = kvmxtest.nvdimm_args(img, SIZE, mem='1536M,slots=2,maxmem=4G',
                                 extra=['-cpu', 'max'])
-    script = L1_KVM_SCRIPT.replace('__M__', str(M))
+    script = (L1_KVM_SCRIPT.replace('__L1_COMMON__', L1_COMMON)
+              .replace('__M__', str(M)))
     os.environ['KVMX_GUEST_DIR'] = os.path.join(kvmxvm.REPO_ROOT, 'build',
                                                 'guest-nested')
     outer = {}
@@ -213,7 +209,8 @@ def run(case, work):
     args = kvmxtest.nvdimm_args(img, SIZE,
                                 f'nvdimm,id=nv0,memdev=mem1,flush-hint={outer}',
                                 mem='1536M,slots=2,maxmem=4G')
-    script = (L1_SCRIPT.replace('__M__', str(M))
+    script = (L1_SCRIPT.replace('__L1_COMMON__', L1_COMMON)
+              .replace('__M__', str(M))
               .replace('__PMEM__', ',pmem=on' if case == 'no-wpq' else ''))
     nested = os.path.join(kvmxvm.REPO_ROOT, 'build', 'guest-nested')
     os.environ['KVMX_GUEST_DIR'] = nested

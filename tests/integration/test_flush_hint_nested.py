@@ -48,6 +48,15 @@ waitfor() {  # waitfor FILE PATTERN SECONDS
     sleep 1
   done
 }
+quit_l2() {  # through L2's monitor, not its serial input; bounded
+  echo "quit" >&4
+  i=0
+  while kill -0 $qpid 2>/dev/null; do
+    i=$((i+1)); [ $i -gt 120 ] && { echo "L1-L2-EXIT-TIMEOUT"; kill -9 $qpid; break; }
+    sleep 1
+  done
+  wait $qpid 2>/dev/null
+}
 '''
 
 
@@ -82,8 +91,7 @@ echo "info nvdimm-flush" >&4
 waitfor /tmp/mon.log "guest flushes" 60
 echo "L1-MON-AFTER"; tr -d '\r' < /tmp/mon.log | grep -e mode -e flushes
 echo "L2-WRITES-DONE"; read ack
-echo "q 0" >&3
-wait $qpid
+quit_l2
 echo "L1-DONE"
 '''
 
@@ -137,8 +145,7 @@ run_l2() {  # run_l2 LABEL ACCEL
   echo "L1-$1-RESULT path=$path mmio=$((m1 - m0)) flushes=$gf"
   grep "info:" /tmp/qemu.err | sed "s/^/L1-$1-LOG /"
   read ack
-  echo "q 0" >&3
-  wait $qpid
+  quit_l2
   exec 3>&- 4>&-
   kill $cpid1 $cpid2 2>/dev/null
 }
@@ -188,7 +195,8 @@ def run_kernel(work):
               f'host saw {outer[label]} flushes')
     for line in re.findall(r'L1-\w+-LOG (.*)', text):
         print(f'[kernel] L1 QEMU said: {line.strip()}')
-    check(rc == 0 and 'L1-DMESG-BAD' not in text,
+    check(rc == 0 and 'L1-DMESG-BAD' not in text and
+          'L1-L2-EXIT-TIMEOUT' not in text,
           f'[kernel] L1 script finished ({rc}), no WARNING/BUG in L1 dmesg')
     check(res['AUTO'] == ('kernel', 0, M),
           f'[kernel] auto with kvmx loaded: kernel path, 0 MMIO exits, '
@@ -231,7 +239,8 @@ def run(case, work):
     print(f'[{case}] L1 deep_flush {l1_df}; L1 QEMU: mode {l1_mode[1]}, '
           f'host flush {l1_mode[2]}, L2 flushes {l1_flushes[1]}; outer '
           f'guest flushes {before} -> {after}')
-    check(rc == 0, f'[{case}] L1 script finished ({rc})')
+    check(rc == 0 and 'L1-L2-EXIT-TIMEOUT' not in text,
+          f'[{case}] L1 script finished ({rc}), inner QEMU quit')
     if case == 'wpq':
         check(l1_df == '1', '[wpq] L1 region0/deep_flush reads 1')
         check(l1_mode.groups() == ('trap', 'deep-flush'),

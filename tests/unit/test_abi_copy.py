@@ -1,13 +1,14 @@
 #!/usr/bin/python3
-"""The kvmx.ko ABI is declared once, in include/kvmx/kvmx-fha.h.  QEMU's
-patch series carries it as linux-headers/linux/kvmx-fha.h; this checks the
-copy the series adds is byte for byte the same file."""
+"""The kvmx.ko ABI (include/kvmx/kvmx-fha.h) and the guest protection ABI
+(include/kvmx/kvmx-guest.h) are declared once.  QEMU's patch series carries
+them as linux-headers/linux/<name>; this checks that each copy the series
+adds is byte for byte the same file."""
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PATCHES = os.path.join(ROOT, 'qemu-patches')
-TARGET = 'linux-headers/linux/kvmx-fha.h'
+HEADERS = ['kvmx-fha.h', 'kvmx-guest.h']
 
 
 def added_file(patch_text, path):
@@ -25,22 +26,27 @@ def added_file(patch_text, path):
     return None
 
 
-def main():
-    series = [ln.strip() for ln in open(os.path.join(PATCHES, 'series'))
-              if ln.strip() and not ln.startswith('#')]
-    copies = [added_file(open(os.path.join(PATCHES, p)).read(), TARGET)
+def check(series, name):
+    target = f'linux-headers/linux/{name}'
+    copies = [added_file(open(os.path.join(PATCHES, p)).read(), target)
               for p in series]
     copies = [c for c in copies if c is not None]
     if len(copies) != 1:
-        print(f'FAIL: {len(copies)} patches add {TARGET} (want 1)')
+        print(f'FAIL: {len(copies)} patches add {target} (want 1)')
         return 1
-    ours = open(os.path.join(ROOT, 'include', 'kvmx', 'kvmx-fha.h')).read()
+    ours = open(os.path.join(ROOT, 'include', 'kvmx', name)).read()
     if copies[0] != ours:
-        print(f'FAIL: {TARGET} in qemu-patches differs from '
-              'include/kvmx/kvmx-fha.h; re-copy it and re-export the series')
+        print(f'FAIL: {target} in qemu-patches differs from '
+              f'include/kvmx/{name}; re-copy it and re-export the series')
         return 1
-    print(f'ok: {TARGET} in the series is include/kvmx/kvmx-fha.h')
+    print(f'ok: {target} in the series is include/kvmx/{name}')
     return 0
+
+
+def main():
+    series = [ln.strip() for ln in open(os.path.join(PATCHES, 'series'))
+              if ln.strip() and not ln.startswith('#')]
+    return max(check(series, h) for h in HEADERS)
 
 
 if __name__ == '__main__':

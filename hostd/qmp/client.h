@@ -1,0 +1,87 @@
+// QMP client protocol: greeting, capabilities negotiation, commands matched
+// to replies by id, asynchronous events.  It does no I/O itself: the owner
+// feeds received bytes to on_data() and the client writes through its
+// Transport.
+//
+// Callbacks must not destroy the Client (defer that to the event loop).
+// on_closed is called exactly once, whatever closed the connection; the
+// destructor calls nothing.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+#include "common/result.h"
+#include "transport.h"
+
+namespace kvmx::qmp {
+
+struct Event {
+  std::string name;
+  nlohmann::json data;  // an object ({} when the event has none)
+  int64_t seconds = 0;  // QEMU's timestamp
+  int64_t micros = 0;
+};
+
+class Client {
+ public:
+  enum class State { kGreeting, kNegotiating, kReady, kClosed };
+  using ReplyFn = std::function<void(Result<nlohmann::json>)>;
+  struct Callbacks {
+    std::function<void()> on_ready;
+    std::function<void(const Event&)> on_event;
+    std::function<void(const std::string& reason)> on_closed;
+  };
+
+  static constexpr size_t kDefaultMaxLine = 16 << 20;
+
+  Client(Transport& transport, Callbacks callbacks,
+         size_t max_line = kDefaultMaxLine);
+
+  // Input from the transport.
+  void on_data(std::string_view data);
+  void on_eof(const std::string& reason);
+  // Closes the connection from our side; pending commands fail.
+  void close(const std::string& reason);
+
+  // Sends a command; `fn` gets the "return" value or a "qmp-error"
+  // ("<class>: <desc>"), or "qmp-disconnected" when the connection drops
+  // first.  Only in state kReady.
+  Result<uint64_t> execute(const std::string& command,
+                           const nlohmann::json& arguments, ReplyFn fn);
+  // Forgets a pending command: its reply is ignored, `fn` is not called.
+  void cancel(uint64_t id);
+
+  State state() const { return state_; }
+  const nlohmann::json& greeting() const { return greeting_; }
+  // "10.0.0" from the greeting, or "" before it.
+  std::string qemu_version() const;
+  uint64_t protocol_errors() const { return protocol_errors_; }
+  size_t pending() const { return pending_.size(); }
+
+ private:
+  void handle_line(std::string_view line);
+  void handle_reply(const nlohmann::json& msg);
+  void send_command(uint64_t id, const std::string& command,
+                    const nlohmann::json& arguments);
+  void shut(const std::string& reason, bool close_transport);
+
+  Transport& transport_;
+  Callbacks cb_;
+  size_t max_line_;
+  State state_ = State::kGreeting;
+  std::string inbuf_;
+  size_t scanned_ = 0;  // bytes of inbuf_ known to hold no newline
+  nlohmann::json greeting_;
+  uint64_t next_id_ = 1;
+  uint64_t caps_id_ = 0;
+  std::map<uint64_t, ReplyFn> pending_;
+  uint64_t protocol_errors_ = 0;
+};
+
+}  // namespace kvmx::qmp

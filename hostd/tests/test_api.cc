@@ -1,0 +1,459 @@
+// The API: request validation (every malformed case), session framing and
+// flow control, and the server's limits over real Unix sockets.
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <catch2/catch_test_macros.hpp>
+#include <cstring>
+
+#include "api/request.h"
+#include "api/server.h"
+#include "api/session.h"
+#include "test_helpers.h"
+
+using nlohmann::json;
+using namespace kvmx;
+using namespace kvmx::api;
+
+namespace {
+
+std::string err_code(std::string_view line, json* id = nullptr) {
+  json local;
+  auto r = parse_request(line, id ? id : &local);
+  if (r) return "ok";
+  return r.error().code;
+}
+
+}  // namespace
+
+TEST_CASE("api: valid requests parse into their ops") {
+  json id;
+  auto r = parse_request(R"({"op":"ping","id":7})", &id);
+  REQUIRE(r.ok());
+  CHECK(std::holds_alternative<Ping>(r->args));
+  CHECK(r->id == 7);
+  CHECK(id == 7);
+
+  r = parse_request(R"({"op":"attach","vm":"web-1.a_b","qmp":"/run/q.sock"})",
+                    &id);
+  REQUIRE(r.ok());
+  auto& a = std::get<Attach>(r->args);
+  CHECK(a.vm == "web-1.a_b");
+  CHECK(a.qmp == "/run/q.sock");
+  CHECK(r->id.is_null());
+
+  r = parse_request(R"({"op":"violations"})", &id);
+  REQUIRE(r.ok());
+  auto& v = std::get<Violations>(r->args);
+  CHECK(v.vm.empty());
+  CHECK(v.since_seq == 0);
+  CHECK(v.limit == kDefaultViolationLimit);
+
+  r = parse_request(
+      R"({"op":"violations","vm":"a","since_seq":5,"limit":5000,"id":"x"})",
+      &id);
+  REQUIRE(r.ok());
+  CHECK(std::get<Violations>(r->args).limit == kMaxViolationLimit);  // capped
+  CHECK(std::get<Violations>(r->args).since_seq == 5);
+  CHECK(std::get<Violations>(r->args).vm == "a");
+
+  for (auto op : {"version", "list-vms", "stats", "subscribe"})
+    CHECK(err_code(json{{"op", op}}.dump()) == "ok");
+  CHECK(err_code(R"({"op":"detach","vm":"a"})") == "ok");
+  CHECK(err_code(R"({"op":"protections","vm":"a"})") == "ok");
+}
+
+TEST_CASE("api: malformed requests get the right error code") {
+  // Not JSON at all, or truncated.
+  CHECK(err_code("hello") == code::kParse);
+  CHECK(err_code(R"({"op":"ping")") == code::kParse);
+  CHECK(err_code("\xff\xfe") == code::kParse);
+  CHECK(err_code("") == code::kParse);
+  // JSON, but not an object.
+  CHECK(err_code("[1,2]") == code::kInvalid);
+  CHECK(err_code("42") == code::kInvalid);
+  CHECK(err_code("\"ping\"") == code::kInvalid);
+  CHECK(err_code("null") == code::kInvalid);
+  // op missing, of the wrong type, unknown.
+  CHECK(err_code(R"({})") == code::kInvalid);
+  CHECK(err_code(R"({"op":1})") == code::kInvalid);
+  CHECK(err_code(R"({"op":null})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"reboot"})") == code::kUnknownOp);
+  CHECK(err_code(R"({"op":""})") == code::kUnknownOp);
+  // Bad ids.
+  CHECK(err_code(R"({"op":"ping","id":{"a":1}})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"ping","id":[1]})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"ping","id":1.5})") == code::kInvalid);
+  CHECK(err_code(json{{"op", "ping"}, {"id", std::string(200, 'x')}}.dump()) ==
+        code::kInvalid);
+  // Unknown fields.
+  CHECK(err_code(R"({"op":"ping","extra":1})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"attach","vm":"a","qmp":"/q","x":1})") ==
+        code::kInvalid);
+  // attach: missing fields and wrong types.
+  CHECK(err_code(R"({"op":"attach","qmp":"/q"})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"attach","vm":"a"})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"attach","vm":5,"qmp":"/q"})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"attach","vm":"a","qmp":5})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"attach","vm":"a","qmp":"rel/q"})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"attach","vm":"a","qmp":""})") == code::kInvalid);
+  CHECK(err_code(json{{"op", "attach"}, {"vm", "a"},
+                      {"qmp", "/" + std::string(200, 'q')}}
+                     .dump()) == code::kInvalid);
+  // Bad VM names.
+  CHECK(err_code(R"({"op":"detach","vm":""})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"detach","vm":"a b"})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"detach","vm":"../etc"})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"detach","vm":"-x"})") == code::kInvalid);
+  CHECK(err_code(json{{"op", "detach"}, {"vm", std::string(65, 'a')}}.dump()) ==
+        code::kInvalid);
+  CHECK(err_code(R"({"op":"protections"})") == code::kInvalid);
+  // violations: wrong types and ranges.
+  CHECK(err_code(R"({"op":"violations","limit":0})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"violations","limit":-1})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"violations","limit":"10"})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"violations","since_seq":-5})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"violations","since_seq":1.5})") == code::kInvalid);
+  CHECK(err_code(R"({"op":"violations","vm":7})") == code::kInvalid);
+}
+
+TEST_CASE("api: the id of a request that fails validation is echoed") {
+  json id;
+  CHECK(err_code(R"({"op":"reboot","id":"r1"})", &id) == code::kUnknownOp);
+  CHECK(id == "r1");
+  auto resp = error_response(id, make_error(code::kUnknownOp, "unknown op"));
+  CHECK(resp["id"] == "r1");
+  CHECK(resp["error"]["code"] == code::kUnknownOp);
+  CHECK(!error_response(nullptr, make_error("x", "y")).contains("id"));
+  CHECK(ok_response(3, json{{"a", 1}})["result"]["a"] == 1);
+}
+
+TEST_CASE("api: deeply nested JSON is rejected without crashing") {
+  std::string deep(30000, '[');
+  deep += std::string(30000, ']');
+  CHECK(err_code(deep) == code::kInvalid);
+  std::string open(60000, '[');
+  CHECK(err_code(open) == code::kParse);
+}
+
+TEST_CASE("session: framing splits, trims and skips blank lines") {
+  Session s(Session::Limits{});
+  s.feed("{\"op\":");
+  CHECK(s.next().kind == Session::Kind::kNone);
+  CHECK(s.wants_read());
+  s.feed("\"ping\"}\r\n\n   \n{\"op\":\"stats\"}\n{\"op\"");
+  auto a = s.next();
+  REQUIRE(a.kind == Session::Kind::kLine);
+  CHECK(a.line == R"({"op":"ping"})");
+  auto b = s.next();
+  REQUIRE(b.kind == Session::Kind::kLine);
+  CHECK(b.line == R"({"op":"stats"})");
+  CHECK(s.next().kind == Session::Kind::kNone);
+  // At end of input the unterminated last line counts.
+  s.feed(":\"x\"}");
+  s.feed_eof();
+  auto c = s.next();
+  REQUIRE(c.kind == Session::Kind::kLine);
+  CHECK(c.line == R"({"op":"x"})");
+  CHECK(s.input_done());
+}
+
+TEST_CASE("session: a flood of blank lines costs linear time") {
+  Session s(Session::Limits{});
+  s.feed(std::string(4 << 20, '\n') + "{\"op\":\"ping\"}\n");
+  auto item = s.next();
+  REQUIRE(item.kind == Session::Kind::kLine);
+  CHECK(item.line == R"({"op":"ping"})");
+  CHECK(s.next().kind == Session::Kind::kNone);
+}
+
+TEST_CASE("session: a line over the limit is refused, terminated or not") {
+  Session::Limits lim;
+  lim.max_line = 100;
+  {
+    Session s(lim);
+    s.feed(std::string(101, 'x'));
+    CHECK(s.next().kind == Session::Kind::kTooLong);
+  }
+  {
+    Session s(lim);
+    s.feed(std::string(150, 'x') + "\n");
+    CHECK(s.next().kind == Session::Kind::kTooLong);
+  }
+  {
+    Session s(lim);
+    s.feed(std::string(100, 'x') + "\n");
+    CHECK(s.next().kind == Session::Kind::kLine);
+  }
+}
+
+TEST_CASE("session: one request at a time, reading paused while busy") {
+  Session s(Session::Limits{});
+  s.feed("{\"op\":\"a\"}\n{\"op\":\"b\"}\n");
+  CHECK(s.can_dispatch());
+  REQUIRE(s.next().kind == Session::Kind::kLine);
+  s.busy = true;
+  CHECK(!s.can_dispatch());
+  CHECK(!s.wants_read());
+  s.busy = false;
+  REQUIRE(s.next().kind == Session::Kind::kLine);
+  CHECK(s.next().kind == Session::Kind::kNone);
+  CHECK(s.wants_read());
+}
+
+TEST_CASE("session: events are bounded by max_output, responses are not") {
+  Session::Limits lim;
+  lim.max_output = 1000;
+  lim.pause_output = 500;
+  Session s(lim);
+  CHECK(s.enqueue(std::string(600, 'r'), false));
+  CHECK(!s.can_dispatch());  // over pause_output: no more requests
+  CHECK(s.enqueue(std::string(300, 'e'), true));
+  CHECK(!s.enqueue(std::string(300, 'e'), true));  // would exceed 1000
+  CHECK(s.enqueue(std::string(2000, 'r'), false));  // a response: queued
+  CHECK(s.output_bytes() == 601 + 301 + 2001);
+  s.consume_output(601 + 301 + 2001);
+  CHECK(!s.has_output());
+  CHECK(s.can_dispatch());
+}
+
+// ---- The server over real sockets -----------------------------------------
+
+namespace {
+
+struct Harness {
+  test::TempDir dir;
+  std::unique_ptr<EventLoop> loop;
+  std::unique_ptr<Server> server;
+  std::string path;
+  std::vector<std::string> ops;
+  std::vector<ReplyFn> held;  // "attach" is answered later, by the test
+
+  explicit Harness(Server::Limits lim) {
+    auto l = EventLoop::create();
+    REQUIRE(l.ok());
+    loop = std::move(*l);
+    path = dir / "api.sock";
+    server = std::make_unique<Server>(
+        *loop, lim, [this](ClientId id, const Request& r, ReplyFn reply) {
+          ops.push_back(r.op);
+          if (r.op == "subscribe") {
+            server->subscribe(id);
+            reply(json{{"subscribed", true}});
+          } else if (r.op == "attach") {
+            held.push_back(std::move(reply));
+          } else if (r.op == "detach") {
+            reply(make_error(code::kVmNotFound, "no such VM"));
+          } else {
+            reply(json{{"pong", true}});
+          }
+        });
+    REQUIRE(server->listen(path, 0600).ok());
+  }
+
+  void spin(int ms = 30) {
+    loop->after(std::chrono::milliseconds(ms), [this] { loop->stop(); });
+    loop->run();
+  }
+
+  UniqueFd connect() {
+    UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.data(), path.size());
+    REQUIRE(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr),
+                      sizeof(addr)) == 0);
+    return fd;
+  }
+};
+
+void send_str(const UniqueFd& fd, const std::string& s) {
+  REQUIRE(::send(fd.get(), s.data(), s.size(), MSG_NOSIGNAL) ==
+          static_cast<ssize_t>(s.size()));
+}
+
+// Everything readable now; *eof set when the server closed the connection.
+std::string drain(const UniqueFd& fd, bool* eof = nullptr) {
+  std::string out;
+  char buf[65536];
+  for (;;) {
+    ssize_t n = ::recv(fd.get(), buf, sizeof(buf), MSG_DONTWAIT);
+    if (n > 0) {
+      out.append(buf, static_cast<size_t>(n));
+      continue;
+    }
+    if (eof) *eof = (n == 0);
+    return out;
+  }
+}
+
+std::vector<json> parse_lines(const std::string& data) {
+  std::vector<json> out;
+  size_t start = 0, nl;
+  while ((nl = data.find('\n', start)) != std::string::npos) {
+    out.push_back(json::parse(data.substr(start, nl - start)));
+    start = nl + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("server: malformed requests are answered, counted, and it serves on") {
+  Harness h(Server::Limits{});
+  auto c = h.connect();
+  send_str(c,
+           "garbage\n"
+           "{\"op\":\"ping\",\"id\":1}\n"
+           "[1]\n"
+           "{\"op\":\"nope\",\"id\":\"u\"}\n"
+           "{\"op\":\"detach\",\"vm\":\"a\"}\n"
+           "{\"op\":\"ping\",\"id\":2}\n");
+  h.spin();
+  auto r = parse_lines(drain(c));
+  REQUIRE(r.size() == 6);
+  CHECK(r[0]["error"]["code"] == code::kParse);
+  CHECK(r[1]["id"] == 1);
+  CHECK(r[1]["result"]["pong"] == true);
+  CHECK(r[2]["error"]["code"] == code::kInvalid);
+  CHECK(r[3]["error"]["code"] == code::kUnknownOp);
+  CHECK(r[3]["id"] == "u");
+  CHECK(r[4]["error"]["code"] == code::kVmNotFound);
+  CHECK(r[5]["id"] == 2);
+  CHECK(h.server->stats().requests == 6);
+  CHECK(h.server->stats().requests_rejected == 3);
+  CHECK(h.server->stats().requests_failed == 1);
+}
+
+TEST_CASE("server: responses keep request order across an async request") {
+  Harness h(Server::Limits{});
+  auto c = h.connect();
+  send_str(c, "{\"op\":\"attach\",\"vm\":\"a\",\"qmp\":\"/q\",\"id\":1}\n"
+              "{\"op\":\"ping\",\"id\":2}\n");
+  h.spin();
+  CHECK(drain(c).empty());
+  CHECK(h.ops == std::vector<std::string>{"attach"});  // ping waits
+  REQUIRE(h.held.size() == 1);
+  h.held[0](json{{"state", "attached"}});
+  h.spin();
+  auto r = parse_lines(drain(c));
+  REQUIRE(r.size() == 2);
+  CHECK(r[0]["id"] == 1);
+  CHECK(r[1]["id"] == 2);
+}
+
+TEST_CASE("server: a request line over the limit closes the connection") {
+  Server::Limits lim;
+  lim.session.max_line = 1024;
+  Harness h(lim);
+  auto c = h.connect();
+  send_str(c, std::string(3000, 'x'));
+  h.spin();
+  bool eof = false;
+  auto r = parse_lines(drain(c, &eof));
+  REQUIRE(r.size() == 1);
+  CHECK(r[0]["error"]["code"] == code::kLineTooLong);
+  CHECK(eof);
+  CHECK(h.server->stats().requests_rejected == 1);
+  // Others are still served.
+  auto d = h.connect();
+  send_str(d, "{\"op\":\"ping\"}\n");
+  h.spin();
+  CHECK(parse_lines(drain(d)).size() == 1);
+}
+
+TEST_CASE("server: clients beyond max_clients are refused") {
+  Server::Limits lim;
+  lim.max_clients = 2;
+  Harness h(lim);
+  auto a = h.connect();
+  auto b = h.connect();
+  h.spin();
+  auto c = h.connect();
+  h.spin();
+  bool eof = false;
+  auto r = parse_lines(drain(c, &eof));
+  REQUIRE(r.size() == 1);
+  CHECK(r[0]["error"]["code"] == code::kTooManyClients);
+  CHECK(eof);
+  CHECK(h.server->stats().clients_refused == 1);
+  CHECK(h.server->clients() == 2);
+  send_str(a, "{\"op\":\"ping\"}\n");
+  send_str(b, "{\"op\":\"ping\"}\n");
+  h.spin();
+  CHECK(parse_lines(drain(a)).size() == 1);
+  CHECK(parse_lines(drain(b)).size() == 1);
+  // A slot frees up when a client leaves.
+  a.reset();
+  h.spin();
+  auto d = h.connect();
+  send_str(d, "{\"op\":\"ping\"}\n");
+  h.spin();
+  CHECK(parse_lines(drain(d)).size() == 1);
+}
+
+TEST_CASE("server: a subscriber that does not read is dropped, others are not") {
+  Server::Limits lim;
+  lim.session.max_output = 64 * 1024;
+  lim.session.pause_output = 4096;
+  Harness h(lim);
+  auto slow = h.connect();
+  auto fast = h.connect();
+  send_str(slow, "{\"op\":\"subscribe\"}\n");
+  send_str(fast, "{\"op\":\"subscribe\"}\n");
+  h.spin();
+  drain(slow);
+  drain(fast);
+  CHECK(h.server->subscribers() == 2);
+
+  json ev = {{"event", "violation"}, {"pad", std::string(1000, 'p')}};
+  size_t got = 0;
+  for (int batch = 0; batch < 40; batch++) {
+    for (int i = 0; i < 50; i++) h.server->broadcast(ev);
+    h.spin(5);
+    got += parse_lines(drain(fast)).size();
+  }
+  CHECK(got == 2000);
+  CHECK(h.server->stats().clients_dropped_slow == 1);
+  CHECK(h.server->subscribers() == 1);
+}
+
+TEST_CASE("server: a client leaving while its request is pending is harmless") {
+  Harness h(Server::Limits{});
+  {
+    auto c = h.connect();
+    send_str(c, "{\"op\":\"attach\",\"vm\":\"a\",\"qmp\":\"/q\"}\n");
+    h.spin();
+  }
+  h.spin();
+  CHECK(h.server->clients() == 0);
+  REQUIRE(h.held.size() == 1);
+  h.held[0](json{{"state", "attached"}});  // ignored
+  h.spin();
+}
+
+TEST_CASE("server: requests of a client that closed at once are still taken") {
+  Harness h(Server::Limits{});
+  {
+    auto c = h.connect();
+    send_str(c, "{\"op\":\"ping\"}\n{\"op\":\"attach\",\"vm\":\"a\",\"qmp\":\"/q\"}\n"
+                "{\"op\":\"stats\"}\n");
+  }
+  h.spin();
+  // ping, then attach (asynchronous: nothing after it is taken).
+  CHECK(h.ops == std::vector<std::string>{"ping", "attach"});
+  CHECK(h.server->clients() == 0);
+}
+
+TEST_CASE("server: after the client's EOF it answers, then closes") {
+  Harness h(Server::Limits{});
+  auto c = h.connect();
+  send_str(c, "{\"op\":\"ping\",\"id\":9}");  // no newline, then EOF
+  ::shutdown(c.get(), SHUT_WR);
+  h.spin();
+  bool eof = false;
+  auto r = parse_lines(drain(c, &eof));
+  REQUIRE(r.size() == 1);
+  CHECK(r[0]["id"] == 9);
+  CHECK(eof);
+}

@@ -1,0 +1,253 @@
+#include "vm.h"
+
+#include "common/log.h"
+#include "common/time_util.h"
+#include "common/unix_socket.h"
+
+namespace kvmx::vm {
+
+using nlohmann::json;
+
+const char* to_string(State s) {
+  switch (s) {
+    case State::kConnecting: return "connecting";
+    case State::kAttached: return "attached";
+    case State::kDisconnected: return "disconnected";
+    case State::kGone: return "gone";
+  }
+  return "?";
+}
+
+Vm::Vm(EventLoop& loop, std::string name, std::string qmp_path,
+       const Options& options, const Hooks& hooks)
+    : loop_(loop), name_(std::move(name)), path_(std::move(qmp_path)),
+      options_(options), hooks_(hooks),
+      backoff_(options.backoff_min, options.backoff_max), since_(now_utc()) {}
+
+Vm::~Vm() {
+  destroying_ = true;
+  loop_.cancel(handshake_timer_);
+  loop_.cancel(retry_timer_);
+  // Fails pending queries (their callbacks answer API clients); on_closed
+  // returns early because destroying_ is set.
+  if (conn_) conn_->client->close("VM detached");
+  settle(Settled{Settled::kRemoved, "VM '" + name_ + "' was detached"});
+}
+
+bool Vm::ready() const {
+  return conn_ && conn_->client->state() == qmp::Client::State::kReady;
+}
+
+uint64_t Vm::protocol_errors() const {
+  return old_protocol_errors_ + (conn_ ? conn_->client->protocol_errors() : 0);
+}
+
+void Vm::start(UniqueFd fd) {
+  if (fd)
+    open(std::move(fd));
+  else
+    connect_now();
+}
+
+void Vm::reconnect_now() {
+  if (conn_) return;  // connecting or attached
+  backoff_.reset();
+  connect_now();
+}
+
+void Vm::connect_now() {
+  loop_.cancel(retry_timer_);
+  retry_timer_ = 0;
+  auto fd = unix_connect(path_);
+  if (!fd) {
+    if (fd.error().err == ENOENT) {
+      set_state(State::kGone, "QMP socket '" + path_ + "' no longer exists");
+      settle(Settled{Settled::kFailed, last_error_});
+      return;
+    }
+    set_state(State::kDisconnected, fd.error().message);
+    settle(Settled{Settled::kFailed, last_error_});
+    schedule_retry();
+    return;
+  }
+  open(std::move(*fd));
+}
+
+void Vm::open(UniqueFd fd) {
+  uint64_t gen = ++gen_;
+  conn_ = std::make_unique<Conn>();
+  conn_->transport = std::make_unique<qmp::UnixTransport>(loop_, std::move(fd));
+  qmp::Client::Callbacks cb;
+  cb.on_ready = [this, gen] { on_ready(gen); };
+  cb.on_event = [this, gen](const qmp::Event& ev) {
+    if (gen != gen_ || destroying_) return;
+    if (ev.name == "KVMX_CHAN_REJECTED") rejected_++;
+    if (hooks_.on_event) hooks_.on_event(*this, ev);
+  };
+  cb.on_closed = [this, gen](const std::string& reason) {
+    on_closed(gen, reason);
+  };
+  conn_->client = std::make_unique<qmp::Client>(*conn_->transport, cb);
+  qmp::Client* client = conn_->client.get();
+  auto started = conn_->transport->start(
+      [client](std::string_view data) { client->on_data(data); },
+      [client](const std::string& reason) { client->on_eof(reason); });
+  if (!started) {
+    client->close(started.error().message);
+    return;
+  }
+  set_state(State::kConnecting);
+  handshake_timer_ = loop_.after(options_.handshake_timeout, [this, gen] {
+    handshake_timer_ = 0;
+    if (gen != gen_ || !conn_) return;
+    conn_->client->close("no QMP handshake within " +
+                         std::to_string(options_.handshake_timeout.count()) +
+                         " ms (another client holds the socket?)");
+  });
+}
+
+void Vm::on_ready(uint64_t gen) {
+  if (gen != gen_ || destroying_ || !conn_) return;
+  qemu_version_ = conn_->client->qemu_version();
+  auto sent = conn_->client->execute(
+      "query-kvmx-chan", json(), [this, gen](Result<json> r) {
+        if (gen != gen_ || destroying_) return;
+        if (!r && r.error().code == "qmp-disconnected") return;  // on_closed
+        if (r) {
+          devices_ = r->is_array() ? *r : json::array();
+        } else {
+          devices_ = nullptr;
+          log::warn("QEMU does not answer query-kvmx-chan; attached without "
+                    "device information",
+                    {{"vm", name_}, {"error", r.error().message}});
+        }
+        loop_.cancel(handshake_timer_);
+        handshake_timer_ = 0;
+        connects_++;
+        backoff_.reset();
+        set_state(State::kAttached);
+        settle(Settled{Settled::kAttached, ""});
+      });
+  if (!sent) conn_->client->close(sent.error().message);
+}
+
+void Vm::on_closed(uint64_t gen, const std::string& reason) {
+  if (gen != gen_ || destroying_) return;
+  loop_.cancel(handshake_timer_);
+  handshake_timer_ = 0;
+  retire_conn();
+  set_state(State::kDisconnected, reason);
+  settle(Settled{Settled::kFailed, reason});
+  schedule_retry();
+}
+
+void Vm::retire_conn() {
+  if (!conn_) return;
+  old_protocol_errors_ += conn_->client->protocol_errors();
+  // We may be inside the connection's own callbacks: destroy it later.
+  std::shared_ptr<Conn> dead(std::move(conn_));
+  loop_.defer([dead] {});
+}
+
+void Vm::schedule_retry() {
+  if (state_ == State::kGone) return;
+  loop_.cancel(retry_timer_);
+  auto delay = backoff_.next();
+  retry_timer_ = loop_.after(delay, [this] {
+    retry_timer_ = 0;
+    connect_now();
+  });
+}
+
+void Vm::set_state(State s, std::string error) {
+  State old = state_;
+  if (!error.empty()) last_error_ = std::move(error);
+  if (s == old) return;
+  state_ = s;
+  since_ = now_utc();
+  if (hooks_.on_state) hooks_.on_state(*this, old);
+}
+
+void Vm::settle(const Settled& result) {
+  if (waiters_.empty()) return;
+  auto waiters = std::move(waiters_);
+  waiters_.clear();
+  for (auto& w : waiters) {
+    loop_.cancel(w.timer);
+    // Deferred: a waiter may remove this VM.
+    loop_.defer([fn = std::move(w.fn), result] { fn(result); });
+  }
+}
+
+void Vm::when_settled(std::chrono::milliseconds timeout,
+                      std::function<void(const Settled&)> fn) {
+  if (state_ == State::kAttached) {
+    loop_.defer([fn = std::move(fn)] { fn(Settled{Settled::kAttached, ""}); });
+    return;
+  }
+  uint64_t id = next_waiter_++;
+  auto timer = loop_.after(timeout, [this, id] {
+    for (auto it = waiters_.begin(); it != waiters_.end(); ++it) {
+      if (it->id != id) continue;
+      auto w = std::move(*it);
+      waiters_.erase(it);
+      w.fn(Settled{Settled::kTimeout, "not attached yet"});
+      return;
+    }
+  });
+  waiters_.push_back(Waiter{id, timer, std::move(fn)});
+}
+
+void Vm::query_protections(std::function<void(Result<json>)> fn) {
+  if (state_ != State::kAttached || !ready()) {
+    fn(make_error("vm-not-connected", "VM '" + name_ + "' is " +
+                                          to_string(state_) +
+                                          ", not attached"));
+    return;
+  }
+  struct Pending {
+    bool done = false;
+    EventLoop::TimerId timer = 0;
+    std::function<void(Result<json>)> fn;
+  };
+  auto p = std::make_shared<Pending>();
+  p->fn = std::move(fn);
+  qmp::Client* client = conn_->client.get();
+  auto id = client->execute("query-kvmx-chan", json(), [this, p](Result<json> r) {
+    if (p->done) return;
+    p->done = true;
+    loop_.cancel(p->timer);
+    if (!r && r.error().code == "qmp-disconnected")
+      p->fn(make_error("vm-not-connected", r.error().message));
+    else
+      p->fn(std::move(r));
+  });
+  if (!id) {
+    p->fn(make_error("vm-not-connected", id.error().message));
+    return;
+  }
+  uint64_t gen = gen_;
+  p->timer = loop_.after(options_.command_timeout, [this, p, gen, id = *id] {
+    if (p->done) return;
+    p->done = true;
+    if (gen == gen_ && conn_) conn_->client->cancel(id);
+    p->fn(make_error("timeout", "QEMU did not answer query-kvmx-chan within " +
+                                    std::to_string(
+                                        options_.command_timeout.count()) +
+                                    " ms"));
+  });
+}
+
+json Vm::info() const {
+  return json{{"vm", name_},
+              {"qmp", path_},
+              {"state", to_string(state_)},
+              {"since", since_},
+              {"qemu", qemu_version_},
+              {"devices", devices_},
+              {"reconnects", reconnects()},
+              {"rejected", rejected_},
+              {"last_error", last_error_}};
+}
+
+}  // namespace kvmx::vm

@@ -1,0 +1,139 @@
+// An attached VM: its QMP connection, state and reconnection.
+//
+//   connecting ──handshake+query-kvmx-chan──► attached
+//       │  ▲                                     │ EOF / error / timeout
+//       ▼  └──── retry (backoff) ◄── disconnected ◄┘
+//                                      │ socket file gone
+//                                      ▼
+//                                     gone (no more retries)
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "backoff.h"
+#include "common/fd.h"
+#include "common/result.h"
+#include "loop/event_loop.h"
+#include "qmp/client.h"
+#include "qmp/unix_transport.h"
+
+namespace kvmx::vm {
+
+enum class State { kConnecting, kAttached, kDisconnected, kGone };
+const char* to_string(State s);
+
+struct Options {
+  std::chrono::milliseconds handshake_timeout{10000};
+  std::chrono::milliseconds command_timeout{10000};
+  std::chrono::milliseconds backoff_min{100};
+  std::chrono::milliseconds backoff_max{5000};
+};
+
+class Vm;
+
+struct Hooks {
+  // Every QMP event of the VM.
+  std::function<void(Vm&, const qmp::Event&)> on_event;
+  // After every state change.
+  std::function<void(Vm&, State old_state)> on_state;
+};
+
+// How an attach wait ended.
+struct Settled {
+  enum Kind { kAttached, kFailed, kTimeout, kRemoved } kind;
+  std::string error;
+};
+
+class Vm {
+ public:
+  Vm(EventLoop& loop, std::string name, std::string qmp_path,
+     const Options& options, const Hooks& hooks);
+  ~Vm();
+  Vm(const Vm&) = delete;
+  Vm& operator=(const Vm&) = delete;
+
+  // Starts on an already connected socket, or connects when `fd` is empty.
+  void start(UniqueFd fd);
+  // Connects now unless connected or connecting (resets the backoff).
+  void reconnect_now();
+
+  // Calls `fn` (from the event loop, never from inside this call) when the
+  // VM next becomes attached or fails to, or after `timeout`.
+  void when_settled(std::chrono::milliseconds timeout,
+                    std::function<void(const Settled&)> fn);
+
+  // Runs query-kvmx-chan; `fn` gets the device list, or an error:
+  // vm-not-connected, qmp-error, timeout.
+  void query_protections(std::function<void(Result<nlohmann::json>)> fn);
+
+  const std::string& name() const { return name_; }
+  const std::string& qmp_path() const { return path_; }
+  State state() const { return state_; }
+  const nlohmann::json& devices() const { return devices_; }
+  uint64_t connects() const { return connects_; }
+  uint64_t reconnects() const { return connects_ > 1 ? connects_ - 1 : 0; }
+  uint64_t rejected() const { return rejected_; }
+  void count_rejected() { rejected_++; }
+  uint64_t protocol_errors() const;
+  const std::string& last_error() const { return last_error_; }
+
+  // Whether the attach is in the journal (false while a fresh attach is
+  // still being tried).
+  bool persisted = false;
+
+  // list-vms fields: vm, qmp, state, since, qemu, devices, reconnects,
+  // rejected, last_error.
+  nlohmann::json info() const;
+
+ private:
+  struct Conn {
+    std::unique_ptr<qmp::UnixTransport> transport;
+    std::unique_ptr<qmp::Client> client;
+  };
+  struct Waiter {
+    uint64_t id;
+    EventLoop::TimerId timer;
+    std::function<void(const Settled&)> fn;
+  };
+
+  void connect_now();
+  void open(UniqueFd fd);
+  void on_ready(uint64_t gen);
+  void on_closed(uint64_t gen, const std::string& reason);
+  void retire_conn();
+  void schedule_retry();
+  void set_state(State s, std::string error = "");
+  void settle(const Settled& result);
+  bool ready() const;
+
+  EventLoop& loop_;
+  std::string name_;
+  std::string path_;
+  Options options_;
+  const Hooks& hooks_;
+  Backoff backoff_;
+  State state_ = State::kConnecting;
+  std::string since_;
+  std::string last_error_;
+  std::string qemu_version_;
+  nlohmann::json devices_;
+  std::unique_ptr<Conn> conn_;
+  uint64_t gen_ = 0;  // connection generation; stale callbacks check it
+  EventLoop::TimerId handshake_timer_ = 0;
+  EventLoop::TimerId retry_timer_ = 0;
+  std::vector<Waiter> waiters_;
+  uint64_t next_waiter_ = 1;
+  uint64_t connects_ = 0;
+  uint64_t rejected_ = 0;
+  uint64_t old_protocol_errors_ = 0;
+  bool destroying_ = false;
+};
+
+}  // namespace kvmx::vm

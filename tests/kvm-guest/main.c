@@ -180,6 +180,88 @@ static void cmd_rw(int argc, char **argv, bool store, bool batch)
     }
 }
 
+/*
+ * p ADDR SIZE VALUE: one store of SIZE (1, 2, 4, 8) bytes; k ADDR SIZE: one
+ * load, "ok k VALUE".  For driving devices and filling memory with chosen
+ * values (registers that take 4-byte accesses only, request structures).
+ */
+static const char *poke_args(int argc, char **argv, int want, bool store,
+                             uintptr_t *addr, uint64_t *size, uint64_t *val)
+{
+    const char *err;
+
+    if (argc != want) {
+        return "usage: p ADDR SIZE VALUE | k ADDR SIZE";
+    }
+    if (!parse_u64(argv[1], (uint64_t *)addr) || !parse_u64(argv[2], size) ||
+        (want == 4 && !parse_u64(argv[3], val))) {
+        return "bad number";
+    }
+    if (*size != 1 && *size != 2 && *size != 4 && *size != 8) {
+        return "size must be 1, 2, 4 or 8";
+    }
+    if (*addr & (*size - 1)) {
+        return "address not aligned to size";
+    }
+    if (store && *addr + *size > (uintptr_t)__image_start &&
+        *addr < (uintptr_t)__image_end) {
+        return "address inside the guest image";
+    }
+    err = paging_map(*addr);
+    return err;
+}
+
+static void cmd_poke(int argc, char **argv, bool store)
+{
+    uintptr_t a;
+    uint64_t size, v = 0;
+    const char *err = poke_args(argc, argv, store ? 4 : 3, store, &a, &size,
+                                &v);
+
+    if (err) {
+        reply_err(err);
+        return;
+    }
+    if (store) {
+        switch (size) {
+        case 1: *(volatile uint8_t *)a = (uint8_t)v; break;
+        case 2: *(volatile uint16_t *)a = (uint16_t)v; break;
+        case 4: *(volatile uint32_t *)a = (uint32_t)v; break;
+        default: *(volatile uint64_t *)a = v; break;
+        }
+        reply_ok("p");
+        return;
+    }
+    switch (size) {
+    case 1: v = *(volatile uint8_t *)a; break;
+    case 2: v = *(volatile uint16_t *)a; break;
+    case 4: v = *(volatile uint32_t *)a; break;
+    default: v = *(volatile uint64_t *)a; break;
+    }
+    serial_puts("ok k ");
+    serial_put_hex(v);
+    serial_puts("\n");
+}
+
+/* o PORT SIZE VALUE: outb/outw/outl, e.g. PCI configuration writes. */
+static void cmd_out(int argc, char **argv)
+{
+    uint64_t port, size, v;
+
+    if (argc != 4 || !parse_u64(argv[1], &port) || port > 0xffff ||
+        !parse_u64(argv[2], &size) || !parse_u64(argv[3], &v)) {
+        reply_err("usage: o PORT SIZE VALUE");
+        return;
+    }
+    switch (size) {
+    case 1: outb((uint16_t)port, (uint8_t)v); break;
+    case 2: outw((uint16_t)port, (uint16_t)v); break;
+    case 4: outl((uint16_t)port, (uint32_t)v); break;
+    default: reply_err("size must be 1, 2 or 4"); return;
+    }
+    reply_ok("o");
+}
+
 enum timed_op { TIMED_NONE, TIMED_LOAD, TIMED_STORE };
 
 /*
@@ -302,6 +384,12 @@ static void dispatch(int argc, char **argv)
         cmd_timed(argc, argv, TIMED_STORE);
     } else if (streq(c, "tn")) {
         cmd_timed(argc, argv, TIMED_NONE);
+    } else if (streq(c, "p")) {
+        cmd_poke(argc, argv, true);
+    } else if (streq(c, "k")) {
+        cmd_poke(argc, argv, false);
+    } else if (streq(c, "o")) {
+        cmd_out(argc, argv);
     } else if (streq(c, "tsc")) {
         cmd_tsc(argc, argv);
     } else if (streq(c, "q")) {

@@ -203,6 +203,24 @@ class FsGuest:
         if self.command(f"w {addr:#x} {n}", timeout) != "w":
             raise GuestError("w", "unexpected reply")
 
+    def poke(self, addr, size, value, timeout=None):
+        """One store of size (1, 2, 4, 8) bytes of value to addr."""
+        if self.command(f"p {addr:#x} {size} {value:#x}", timeout) != "p":
+            raise GuestError("p", "unexpected reply")
+
+    def peek(self, addr, size, timeout=None):
+        """One load of size bytes from addr."""
+        reply = self.command(f"k {addr:#x} {size}", timeout)
+        word, _, value = reply.partition(" ")
+        if word != "k":
+            raise GuestError("k", f"unexpected reply '{reply}'")
+        return int(value, 16)
+
+    def out(self, port, size, value, timeout=None):
+        """outb/outw/outl of value to an I/O port."""
+        if self.command(f"o {port:#x} {size} {value:#x}", timeout) != "o":
+            raise GuestError("o", "unexpected reply")
+
     def batch_read(self, addr, n, timeout=None):
         """n loads in one TSC window: dict with n, cycles (total), avg."""
         return _fields_int(self.command(f"br {addr:#x} {n}", timeout), "br")

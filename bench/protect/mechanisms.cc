@@ -279,6 +279,29 @@ int main(int argc, char **argv)
     }
     madvise(mem, total, MADV_NOHUGEPAGE);   // 4 KiB pages, as a guest's are
     std::memset(mem, 1, total);
+    // The same mprotect on transparent huge pages (how a guest's
+    // kvmx-protbench maps its buffers, MADV_HUGEPAGE).
+    auto *thp = (uint8_t *)mmap(nullptr, sizes.back() + (2ull << 20),
+                                PROT_READ | PROT_WRITE,
+                                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (thp == MAP_FAILED) {
+        die("mmap");
+    }
+    thp = (uint8_t *)(((uintptr_t)thp + (2ull << 20) - 1) & ~((2ull << 20) - 1));
+    madvise(thp, sizes.back(), MADV_HUGEPAGE);
+    std::memset(thp, 1, sizes.back());
+    for (uint64_t sz : sizes) {
+        std::vector<double> t;
+        for (int i = 0; i < n; i++) {
+            auto t0 = Clock::now();
+            if (mprotect(thp, sz, PROT_READ) ||
+                mprotect(thp, sz, PROT_READ | PROT_WRITE)) {
+                die("mprotect");
+            }
+            t.push_back(us_since(t0));
+        }
+        report("mprotect-thp", "protect+unprotect", sz, median(t));
+    }
     bench_memslot(mem, total, sizes, n);
     bench_uffd(mem, total, sizes, n);
     bench_mprotect(mem, sizes, n);

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -155,6 +156,26 @@ def run(hostd_exe, hostctl_exe, work):
     assert error_code(api.call("attach", vm="bad name", qmp=qmp_path)) \
         == "invalid-request"
     assert error_code(api.call("protections", vm="vm0")) == "vm-not-found"
+
+    # A peer that is not QMP: refused, nothing recorded, nothing written to it.
+    not_qmp = os.path.join(work, "ssh.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(not_qmp)
+    srv.listen(1)
+    got = []
+
+    def fake_ssh():
+        conn, _ = srv.accept()
+        conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        got.append(conn.recv(4096))
+        conn.close()
+    threading.Thread(target=fake_ssh, daemon=True).start()
+    assert error_code(api.call("attach", vm="ssh", qmp=not_qmp)) \
+        == "qmp-handshake-failed"
+    wait_for("the non-QMP peer to see hostd hang up", lambda: got)
+    assert got == [b""], got
+    assert result(api.call("list-vms"))["vms"] == []
+    srv.close()
 
     # -- Attach: handshake, query-kvmx-chan, state attached.
     info = result(api.call("attach", vm="vm1", qmp=qmp_path, id=1))

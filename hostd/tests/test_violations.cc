@@ -196,3 +196,12 @@ TEST_CASE("violations: reset_totals (detach) survives snapshot and replay") {
   r.add(make(r, "a", 1));
   CHECK(r.totals("a").violations() == 1);
 }
+
+TEST_CASE("violations: absurd suppressed counts saturate, never wrap") {
+  Store s(10);
+  s.add(make(s, "a", 1, UINT64_MAX));
+  s.add(make(s, "a", 2, 5));
+  CHECK(s.totals("a").violations() == UINT64_MAX);
+  CHECK(s.totals("a").suppressed == UINT64_MAX);
+  CHECK(s.totals("a").events == 2);
+}

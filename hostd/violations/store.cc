@@ -16,7 +16,9 @@ void Store::count(const Violation& v) {
   Totals& t = totals_[v.vm];
   if (v.seq <= t.through_seq) return;
   t.events++;
-  t.suppressed += v.suppressed;
+  t.suppressed = t.suppressed + v.suppressed < t.suppressed
+                     ? UINT64_MAX
+                     : t.suppressed + v.suppressed;
 }
 
 void Store::add(Violation v) {

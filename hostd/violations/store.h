@@ -21,7 +21,10 @@ struct Totals {
   uint64_t suppressed = 0;  // sum of their "suppressed"
   // Events with seq <= through_seq are already counted (compaction).
   uint64_t through_seq = 0;
-  uint64_t violations() const { return events + suppressed; }
+  // Saturates: a hostile "suppressed" must not wrap the total around.
+  uint64_t violations() const {
+    return events + suppressed < events ? UINT64_MAX : events + suppressed;
+  }
 };
 
 class Store {

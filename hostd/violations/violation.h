@@ -29,7 +29,9 @@ struct Violation {
   std::string qemu_time;    // the event's timestamp (RFC 3339 UTC)
 
   // 1 + suppressed: the violations this event stands for.
-  uint64_t count() const { return 1 + suppressed; }
+  uint64_t count() const {
+    return suppressed == UINT64_MAX ? suppressed : 1 + suppressed;
+  }
 };
 
 // The API and journal representation (journal records add "t").

@@ -28,26 +28,51 @@
  *    every open file has its own cursor, starting at open.  LIST's
  *    `violations` counts the events received for an entry (when the
  *    device's queue overflows it drops events; the seq gap shows that).
- *  - /dev/kvmx is mode 0600 unless the devmode parameter says otherwise:
- *    requests are checked per target process, but read(2) shows every
- *    process's events and KVMX_MAX_PROTECTIONS is one pool per guest, so
- *    by default only root may use it.
- *  - Limitations: no RLIMIT_MEMLOCK accounting of the pinned pages; ranges
+ *  - Permissions and limits.  /dev/kvmx is mode 0666 (module parameter
+ *    devmode): any process may protect or track its own memory, and
+ *    another process's only with a /proc/<pid>/mem fd, i.e. with the
+ *    ptrace attach permission.  UNPROTECT, TRACK_DIRTY and TRACK_STOP
+ *    name their target the same way and find only that target's entries.
+ *    Every entry records the euid of its owner (the target process) and of
+ *    its creator when it is made.  LIST and read(2)/poll(2) show an entry
+ *    or event only to a viewer with the owner's euid, or with
+ *    CAP_SYS_ADMIN in the init namespace; the viewer is both the opener of
+ *    the file and the caller (a descriptor passed to another process shows
+ *    what both may see).  A reader's cursor moves past events it may not
+ *    see.  Without CAP_SYS_ADMIN a euid may have at most
+ *    KVMX_USER_MAX_ENTRIES live entries (ENOSPC), and may not use action
+ *    kill-vm (EPERM: it would stop the whole VM).  Pinned pages are
+ *    charged to the target's mm->locked_vm (__account_locked_vm, as vfio
+ *    does, shared with mlock) against the target's RLIMIT_MEMLOCK (ENOMEM);
+ *    callers with CAP_IPC_LOCK or CAP_SYS_ADMIN are not limited but still
+ *    charged.  The charge is returned when the entry ends, whichever way.
+ *    KVMX_MAX_PROTECTIONS stays one pool per guest for everybody.
+ *  - Limitations: the byte limit is per target process, not per user (a
+ *    user's total is bounded by KVMX_USER_MAX_ENTRIES entries of at most
+ *    RLIMIT_MEMLOCK each); events are one ring per guest and the device
+ *    rate-limits them per guest, so one user's violations can push
+ *    another's events out of the rings (the seq gap shows it); ranges
  *    must be writable mappings (FOLL_WRITE), and writable shared file
- *    mappings cannot be pinned long-term (EFAULT); pinning happens under
- *    kvmx_lock, so a slow fault (userfaultfd, FUSE) delays other requests
- *    and event delivery (a fatal signal ends it).
+ *    mappings cannot be pinned long-term (EFAULT).  Pinning happens
+ *    without kvmx_lock, so a slow fault (userfaultfd, FUSE) delays only
+ *    its own request (a fatal signal ends it).
  *
  * Locking: kvmx_lock (a mutex) guards the device's request buffer, the
  * entry list and the bound device pointer; it is taken by ioctls, the IRQ
  * thread and the mmu_notifier release callback (which runs without
- * mmap_lock, from exit_mmap).  Order: kvmx_lock -> mmap_lock.  mmput() is
- * never called with kvmx_lock held (a last mmput runs exit_mmap, whose
- * release callback takes kvmx_lock).  The event ring has its own spinlock.
+ * mmap_lock, from exit_mmap).  Order: kvmx_lock -> mmap_lock (the release
+ * callback returns the locked_vm charge under kvmx_lock; PROTECT and
+ * TRACK_START charge and pin under the target's mmap_lock before they take
+ * kvmx_lock, and check everything again under it).  mmput() is never
+ * called with kvmx_lock held (a last mmput runs exit_mmap, whose release
+ * callback takes kvmx_lock).  The event ring has its own spinlock, taken
+ * last.
  */
 #define pr_fmt(fmt) "kvmx_guest: " fmt
 
 #include <linux/bitmap.h>
+#include <linux/capability.h>
+#include <linux/cred.h>
 #include <linux/dma-mapping.h>
 #include <linux/err.h>
 #include <linux/file.h>
@@ -69,6 +94,7 @@
 #include <linux/slab.h>
 #include <linux/spinlock.h>
 #include <linux/uaccess.h>
+#include <linux/uidgid.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 
@@ -83,11 +109,20 @@
 			   KVMX_MAX_EXTENTS * sizeof(struct kvmx_chan_extent))
 #define KVMX_STATUS_PENDING 1                   /* never a device status */
 
-static ushort devmode = 0600;
+/* Live entries one euid may create without CAP_SYS_ADMIN. */
+#define KVMX_USER_MAX_ENTRIES (KVMX_MAX_PROTECTIONS / 4)
+
+static ushort devmode = 0666;
 module_param(devmode, ushort, 0444);
-MODULE_PARM_DESC(devmode, "mode of /dev/kvmx (default 0600; requests are "
-		 "checked per process, but events of every process are "
-		 "readable by whoever opens it)");
+MODULE_PARM_DESC(devmode, "mode of /dev/kvmx (default 0666: requests are "
+		 "checked per target process, LIST and events are filtered "
+		 "by euid, and unprivileged users are limited)");
+
+/* An event and the euid of its entry's owner (INVALID_UID: no entry). */
+struct kvmx_ev_slot {
+	struct kvmx_event ev;
+	kuid_t owner;
+};
 
 struct kvmx_dev {
 	struct kref kref;               /* probe + one per open file */
@@ -109,7 +144,7 @@ struct kvmx_dev {
 	/* Event ring: ev_head events were ever appended; slot = seq % size. */
 	spinlock_t ev_lock;
 	u64 ev_head;
-	struct kvmx_event *ev_ring;
+	struct kvmx_ev_slot *ev_ring;
 	wait_queue_head_t ev_wait;
 };
 
@@ -121,6 +156,9 @@ struct kvmx_entry {
 	u32 access, action;             /* protections only */
 	u64 addr, len;
 	u64 violations;
+	kuid_t owner_euid;              /* the target's euid at creation */
+	kuid_t creator_euid;            /* the caller's euid at creation */
+	unsigned long charged;          /* pages in the mm's locked_vm */
 	struct pid *pid;                /* the owner's thread group */
 	struct mm_struct *mm;           /* identity; kept alive by mn */
 	struct mmu_notifier *mn;        /* one mmu_notifier_get() reference */
@@ -134,12 +172,23 @@ struct kvmx_file {
 	struct kvmx_dev *dev;
 	struct mutex read_lock;         /* one read(2) at a time per file */
 	u64 pos;                        /* next event for this file */
+	kuid_t euid;                    /* the opener's */
+	bool admin;                     /* the opener had CAP_SYS_ADMIN */
 };
 
-/* The target of a request: an mm with an mm_users reference, its tgid. */
+/* Who looks at LIST or the events: the opener and the caller together. */
+struct kvmx_viewer {
+	kuid_t euid;                    /* INVALID_UID: they differ */
+	bool all;                       /* both have CAP_SYS_ADMIN */
+};
+
+/* The target of a request: an mm with an mm_users reference, its tgid,
+ * the task (for its RLIMIT_MEMLOCK) and its euid. */
 struct kvmx_target {
 	struct mm_struct *mm;
 	struct pid *pid;
+	struct task_struct *task;
+	kuid_t euid;
 };
 
 static DEFINE_MUTEX(kvmx_lock);
@@ -217,6 +266,38 @@ static void kvmx_unpin(struct kvmx_entry *e)
 	}
 }
 
+/*
+ * Charge e's pages to mm->locked_vm (mm_users held, no kvmx_lock): within
+ * the target's RLIMIT_MEMLOCK, or beyond it for a caller with CAP_IPC_LOCK
+ * or CAP_SYS_ADMIN (asked only when the limit is hit).
+ */
+static int kvmx_charge(struct kvmx_entry *e, struct kvmx_target *t)
+{
+	int ret;
+
+	if (mmap_write_lock_killable(t->mm))
+		return -EINTR;
+	ret = __account_locked_vm(t->mm, e->npages, true, t->task, false);
+	if (ret == -ENOMEM && (capable(CAP_IPC_LOCK) || capable(CAP_SYS_ADMIN)))
+		ret = __account_locked_vm(t->mm, e->npages, true, t->task, true);
+	mmap_write_unlock(t->mm);
+	if (!ret)
+		e->charged = e->npages;
+	return ret;
+}
+
+/* Return the charge.  mm is e's, alive: mm_users held by the caller, or
+ * the release callback runs for it (exit_mmap, no mmap_lock held). */
+static void kvmx_uncharge(struct kvmx_entry *e, struct mm_struct *mm)
+{
+	if (!e->charged)
+		return;
+	mmap_write_lock(mm);
+	__account_locked_vm(mm, e->charged, false, current, false);
+	mmap_write_unlock(mm);
+	e->charged = 0;
+}
+
 /* After the device dropped it (or never had it) and it is unpinned. */
 static void kvmx_entry_free(struct kvmx_entry *e)
 {
@@ -225,6 +306,8 @@ static void kvmx_entry_free(struct kvmx_entry *e)
 		pr_err("leaking %lu pinned pages of entry %llu\n", e->npages, e->id);
 		e->pages = NULL;
 	}
+	if (e->charged)
+		pr_err("entry %llu freed with %lu pages charged\n", e->id, e->charged);
 	put_pid(e->pid);
 	kvfree(e->ext);
 	kfree(e);
@@ -271,6 +354,30 @@ static bool kvmx_overlaps(struct mm_struct *mm, u32 kind, u64 addr, u64 len)
 	return false;
 }
 
+/* Live entries created by euid (kvmx_lock held). */
+static unsigned int kvmx_user_entries(kuid_t euid)
+{
+	struct kvmx_entry *e;
+	unsigned int n = 0;
+
+	list_for_each_entry(e, &kvmx_entries, node)
+		n += uid_eq(e->creator_euid, euid);
+	return n;
+}
+
+/* The opener of kf and the caller, as one viewer. */
+static void kvmx_viewer_get(const struct kvmx_file *kf, struct kvmx_viewer *v)
+{
+	v->euid = uid_eq(current_euid(), kf->euid) ? kf->euid : INVALID_UID;
+	v->all = kf->admin && capable(CAP_SYS_ADMIN);
+}
+
+/* May v see an entry (or event) whose owner had euid owner? */
+static bool kvmx_sees(const struct kvmx_viewer *v, kuid_t owner)
+{
+	return v->all || (uid_valid(owner) && uid_eq(owner, v->euid));
+}
+
 /* Pin the range of e in mm (mm_users held by the caller). */
 static int kvmx_pin(struct kvmx_entry *e, struct mm_struct *mm)
 {
@@ -278,7 +385,6 @@ static int kvmx_pin(struct kvmx_entry *e, struct mm_struct *mm)
 	long n;
 	int ret = 0;
 
-	e->npages = e->len >> PAGE_SHIFT;
 	e->pages = kvmalloc_array(e->npages, sizeof(*e->pages), GFP_KERNEL);
 	if (!e->pages)
 		return -ENOMEM;
@@ -379,6 +485,8 @@ static void kvmx_mn_release(struct mmu_notifier *mn, struct mm_struct *mm)
 			pr_err("releasing entry %llu at exit failed: %d\n", e->id, st);
 		else
 			kvmx_unpin(e);
+		/* kvmx_lock -> mmap_lock; exit_mmap holds no mmap_lock yet. */
+		kvmx_uncharge(e, mm);
 		list_move_tail(&e->node, &kvmx_zombies);
 		kvmx_nentries--;
 		queued = true;
@@ -429,8 +537,11 @@ static void kvmx_target_put(struct kvmx_target *t)
 	if (t->mm)
 		mmput(t->mm);
 	put_pid(t->pid);
+	if (t->task)
+		put_task_struct(t->task);
 	t->mm = NULL;
 	t->pid = NULL;
+	t->task = NULL;
 }
 
 /* mem_fd must be a /proc/<pid>/mem file whose mm is task's. */
@@ -472,27 +583,34 @@ static int kvmx_target_get(s32 pid, s32 mem_fd, struct kvmx_target *t)
 
 	t->mm = NULL;
 	t->pid = NULL;
+	t->task = NULL;
 	if (pid < 0)
 		return -EINVAL;
 	if (pid == 0 || pid == task_tgid_vnr(current)) {
+		/* The caller itself: no further check. */
 		t->mm = get_task_mm(current);
 		if (!t->mm)
 			return -ESRCH;
 		t->pid = get_task_pid(current, PIDTYPE_TGID);
+		t->task = get_task_struct(current);
+		t->euid = task_euid(current);
 		return 0;
 	}
+	/* Another process: only through its /proc/<pid>/mem, which the
+	 * kernel let the caller open with PTRACE_MODE_ATTACH. */
 	p = find_get_pid(pid);
 	task = p ? get_pid_task(p, PIDTYPE_PID) : NULL;
 	put_pid(p);
 	if (!task)
 		return -ESRCH;
+	t->task = task;
 	ret = kvmx_check_mem_fd(task, mem_fd, &t->mm);
 	if (!ret) {
 		t->pid = get_task_pid(task, PIDTYPE_TGID);
+		t->euid = task_euid(task);
 		if (!t->pid)            /* exiting */
 			ret = -ESRCH;
 	}
-	put_task_struct(task);
 	if (ret)
 		kvmx_target_put(t);
 	return ret;
@@ -521,14 +639,37 @@ static struct kvmx_dev *kvmx_live(struct kvmx_file *kf)
 	return kf->dev == kvmx_cur && !kf->dev->dead ? kf->dev : NULL;
 }
 
+/* May an entry like that be added now?  kvmx_lock held.  *admin caches
+ * capable(CAP_SYS_ADMIN), asked only when the per-user limit is hit. */
+static int kvmx_may_add(struct kvmx_file *kf, struct mm_struct *mm, u32 kind,
+			u64 addr, u64 len, kuid_t creator, int *admin)
+{
+	lockdep_assert_held(&kvmx_lock);
+	if (!kvmx_live(kf))
+		return -ENODEV;
+	if (kvmx_overlaps(mm, kind, addr, len))
+		return -EEXIST;
+	if (kvmx_nentries >= KVMX_MAX_PROTECTIONS)
+		return -ENOSPC;
+	if (kvmx_user_entries(creator) >= KVMX_USER_MAX_ENTRIES) {
+		if (*admin < 0)
+			*admin = capable(CAP_SYS_ADMIN);
+		if (!*admin)
+			return -ENOSPC;
+	}
+	return 0;
+}
+
 /* PROTECT / TRACK_START: returns 0 and the new id, or -errno. */
 static int kvmx_add(struct kvmx_file *kf, struct kvmx_target *t, u32 kind,
 		    u64 addr, u64 len, u32 access, u32 action, u64 *idp)
 {
+	kuid_t creator = current_euid();
 	struct mmu_notifier *mn;
 	struct kvmx_chan_req *r;
 	struct kvmx_entry *e;
 	struct kvmx_dev *d;
+	int admin = -1;
 	int ret;
 
 	e = kzalloc(sizeof(*e), GFP_KERNEL);
@@ -539,6 +680,9 @@ static int kvmx_add(struct kvmx_file *kf, struct kvmx_target *t, u32 kind,
 	e->action = action;
 	e->addr = addr;
 	e->len = len;
+	e->npages = len >> PAGE_SHIFT;
+	e->owner_euid = t->euid;
+	e->creator_euid = creator;
 	e->mm = t->mm;
 	/* Takes the target's mmap_lock for writing: before kvmx_lock. */
 	mn = mmu_notifier_get(&kvmx_mn_ops, t->mm);
@@ -548,23 +692,26 @@ static int kvmx_add(struct kvmx_file *kf, struct kvmx_target *t, u32 kind,
 	}
 	e->mn = mn;
 
+	/* Fail early, before charging and pinning. */
 	mutex_lock(&kvmx_lock);
-	d = kvmx_live(kf);
-	if (!d) {
-		ret = -ENODEV;
-		goto unlock;
-	}
-	if (kvmx_overlaps(t->mm, kind, addr, len)) {
-		ret = -EEXIST;
-		goto unlock;
-	}
-	if (kvmx_nentries >= KVMX_MAX_PROTECTIONS) {
-		ret = -ENOSPC;
-		goto unlock;
-	}
+	ret = kvmx_may_add(kf, t->mm, kind, addr, len, creator, &admin);
+	mutex_unlock(&kvmx_lock);
+	if (ret)
+		goto free;
+	/* Without kvmx_lock: a slow fault delays no other request. */
+	ret = kvmx_charge(e, t);
+	if (ret)
+		goto free;
 	ret = kvmx_pin(e, t->mm);
 	if (ret)
+		goto free;
+
+	mutex_lock(&kvmx_lock);
+	/* Again: others may have added entries meanwhile. */
+	ret = kvmx_may_add(kf, t->mm, kind, addr, len, creator, &admin);
+	if (ret)
 		goto unlock;
+	d = kvmx_live(kf);
 	r = kvmx_req_init(d, kind == KVMX_KIND_PROTECT ? KVMX_CHAN_OP_PROTECT :
 			  KVMX_CHAN_OP_TRACK_START, 0);
 	ret = kvmx_build_extents(d, e);
@@ -588,13 +735,16 @@ static int kvmx_add(struct kvmx_file *kf, struct kvmx_target *t, u32 kind,
 
 unlock:
 	mutex_unlock(&kvmx_lock);
+free:
 	kvmx_unpin(e);          /* the device never had it */
+	kvmx_uncharge(e, t->mm);
 	mmu_notifier_put(mn);
 	kvmx_entry_free(e);
 	return ret;
 }
 
-/* UNPROTECT / TRACK_STOP */
+/* UNPROTECT / TRACK_STOP.  t passed kvmx_target_get (the caller itself, or
+ * a /proc/<pid>/mem fd of the target): only t's own entries are found. */
 static int kvmx_del(struct kvmx_file *kf, struct kvmx_target *t, u32 kind,
 		    u64 addr, u64 len)
 {
@@ -624,6 +774,7 @@ static int kvmx_del(struct kvmx_file *kf, struct kvmx_target *t, u32 kind,
 	kvmx_nentries--;
 	mutex_unlock(&kvmx_lock);
 	kvmx_unpin(e);
+	kvmx_uncharge(e, t->mm);        /* t->mm == e->mm, mm_users held */
 	mmu_notifier_put(e->mn);
 	kvmx_entry_free(e);
 	return 0;
@@ -647,6 +798,9 @@ static long kvmx_ioc_protect(struct kvmx_file *kf, struct kvmx_protect __user *u
 	ret = kvmx_check_range(p.addr, p.len);
 	if (ret)
 		return ret;
+	/* A violation would stop every process of the guest. */
+	if (p.action == KVMX_ACTION_KILL_VM && !capable(CAP_SYS_ADMIN))
+		return -EPERM;
 	ret = kvmx_target_get(p.pid, p.mem_fd, &t);
 	if (ret)
 		return ret;
@@ -774,6 +928,7 @@ out:
 static long kvmx_ioc_list(struct kvmx_file *kf, struct kvmx_list __user *up)
 {
 	struct kvmx_prot_info *info = NULL;
+	struct kvmx_viewer v;
 	struct kvmx_entry *e;
 	struct kvmx_list l;
 	u32 total = 0, n = 0, cap;
@@ -789,6 +944,7 @@ static long kvmx_ioc_list(struct kvmx_file *kf, struct kvmx_list __user *up)
 		if (!info)
 			return -ENOMEM;
 	}
+	kvmx_viewer_get(kf, &v);
 	mutex_lock(&kvmx_lock);
 	if (!kvmx_live(kf)) {
 		mutex_unlock(&kvmx_lock);
@@ -798,6 +954,8 @@ static long kvmx_ioc_list(struct kvmx_file *kf, struct kvmx_list __user *up)
 	list_for_each_entry(e, &kvmx_entries, node) {
 		pid_t vpid = pid_vnr(e->pid);
 
+		if (!kvmx_sees(&v, e->owner_euid))
+			continue;       /* not counted either */
 		if (l.pid && vpid != l.pid)
 			continue;
 		total++;
@@ -880,6 +1038,7 @@ static void kvmx_handle_event(struct kvmx_dev *d,
 		.len = ce->len,
 		.time_ns = ce->time_ns,
 	};
+	kuid_t owner = INVALID_UID;     /* no entry: CAP_SYS_ADMIN only */
 	struct kvmx_entry *e;
 	u64 addr;
 
@@ -887,6 +1046,7 @@ static void kvmx_handle_event(struct kvmx_dev *d,
 		if (e->id != ce->id)
 			continue;
 		e->violations++;
+		owner = e->owner_euid;
 		ev.pid = pid_nr(e->pid);
 		if (kvmx_gpa_to_addr(e, ce->gpa, &addr)) {
 			ev.addr = addr;
@@ -898,7 +1058,8 @@ static void kvmx_handle_event(struct kvmx_dev *d,
 		break;
 	}
 	spin_lock(&d->ev_lock);
-	d->ev_ring[d->ev_head % KVMX_RING_EVENTS] = ev;
+	d->ev_ring[d->ev_head % KVMX_RING_EVENTS].ev = ev;
+	d->ev_ring[d->ev_head % KVMX_RING_EVENTS].owner = owner;
 	d->ev_head++;
 	spin_unlock(&d->ev_lock);
 }
@@ -972,6 +1133,8 @@ static int kvmx_open(struct inode *inode, struct file *f)
 	if (!kf)
 		return -ENOMEM;
 	kf->dev = d;
+	kf->euid = current_euid();
+	kf->admin = capable(CAP_SYS_ADMIN);
 	mutex_init(&kf->read_lock);
 	kref_get(&d->kref);
 	spin_lock(&d->ev_lock);
@@ -991,13 +1154,29 @@ static int kvmx_release(struct inode *inode, struct file *f)
 	return 0;
 }
 
-static bool kvmx_ev_ready(struct kvmx_file *kf, bool *dead)
+/* The oldest event from pos still in the ring (ev_lock held). */
+static u64 kvmx_ev_first(struct kvmx_dev *d, u64 pos)
+{
+	lockdep_assert_held(&d->ev_lock);
+	if (d->ev_head - pos > KVMX_RING_EVENTS)        /* overrun: skip */
+		pos = d->ev_head - KVMX_RING_EVENTS;
+	return pos;
+}
+
+/* Is there an event for v after kf's cursor? */
+static bool kvmx_ev_ready(struct kvmx_file *kf, const struct kvmx_viewer *v,
+			  bool *dead)
 {
 	struct kvmx_dev *d = kf->dev;
-	bool ready;
+	bool ready = false;
+	u64 pos;
 
 	spin_lock(&d->ev_lock);
-	ready = READ_ONCE(kf->pos) != d->ev_head;
+	for (pos = kvmx_ev_first(d, READ_ONCE(kf->pos)); pos != d->ev_head; pos++)
+		if (kvmx_sees(v, d->ev_ring[pos % KVMX_RING_EVENTS].owner)) {
+			ready = true;
+			break;
+		}
 	*dead = d->dead;
 	spin_unlock(&d->ev_lock);
 	return ready;
@@ -1009,7 +1188,8 @@ static ssize_t kvmx_read(struct file *f, char __user *buf, size_t count,
 	struct kvmx_file *kf = f->private_data;
 	struct kvmx_dev *d = kf->dev;
 	struct kvmx_event *tmp;
-	size_t want = count / sizeof(struct kvmx_event), n, i;
+	size_t want = count / sizeof(struct kvmx_event), n;
+	struct kvmx_viewer v;
 	u64 pos;
 	bool dead;
 	ssize_t ret;
@@ -1020,11 +1200,28 @@ static ssize_t kvmx_read(struct file *f, char __user *buf, size_t count,
 	tmp = kmalloc_array(want, sizeof(*tmp), GFP_KERNEL);
 	if (!tmp)
 		return -ENOMEM;
+	kvmx_viewer_get(kf, &v);
 	if (mutex_lock_interruptible(&kf->read_lock)) {
 		kfree(tmp);
 		return -ERESTARTSYS;
 	}
-	while (!kvmx_ev_ready(kf, &dead)) {
+	for (;;) {
+		/* Collect the events v may see; skip the others. */
+		n = 0;
+		spin_lock(&d->ev_lock);
+		for (pos = kvmx_ev_first(d, kf->pos);
+		     pos != d->ev_head && n < want; pos++) {
+			const struct kvmx_ev_slot *sl =
+				&d->ev_ring[pos % KVMX_RING_EVENTS];
+
+			if (kvmx_sees(&v, sl->owner))
+				tmp[n++] = sl->ev;
+		}
+		dead = d->dead;
+		spin_unlock(&d->ev_lock);
+		if (n)
+			break;
+		WRITE_ONCE(kf->pos, pos);       /* past the invisible ones */
 		if (dead) {
 			ret = 0;
 			goto out;
@@ -1034,24 +1231,16 @@ static ssize_t kvmx_read(struct file *f, char __user *buf, size_t count,
 			goto out;
 		}
 		if (wait_event_interruptible(d->ev_wait,
-					     kvmx_ev_ready(kf, &dead) || dead)) {
+					     kvmx_ev_ready(kf, &v, &dead) || dead)) {
 			ret = -ERESTARTSYS;
 			goto out;
 		}
 	}
-	spin_lock(&d->ev_lock);
-	pos = kf->pos;
-	if (d->ev_head - pos > KVMX_RING_EVENTS)        /* overrun: skip */
-		pos = d->ev_head - KVMX_RING_EVENTS;
-	n = min_t(u64, want, d->ev_head - pos);
-	for (i = 0; i < n; i++)
-		tmp[i] = d->ev_ring[(pos + i) % KVMX_RING_EVENTS];
-	spin_unlock(&d->ev_lock);
 	if (copy_to_user(buf, tmp, n * sizeof(*tmp))) {
 		ret = -EFAULT;
 		goto out;
 	}
-	WRITE_ONCE(kf->pos, pos + n);
+	WRITE_ONCE(kf->pos, pos);
 	ret = n * sizeof(*tmp);
 out:
 	mutex_unlock(&kf->read_lock);
@@ -1062,11 +1251,13 @@ out:
 static __poll_t kvmx_poll(struct file *f, poll_table *wait)
 {
 	struct kvmx_file *kf = f->private_data;
+	struct kvmx_viewer v;
 	__poll_t mask = 0;
 	bool dead;
 
 	poll_wait(f, &kf->dev->ev_wait, wait);
-	if (kvmx_ev_ready(kf, &dead))
+	kvmx_viewer_get(kf, &v);
+	if (kvmx_ev_ready(kf, &v, &dead))
 		mask |= EPOLLIN | EPOLLRDNORM;
 	if (dead)
 		mask |= EPOLLHUP | EPOLLERR;
@@ -1262,6 +1453,13 @@ static void kvmx_remove(struct pci_dev *pdev)
 
 	list_for_each_entry_safe(e, tmp, &gone, node) {
 		list_del(&e->node);
+		/* An mm without users is in exit_mmap: the charge goes with it.
+		 * mmput here may run that exit_mmap: kvmx_lock is not held. */
+		if (e->charged && mmget_not_zero(e->mm)) {
+			kvmx_uncharge(e, e->mm);
+			mmput(e->mm);
+		}
+		e->charged = 0;
 		mmu_notifier_put(e->mn);
 		kvmx_entry_free(e);
 	}

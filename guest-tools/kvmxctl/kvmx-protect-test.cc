@@ -3,7 +3,7 @@
 // protected process itself, inside the test guest (kvmx_guest.ko loaded,
 // a kvmx-chan device present).
 //
-//   kvmx-prottest signal|deny|log|none|track|exit|bad|all
+//   kvmx-prottest signal|deny|log|none|track|exit|bad|user|all
 //   kvmx-prottest hold PAGES
 //   kvmx-prottest --as-user UID -- COMMAND [ARG...]
 //
@@ -26,6 +26,19 @@
 //  bad     every bad argument gets its errno and nothing is left behind;
 //          the ENOSPC and E2BIG limits; the kernel is not tainted by a
 //          warning.
+//  user    (run last by all) root protects a page of its own (log), then a
+//          child drops to uid/gid 65534 and checks: (a) it opens /dev/kvmx
+//          and protects its own page ro+signal (SIGSEGV, page unchanged,
+//          its own event readable), unprotects it; kill-vm is EPERM;
+//          (b) /proc/<root>/mem gives EACCES and without a mem_fd PROTECT,
+//          UNPROTECT and TRACK_STOP on root's process give EPERM; (c) LIST
+//          does not show root's entry, and after root's logged violation
+//          its O_NONBLOCK read gives EAGAIN and poll nothing (root's own
+//          reader gets the event); (d) 64 one-page protections, the 65th
+//          (and a tracking) ENOSPC, root can still make one; (e) with
+//          RLIMIT_MEMLOCK 1 MiB: 1 MiB + 4 KiB is ENOMEM, 1 MiB works and
+//          shows in VmLck, one page more is ENOMEM, unprotect returns the
+//          charge.  Root is charged as well but not limited.
 //
 // hold is a helper for scripts that drive kvmxctl: it maps PAGES pages
 // (filled with 0xa5), prints "HOLD <pid> <addr> <len>" (hex addr and len)
@@ -40,6 +53,7 @@
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -974,6 +988,344 @@ void test_bad()
     munmap(p, 4 * kPage);
 }
 
+// ---- user: an unprivileged process next to root ------------------------------
+
+constexpr uid_t kNobody = 65534;
+constexpr size_t kUserMaxEntries = KVMX_MAX_PROTECTIONS / 4;   // the driver's
+constexpr size_t kMemlockPages = 256;                           // 1 MiB
+constexpr int kStepMs = 120000;     // one step of the other process (TCG)
+
+// One byte from a pipe within ms: the byte, or 0 (EOF, timeout, error).
+char recv_byte(int fd, int ms)
+{
+    pollfd p{fd, POLLIN, 0};
+    int n;
+    do
+        n = poll(&p, 1, ms);
+    while (n < 0 && errno == EINTR);
+    char c = 0;
+    if (n <= 0 || read(fd, &c, 1) != 1)
+        return 0;
+    return c;
+}
+
+void send_byte(int fd, char c) { (void)!write(fd, &c, 1); }
+
+// VmLck of this process in KiB: mm->locked_vm, where the driver charges
+// pinned pages.  -1 when unreadable.
+long vmlck_kib()
+{
+    long v = -1;
+    if (FILE* f = std::fopen("/proc/self/status", "r")) {
+        char line[256];
+        while (std::fgets(line, sizeof(line), f))
+            if (std::sscanf(line, "VmLck: %ld kB", &v) == 1)
+                break;
+        std::fclose(f);
+    }
+    return v;
+}
+
+// The child of test_user, as uid/gid 65534.  root_fd is root's /dev/kvmx
+// (inherited), rid/rpage root's protection of its own page; rd/wr talk to
+// root: 'o' (our O_NONBLOCK reader is open) -> 'v' (root saw its violation),
+// 'f' (64 entries made) -> 'r' (root made one more).
+void user_child(pid_t root, int root_fd, uint64_t rid, uint8_t* rpage, int rd, int wr)
+{
+    const std::string t = "user";
+    if (setgroups(0, nullptr) || setresgid(kNobody, kNobody, kNobody) ||
+        setresuid(kNobody, kNobody, kNobody)) {
+        failf(t + ".drop", "to uid %u: %s", unsigned(kNobody), std::strerror(errno));
+        return;
+    }
+    check(geteuid() == kNobody && getegid() == kNobody && getuid() == kNobody,
+          t + ".dropped", "uid %u euid %u egid %u", unsigned(getuid()),
+          unsigned(geteuid()), unsigned(getegid()));
+    // A descriptor root opened shows us no more than our own.
+    {
+        int err = 0;
+        auto v = list(root_fd, 0, &err);
+        check(err == 0 && v.empty(), t + ".inherited-fd-hides",
+              "LIST on root's fd: errno %s, %zu entries", errname(err).c_str(),
+              v.size());
+        close(root_fd);
+    }
+
+    // (a) Our own page, ro+signal.
+    int fd = open(kDevice, O_RDWR | O_CLOEXEC);
+    if (!check(fd >= 0, t + ".open", "%s: %s", kDevice, std::strerror(errno)))
+        return;
+    uint8_t* page = map_pages(1);
+    {
+        SegvCatcher catcher;
+        uint64_t id = 0;
+        int e = protect(fd, page, kPage, KVMX_ACCESS_RO, KVMX_ACTION_SIGNAL, &id);
+        if (check(e == 0 && id != 0, t + ".protect-own", "errno %s",
+                  errname(e).c_str())) {
+            static_cast<volatile uint8_t*>(page)[77] = 0x5a;
+            bool got = wait_segv(kEventWaitMs);
+            check(got && g_si_addr == page + 77 && g_si_code == SEGV_ACCERR,
+                  t + ".own-signal", "SIGSEGV %s si_addr %p (want %p) si_code %d",
+                  got ? "arrived" : "missing", g_si_addr, page + 77, g_si_code);
+            long bad = first_not(page, kPage, kPattern);
+            check(bad < 0, t + ".own-unchanged", "offset %ld holds %#x", bad,
+                  bad < 0 ? 0 : page[bad]);
+            kvmx_event ev{};
+            bool seen = wait_event_for(fd, id, kEventWaitMs, &ev);
+            check(seen && ev.pid == getpid() && ev.addr == addr_of(page) + 77,
+                  t + ".own-event", "event %s pid %d addr %#" PRIx64,
+                  seen ? "read" : "missing", ev.pid, uint64_t(ev.addr));
+            auto v = list(fd, 0);
+            check(v.size() == 1 && find_id(v, id), t + ".list-own",
+                  "%zu entries visible, ours %s", v.size(),
+                  find_id(v, id) ? "listed" : "missing");
+            e = unprotect(fd, page, kPage);
+            check(e == 0, t + ".unprotect-own", "errno %s", errname(e).c_str());
+            static_cast<volatile uint8_t*>(page)[77] = 0x5b;
+            settle(200);
+            check(static_cast<volatile uint8_t*>(page)[77] == 0x5b && g_segv == 1,
+                  t + ".own-write-after", "byte %#x, %d signals",
+                  static_cast<volatile uint8_t*>(page)[77], int(g_segv));
+        }
+    }
+    // kill-vm would stop everybody's VM: CAP_SYS_ADMIN only.
+    {
+        int e = protect(fd, page, kPage, KVMX_ACCESS_RO, KVMX_ACTION_KILL_VM);
+        if (!e)
+            unprotect(fd, page, kPage);     // never written
+        expect(t + ".kill-vm", e, {EPERM});
+    }
+
+    // (b) root's process: no /proc/PID/mem, so no protection.
+    {
+        std::string path = "/proc/" + std::to_string(root) + "/mem";
+        int mem = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        expect(t + ".root-mem-open", mem < 0 ? errno : 0, {EACCES});
+        if (mem >= 0)
+            close(mem);
+        auto root_protect = [&](int mem_fd) {
+            int e = protect(fd, rpage, kPage, KVMX_ACCESS_RO, KVMX_ACTION_DENY,
+                            nullptr, root, mem_fd);
+            if (!e)
+                unprotect(fd, rpage, kPage, root, mem_fd);
+            return e;
+        };
+        expect(t + ".root-protect", root_protect(-1), {EPERM});
+        int self = open("/proc/self/mem", O_RDONLY | O_CLOEXEC);
+        expect(t + ".root-protect-own-memfd", root_protect(self), {EPERM});
+        if (self >= 0)
+            close(self);
+        expect(t + ".root-unprotect", unprotect(fd, rpage, kPage, root, -1), {EPERM});
+        expect(t + ".root-track-stop",
+               range_op(fd, KVMX_G_TRACK_STOP, addr_of(rpage), kPage, root, -1), {EPERM});
+        // Our copy of that address is ours, root's entry is not found.
+        expect(t + ".root-entry-not-ours", unprotect(fd, rpage, kPage), {ENOENT});
+    }
+
+    // (c) root's entries and events are not ours to see.
+    {
+        auto v = list(fd, 0);
+        check(v.empty() && !find_id(v, rid), t + ".list-hides-root",
+              "%zu entries visible, root's id %" PRIu64 " %s", v.size(), rid,
+              find_id(v, rid) ? "listed" : "not listed");
+        v = list(fd, root);
+        check(v.empty(), t + ".list-pid-root", "%zu entries of pid %d visible",
+              v.size(), int(root));
+        int nb = open(kDevice, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        send_byte(wr, 'o');
+        char c = recv_byte(rd, kStepMs);
+        if (c == 'v') {
+            kvmx_event ev{};
+            int e = err_of(read(nb, &ev, sizeof(ev)));
+            check(e == EAGAIN, t + ".read-hides-root",
+                  "read: errno %s (event id %" PRIu64 " pid %d)", errname(e).c_str(),
+                  e ? 0 : uint64_t(ev.id), e ? 0 : ev.pid);
+            pollfd p{nb, POLLIN, 0};
+            int n = poll(&p, 1, 0);
+            check(n == 0, t + ".poll-hides-root", "poll %d revents %#x", n, p.revents);
+        } else {
+            failf(t + ".read-hides-root", "root did not see its violation (%c)",
+                  c ? c : '-');
+        }
+        if (nb >= 0)
+            close(nb);
+    }
+
+    // (d) 64 live entries per user, then ENOSPC; root still gets one.
+    {
+        uint8_t* many = map_pages(kUserMaxEntries + 1);
+        uint8_t* last = many + kUserMaxEntries * kPage;
+        size_t made = 0;
+        int e = 0;
+        for (; made < kUserMaxEntries; made++) {
+            e = protect(fd, many + made * kPage, kPage, KVMX_ACCESS_RO, KVMX_ACTION_LOG);
+            if (e)
+                break;
+        }
+        check(made == kUserMaxEntries, t + ".fill", "protection %zu of %zu: errno %s",
+              made, kUserMaxEntries, errname(e).c_str());
+        auto v = list(fd, 0);
+        check(v.size() == made, t + ".list-count", "LIST count %zu, %zu made",
+              v.size(), made);
+        expect(t + ".enospc",
+               protect(fd, last, kPage, KVMX_ACCESS_RO, KVMX_ACTION_LOG), {ENOSPC});
+        expect(t + ".enospc-track",
+               range_op(fd, KVMX_G_TRACK_START, addr_of(last), kPage), {ENOSPC});
+        send_byte(wr, 'f');
+        char c = recv_byte(rd, kStepMs);
+        check(c == 'r', t + ".root-answered", "got %c", c ? c : '-');
+        size_t undone = 0;
+        for (size_t i = 0; i < made; i++)
+            undone += unprotect(fd, many + i * kPage, kPage) == 0;
+        check(undone == made, t + ".unfill", "%zu of %zu unprotected", undone, made);
+        munmap(many, (kUserMaxEntries + 1) * kPage);
+    }
+
+    // (e) The byte limit: pinned pages count against RLIMIT_MEMLOCK (with
+    // mlock's pages, in VmLck); ENOMEM beyond it.
+    {
+        const uint64_t lim = kMemlockPages * kPage;
+        rlimit rl{lim, lim};
+        if (check(setrlimit(RLIMIT_MEMLOCK, &rl) == 0, t + ".memlock-setrlimit",
+                  "%s", std::strerror(errno))) {
+            long lck0 = vmlck_kib();
+            uint8_t* big = map_pages(kMemlockPages + 1);
+            expect(t + ".memlock-over",
+                   protect(fd, big, lim + kPage, KVMX_ACCESS_RO, KVMX_ACTION_LOG), {ENOMEM});
+            expect(t + ".memlock-over-track",
+                   range_op(fd, KVMX_G_TRACK_START, addr_of(big), lim + kPage), {ENOMEM});
+            int e = protect(fd, big, lim, KVMX_ACCESS_RO, KVMX_ACTION_LOG);
+            check(e == 0, t + ".memlock-at-limit", "errno %s", errname(e).c_str());
+            long lck1 = vmlck_kib();
+            check(lck0 >= 0 && lck1 - lck0 == long(lim / 1024), t + ".memlock-charged",
+                  "VmLck %ld -> %ld kB, want +%" PRIu64, lck0, lck1, lim / 1024);
+            expect(t + ".memlock-sum",
+                   protect(fd, big + lim, kPage, KVMX_ACCESS_RO, KVMX_ACTION_LOG), {ENOMEM});
+            if (!e)
+                expect(t + ".memlock-unprotect", unprotect(fd, big, lim), {0});
+            long lck2 = vmlck_kib();
+            check(lck2 == lck0, t + ".memlock-uncharged", "VmLck %ld kB, %ld before",
+                  lck2, lck0);
+            e = range_op(fd, KVMX_G_TRACK_START, addr_of(big), lim);
+            check(e == 0, t + ".memlock-again", "TRACK_START of the limit: errno %s",
+                  errname(e).c_str());
+            if (!e)
+                range_op(fd, KVMX_G_TRACK_STOP, addr_of(big), lim);
+            munmap(big, (kMemlockPages + 1) * kPage);
+        }
+    }
+    check(list(fd, 0).empty(), t + ".nothing-left", "entries left");
+    close(fd);
+    munmap(page, kPage);
+}
+
+// An unprivileged process (uid/gid 65534, forked from root): see
+// user_child; root's side is here.
+void test_user()
+{
+    const std::string t = "user";
+    int fd = open_dev();
+    if (fd < 0)
+        return;
+    uint8_t* rpage = map_pages(1);
+    uint64_t rid = 0;
+    int e = protect(fd, rpage, kPage, KVMX_ACCESS_RO, KVMX_ACTION_LOG, &rid);
+    if (!check(e == 0, t + ".root-protect-own", "errno %s", errname(e).c_str())) {
+        close(fd);
+        munmap(rpage, kPage);
+        return;
+    }
+    int down[2], up[2], counts[2];
+    if (pipe(down) || pipe(up) || pipe(counts)) {
+        failf(t, "pipe: %s", std::strerror(errno));
+        unprotect(fd, rpage, kPage);
+        close(fd);
+        return;
+    }
+    const pid_t root = getpid();
+    std::fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) {
+        close(down[1]);
+        close(up[0]);
+        close(counts[0]);
+        g_passed = g_failed = 0;
+        user_child(root, fd, rid, rpage, down[0], up[1]);
+        int msg[2] = {g_passed, g_failed};
+        (void)!write(counts[1], msg, sizeof(msg));
+        std::fflush(stdout);
+        _exit(0);
+    }
+    close(down[0]);
+    close(up[1]);
+    close(counts[1]);
+
+    // (c) A violation of ours after the child opened its reader.
+    char c = recv_byte(up[0], kStepMs);
+    if (c == 'o') {
+        static_cast<volatile uint8_t*>(rpage)[300] = 0x77;     // log: lands
+        kvmx_event ev{};
+        bool got = wait_event_for(fd, rid, kEventWaitMs, &ev);
+        check(got && ev.pid == root, t + ".root-sees-own-event",
+              "event %s pid %d", got ? "read" : "missing", ev.pid);
+        send_byte(down[1], got ? 'v' : 'x');
+    } else {
+        failf(t + ".root-sees-own-event", "the child did not get there");
+    }
+    // (d) The child holds its 64: root is not counted with it.
+    c = recv_byte(up[0], kStepMs);
+    if (c == 'f') {
+        uint8_t* extra = map_pages(1);
+        e = protect(fd, extra, kPage, KVMX_ACCESS_RO, KVMX_ACTION_LOG);
+        check(e == 0, t + ".root-after-user-full", "errno %s", errname(e).c_str());
+        if (!e)
+            unprotect(fd, extra, kPage);
+        munmap(extra, kPage);
+        send_byte(down[1], 'r');
+    } else {
+        failf(t + ".root-after-user-full", "the child did not get there");
+    }
+    int msg[2] = {0, 0};
+    int st = 0;
+    waitpid(child, &st, 0);
+    ssize_t n = read(counts[0], msg, sizeof(msg));
+    check(n == ssize_t(sizeof(msg)) && WIFEXITED(st) && WEXITSTATUS(st) == 0,
+          t + ".child-exit", "status %#x, %zd bytes of counts", st, n);
+    g_passed += msg[0];
+    g_failed += msg[1];
+    for (int f : {down[1], up[0], counts[0]})
+        close(f);
+    check(list(fd, child).empty(), t + ".child-nothing-left", "entries of pid %d",
+          int(child));
+
+    // (e) Root is charged too, but not limited by its RLIMIT_MEMLOCK.
+    {
+        rlimit old{};
+        getrlimit(RLIMIT_MEMLOCK, &old);
+        const uint64_t lim = kMemlockPages * kPage;
+        rlimit rl{lim, old.rlim_max};
+        setrlimit(RLIMIT_MEMLOCK, &rl);
+        uint8_t* big = map_pages(2 * kMemlockPages);
+        long lck0 = vmlck_kib();
+        e = protect(fd, big, 2 * lim, KVMX_ACCESS_RO, KVMX_ACTION_LOG);
+        check(e == 0, t + ".root-memlock-exempt", "protect %" PRIu64 " bytes over a "
+              "limit of %" PRIu64 ": errno %s", 2 * lim, lim, errname(e).c_str());
+        long lck1 = vmlck_kib();
+        check(lck1 - lck0 == long(2 * lim / 1024), t + ".root-memlock-charged",
+              "VmLck %ld -> %ld kB", lck0, lck1);
+        if (!e)
+            unprotect(fd, big, 2 * lim);
+        check(vmlck_kib() == lck0, t + ".root-memlock-uncharged", "VmLck %ld kB, "
+              "%ld before", vmlck_kib(), lck0);
+        munmap(big, 2 * lim);
+        setrlimit(RLIMIT_MEMLOCK, &old);
+    }
+    e = unprotect(fd, rpage, kPage);
+    check(e == 0, t + ".root-unprotect-own", "errno %s", errname(e).c_str());
+    close(fd);
+    munmap(rpage, kPage);
+}
+
 volatile sig_atomic_t g_usr1, g_term;
 
 int hold(const char* arg)
@@ -1049,6 +1401,7 @@ int main(int argc, char** argv)
         {"track", test_track},
         {"exit", test_exit},
         {"bad", test_bad},
+        {"user", test_user},    // last: it changes uids in a child
     };
     std::string which = argc == 2 ? argv[1] : "";
     bool found = which == "all";
@@ -1062,7 +1415,7 @@ int main(int argc, char** argv)
             fn();
         }
     if (!found) {
-        std::fprintf(stderr, "usage: kvmx-prottest signal|deny|log|none|track|exit|bad|all\n"
+        std::fprintf(stderr, "usage: kvmx-prottest signal|deny|log|none|track|exit|bad|user|all\n"
                              "       kvmx-prottest hold PAGES\n"
                              "       kvmx-prottest --as-user UID -- COMMAND [ARG...]\n");
         return 2;

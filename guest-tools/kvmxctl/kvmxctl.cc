@@ -22,6 +22,14 @@
 // there) and hands the fd to the driver.  Protections outlive kvmxctl: they
 // end with unprotect or when the target process exits.
 //
+// Permissions (guest-tools/README.md): /dev/kvmx is open to everybody, but
+// a PID that is not the caller's own needs ptrace permission ("kvmxctl:
+// open /proc/PID/mem: Permission denied" otherwise); list and watch show
+// only entries and events of processes with kvmxctl's euid (everything with
+// CAP_SYS_ADMIN).  Without CAP_SYS_ADMIN a user may hold 64 entries
+// (ENOSPC), kill-vm is EPERM, and pinned bytes count against the target's
+// RLIMIT_MEMLOCK (ENOMEM; CAP_IPC_LOCK lifts that).
+//
 // Errors: one line on stderr, "kvmxctl: <what>: <strerror>", and exit
 // status 1 (2 for usage errors).  watch exits 0 once it saw N events and 1
 // when the timeout expires first.

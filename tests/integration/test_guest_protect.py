@@ -9,10 +9,14 @@ In the guest:
     gets SIGSEGV/SEGV_ACCERR at the written address and the page is
     unchanged; unprotect and the write sticks; deny/log/none semantics;
     dirty tracking reports exactly the pages written; a process's exit
-    releases its protections; every bad argument gets its errno.
+    releases its protections; every bad argument gets its errno; an
+    unprivileged child (uid 65534) protects its own page, not root's, sees
+    neither root's entries nor its events, and meets the per-user entry
+    limit and the RLIMIT_MEMLOCK byte limit.
   - kvmxctl protects another process's page (as root), lists it with
-    --json, and the target's exit releases it; an unprivileged user cannot
-    protect root's process.
+    --json, and the target's exit releases it; /dev/kvmx is mode 0666, but
+    an unprivileged user cannot protect root's process (it may not open
+    /proc/PID/mem) and its list does not show root's protection.
   - raw malformed requests straight to the device's doorbell (devmem) are
     rejected and counted, and the guest goes on.
 On the host:
@@ -46,6 +50,7 @@ for f in kvmx_guest.ko kvmxctl kvmx-prottest; do
 done
 insmod $K/kvmx_guest.ko || { echo INSMOD-FAILED; dmesg | tail; exit 4; }
 [ -c /dev/kvmx ] || { echo NO-DEV; dmesg | tail; exit 5; }
+echo "DEVMODE $(stat -c %a /dev/kvmx)"
 echo PROT-READY; read ack
 
 $K/kvmx-prottest all; echo "PROTTEST-RC=$?"
@@ -58,10 +63,13 @@ echo "TARGET $P $A"
 $K/kvmxctl protect --pid $P --addr $A --len 4096 --access ro --action log --json
 echo "CTL-PROTECT-RC=$?"
 echo "LIST1 $($K/kvmxctl list --pid $P --json)"
-# An unprivileged user may not reach root's process.
+# An unprivileged user opens /dev/kvmx (0666) but may not reach root's
+# process (no ptrace permission: /proc/$P/mem is EACCES), and does not see
+# root's protection.
 $K/kvmx-prottest --as-user 65534 -- $K/kvmxctl protect --pid $P --addr $A \
     --len 4096 --access ro --action deny 2>/tmp/eperm.txt
 echo "CTL-NOBODY-RC=$? $(cat /tmp/eperm.txt)"
+echo "LIST-NOBODY $($K/kvmx-prottest --as-user 65534 -- $K/kvmxctl list --json 2>&1)"
 kill $P; wait $P 2>/dev/null
 sleep 1
 echo "LIST2 $($K/kvmxctl list --pid $P --json)"
@@ -184,10 +192,29 @@ def main():
             l1 = None
         ents = l1 if isinstance(l1, list) else (l1 or {}).get('protections', [])
         check(len(ents) == 1, f'kvmxctl list --json shows the protection: {l1}')
+        m = re.search(r'^DEVMODE (\S+)', con, re.M)
+        check(m and m.group(1) == '666',
+              f'/dev/kvmx is mode 0666: {m.group(1) if m else None}')
+        t = re.search(r'^TARGET (\d+) ', con, re.M)
         m = re.search(r'CTL-NOBODY-RC=(\d+) (.*)', con)
-        check(m and m.group(1) != '0' and 'kvmxctl:' in m.group(2),
-              f'an unprivileged user cannot protect root\'s process: '
-              f'{m.group(0) if m else None}')
+        msg = m.group(2) if m else ''
+        # It must fail for the ptrace reason, not for /dev/kvmx's mode.
+        ptrace_reason = (
+            (t and f'/proc/{t.group(1)}/mem' in msg) or
+            'Permission denied' in msg or 'Operation not permitted' in msg)
+        check(m and m.group(1) != '0' and msg.startswith('kvmxctl:') and
+              ptrace_reason and 'open /dev/kvmx' not in msg,
+              f'an unprivileged user cannot protect root\'s process '
+              f'(/proc/PID/mem, EACCES/EPERM): {m.group(0) if m else None}')
+        m = re.search(r'^LIST-NOBODY (.*)$', con, re.M)
+        try:
+            ln = json.loads(m.group(1)) if m else None
+        except ValueError:
+            ln = None
+        check(isinstance(ln, dict) and ln.get('protections') == [] and
+              ln.get('count') == 0,
+              f'an unprivileged user does not see root\'s protection: '
+              f'{m.group(1) if m else None}')
         m = re.search(r'^LIST2 (.*)$', con, re.M)
         try:
             l2 = json.loads(m.group(1)) if m else None

@@ -68,7 +68,7 @@ int main(int argc, char** argv) {
   CLI::App app{"kvmx-hostd: records kvmx-chan memory-protection violations "
                "of attached VMs and serves them over a Unix-socket API"};
   std::optional<std::string> config_path, socket, state_dir, log_level,
-      log_format;
+      log_format, libvirt_uri;
   std::vector<std::string> options;
   bool foreground = false;
   app.add_option("--config", config_path, "config file (key = value lines)");
@@ -77,6 +77,9 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level,
                  "trace|debug|info|warn|error|critical|off [info]");
   app.add_option("--log-format", log_format, "text|json [text]");
+  app.add_option("--libvirt", libvirt_uri,
+                 "follow the opted-in domains of this libvirt URI "
+                 "(qemu:///system) [off]");
   app.add_option("-o,--option", options,
                  "KEY=VALUE for any config key (repeatable)");
   app.add_flag("--foreground", foreground,
@@ -100,6 +103,7 @@ int main(int argc, char** argv) {
   if (state_dir) flags.emplace_back("state-dir", *state_dir);
   if (log_level) flags.emplace_back("log-level", *log_level);
   if (log_format) flags.emplace_back("log-format", *log_format);
+  if (libvirt_uri) flags.emplace_back("libvirt-uri", *libvirt_uri);
   for (const auto& [key, value] : flags)
     if (auto r = kvmx::config::set(cfg, key, value); !r)
       return fail(r.error().message);

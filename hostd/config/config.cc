@@ -47,7 +47,7 @@ const std::vector<std::string_view>& keys() {
       "log-level",        "log-format",       "max-clients",
       "max-vms",          "max-request-bytes", "max-output-bytes",
       "max-violations",   "attach-timeout-ms", "qmp-timeout-ms",
-      "reconnect-min-ms", "reconnect-max-ms"};
+      "reconnect-min-ms", "reconnect-max-ms", "libvirt-uri"};
   return k;
 }
 
@@ -96,6 +96,17 @@ Result<void> set(Config& cfg, std::string_view key, std::string_view value) {
   if (key == "qmp-timeout-ms") return num(100, 600000, cfg.qmp_timeout_ms);
   if (key == "reconnect-min-ms") return num(10, 600000, cfg.reconnect_min_ms);
   if (key == "reconnect-max-ms") return num(10, 3600000, cfg.reconnect_max_ms);
+  if (key == "libvirt-uri") {
+    // Empty turns it off; otherwise a URI as virConnectOpen takes it.
+    if (value.size() > 1024) return bad(key, "is longer than 1024 bytes");
+    for (char c : value)
+      if (static_cast<unsigned char>(c) <= ' ' || c == 0x7f)
+        return bad(key, "must not contain spaces or control characters");
+    if (!value.empty() && value.find(':') == std::string_view::npos)
+      return bad(key, "must be a libvirt URI such as qemu:///system");
+    cfg.libvirt_uri = value;
+    return {};
+  }
   return make_error("bad-config", "unknown key '" + std::string(key) + "'");
 }
 

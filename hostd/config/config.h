@@ -30,6 +30,10 @@ struct Config {
   unsigned qmp_timeout_ms = 10000;       // greeting+negotiation, commands
   unsigned reconnect_min_ms = 100;
   unsigned reconnect_max_ms = 5000;
+
+  // libvirt connection URI (qemu:///system); empty: hostd does not talk to
+  // libvirt at all.
+  std::string libvirt_uri;
 };
 
 // Every key set() accepts, in documentation order.

@@ -13,6 +13,8 @@
 #include "common/json_util.h"
 #include "common/log.h"
 #include "common/time_util.h"
+#include "libvirt/domain_vm.h"
+#include "libvirt/virt_backend.h"
 
 namespace kvmx {
 
@@ -59,6 +61,8 @@ Daemon::Daemon(EventLoop& loop, config::Config cfg)
 Daemon::~Daemon() {
   stopping_ = true;
   vms_.reset();
+  follower_.reset();
+  libvirt_.reset();  // joins the libvirt thread
   server_.reset();
   if (signal_fd_) loop_.remove(signal_fd_.get());
 }
@@ -81,17 +85,63 @@ Result<void> Daemon::start() {
     maybe_compact();
   });
 
+  if (auto r = start_libvirt(); !r) return r;
+
   log::info("kvmx-hostd started",
             {{"socket", cfg_.socket},
              {"state_dir", cfg_.state_dir},
-             {"vms", journal_vms_.size()},
-             {"violations", store_.size()}});
+             {"vms", journal_vms_.size() + journal_domains_.size()},
+             {"violations", store_.size()},
+             {"libvirt", cfg_.libvirt_uri.empty() ? "off" : cfg_.libvirt_uri}});
+  register_journal_vms();
+  if (follower_) follower_->start();
+  return {};
+}
+
+Result<void> Daemon::start_libvirt() {
+  if (cfg_.libvirt_uri.empty()) return {};
+  auto backend = libvirt::make_virt_backend(loop_, cfg_.libvirt_uri);
+  if (!backend)
+    return make_error("libvirt", "--libvirt " + cfg_.libvirt_uri + ": " +
+                                     backend.error().message);
+  libvirt_ = std::move(*backend);
+  libvirt::Options opt;
+  opt.uri = cfg_.libvirt_uri;
+  opt.max_vms = cfg_.max_vms;
+  opt.command_timeout = milliseconds(cfg_.qmp_timeout_ms);
+  opt.backoff_min = milliseconds(cfg_.reconnect_min_ms);
+  opt.backoff_max = milliseconds(cfg_.reconnect_max_ms);
+  follower_ = std::make_unique<libvirt::Follower>(
+      loop_, *libvirt_, *vms_, opt, [this](const libvirt::DomainVm& v) {
+        return journal_now(json{{"t", "libvirt-attach"},
+                                {"vm", v.name()},
+                                {"uri", v.uri()},
+                                {"uuid", v.uuid()}});
+      });
+  return {};
+}
+
+void Daemon::register_journal_vms() {
   for (const auto& [name, path] : journal_vms_) {
     vm::Vm& v = vms_->add(name, path, UniqueFd());
     v.persisted = true;
   }
   journal_vms_.clear();
-  return {};
+  // libvirt domains: disconnected until the first resync says whether they
+  // run (stopped for good without --libvirt).
+  for (const auto& [name, d] : journal_domains_) {
+    if (follower_) {
+      follower_->adopt(name, d.uuid);
+      continue;
+    }
+    auto v = std::make_unique<libvirt::DomainVm>(
+        loop_, name, d.uri, vms_->hooks(), nullptr,
+        milliseconds(cfg_.qmp_timeout_ms));
+    v->set_uuid(d.uuid);
+    v->persisted = true;
+    vms_->insert(std::move(v));
+  }
+  journal_domains_.clear();
 }
 
 void Daemon::stop(int code) {
@@ -101,6 +151,8 @@ void Daemon::stop(int code) {
   server_->shutdown();
   commit_pending();
   vms_->clear();
+  follower_.reset();
+  libvirt_.reset();  // closes the libvirt connection, joins its thread
   if (auto r = journal_->sync(); !r)
     log::error("Failed to sync the journal at shutdown",
                {{"error", r.error().message}});
@@ -181,7 +233,7 @@ Result<void> Daemon::watch_signals() {
 
 void Daemon::replay(const json& rec) {
   auto type = json_string(rec, "t").value_or("");
-  if (type == "attach" || type == "detach") {
+  if (type == "attach" || type == "detach" || type == "libvirt-attach") {
     auto name = json_string(rec, "vm");
     if (!name || !api::valid_vm_name(*name)) {
       stats_.replay_bad_records++;
@@ -189,7 +241,19 @@ void Daemon::replay(const json& rec) {
     }
     if (type == "detach") {
       journal_vms_.erase(*name);
+      journal_domains_.erase(*name);
       store_.reset_totals(*name);
+      return;
+    }
+    if (type == "libvirt-attach") {
+      auto uri = json_string(rec, "uri");
+      if (!uri || uri->empty()) {
+        stats_.replay_bad_records++;
+        return;
+      }
+      journal_vms_.erase(*name);
+      journal_domains_[*name] =
+          JournalDomain{*uri, json_string(rec, "uuid").value_or("")};
       return;
     }
     auto path = json_string(rec, "qmp");
@@ -197,6 +261,7 @@ void Daemon::replay(const json& rec) {
       stats_.replay_bad_records++;
       return;
     }
+    journal_domains_.erase(*name);
     journal_vms_[*name] = *path;
     return;
   }
@@ -259,16 +324,18 @@ void Daemon::on_vm_event(vm::Vm& v, const qmp::Event& ev) {
 
 void Daemon::on_vm_state(vm::Vm& v, vm::State old_state) {
   if (stopping_) return;
-  if (v.state() == vm::State::kAttached && v.connects() > 1)
+  if (v.state() == vm::State::kAttached && v.connects() > 1 &&
+      v.source() == vm::Source::kQmp)
     stats_.qmp_reconnects++;
   log::info("VM state changed",
             {{"vm", v.name()},
              {"from", vm::to_string(old_state)},
              {"to", vm::to_string(v.state())},
-             {"qmp", v.qmp_path()},
+             {"via", v.origin()},
              {"reason", v.state() == vm::State::kAttached ? "" : v.last_error()}});
   server_->broadcast(json{{"event", "vm-state"},
                           {"vm", v.name()},
+                          {"source", vm::to_string(v.source())},
                           {"state", vm::to_string(v.state())},
                           {"error", v.state() == vm::State::kAttached
                                         ? ""
@@ -312,10 +379,18 @@ void Daemon::compact(const char* why) {
   // At start-up the VMs are still in journal_vms_; later in the registry.
   for (const auto& [name, path] : journal_vms_)
     records.push_back(json{{"t", "attach"}, {"vm", name}, {"qmp", path}});
-  for (const auto& [name, v] : vms_->all())
-    if (v->persisted)
+  for (const auto& [name, d] : journal_domains_)
+    records.push_back(json{{"t", "libvirt-attach"}, {"vm", name},
+                           {"uri", d.uri}, {"uuid", d.uuid}});
+  for (const auto& [name, v] : vms_->all()) {
+    if (!v->persisted) continue;
+    if (auto* q = dynamic_cast<const vm::QmpVm*>(v.get()))
       records.push_back(
-          json{{"t", "attach"}, {"vm", name}, {"qmp", v->qmp_path()}});
+          json{{"t", "attach"}, {"vm", name}, {"qmp", q->qmp_path()}});
+    else if (auto* d = dynamic_cast<const libvirt::DomainVm*>(v.get()))
+      records.push_back(json{{"t", "libvirt-attach"}, {"vm", name},
+                             {"uri", d->uri()}, {"uuid", d->uuid()}});
+  }
   for (auto& rec : store_.snapshot()) records.push_back(std::move(rec));
   uint64_t before = journal_->size_bytes();
   if (auto r = journal_->rewrite(records); !r) {

@@ -16,6 +16,8 @@
 #include "common/result.h"
 #include "config/config.h"
 #include "journal/journal.h"
+#include "libvirt/backend.h"
+#include "libvirt/follower.h"
 #include "loop/event_loop.h"
 #include "violations/store.h"
 #include "vm/manager.h"
@@ -41,7 +43,8 @@ class Daemon {
   Daemon& operator=(const Daemon&) = delete;
 
   // Locks the state directory, replays the journal, listens on the API
-  // socket, re-attaches the journal's VMs and handles SIGTERM/SIGINT.
+  // socket, re-attaches the journal's VMs, handles SIGTERM/SIGINT and, with
+  // a libvirt URI, starts following libvirt's domains.
   Result<void> start();
   // Clean shutdown: stops serving, syncs the journal, stops the loop.
   void stop(int code = 0);
@@ -51,6 +54,8 @@ class Daemon {
   Result<void> lock_state_dir();
   Result<void> open_journal();
   Result<void> watch_signals();
+  Result<void> start_libvirt();
+  void register_journal_vms();
   void replay(const nlohmann::json& rec);
   Result<void> journal_now(const nlohmann::json& rec);
   void on_vm_event(vm::Vm& vm, const qmp::Event& ev);
@@ -80,7 +85,16 @@ class Daemon {
   std::unique_ptr<journal::Journal> journal_;
   violations::Store store_;
   std::map<std::string, std::string> journal_vms_;  // replayed: name -> qmp
+  struct JournalDomain {
+    std::string uri;
+    std::string uuid;
+  };
+  std::map<std::string, JournalDomain> journal_domains_;  // replayed libvirt
   std::unique_ptr<vm::Manager> vms_;
+  // With libvirt-uri: libvirt's client (its own thread) and the lifecycle
+  // logic on top of it.
+  std::unique_ptr<libvirt::Backend> libvirt_;
+  std::unique_ptr<libvirt::Follower> follower_;
   std::unique_ptr<api::Server> server_;
   std::vector<violations::Violation> pending_;  // written, not yet synced
   DaemonStats stats_;

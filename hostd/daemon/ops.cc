@@ -66,7 +66,14 @@ void Daemon::op_attach(const api::Attach& a, api::ReplyFn reply) {
   };
   milliseconds timeout(cfg_.attach_timeout_ms);
 
-  if (vm::Vm* v = vms_->find(a.vm)) {
+  if (vm::Vm* existing = vms_->find(a.vm)) {
+    auto* v = dynamic_cast<vm::QmpVm*>(existing);
+    if (!v) {
+      reply(make_error(api::code::kVmExists,
+                       "VM '" + a.vm + "' is followed through " +
+                           existing->origin()));
+      return;
+    }
     if (v->qmp_path() != a.qmp) {
       reply(make_error(api::code::kVmExists,
                        "VM '" + a.vm + "' is attached with QMP socket '" +
@@ -97,13 +104,13 @@ void Daemon::op_attach(const api::Attach& a, api::ReplyFn reply) {
     return;
   }
   log::info("Attaching VM", {{"vm", a.vm}, {"qmp", a.qmp}});
-  vm::Vm& v = vms_->add(a.vm, a.qmp, std::move(*fd));
+  vm::QmpVm& v = vms_->add(a.vm, a.qmp, std::move(*fd));
   v.when_settled(timeout, settle);
 }
 
 void Daemon::finish_attach(const std::string& name, const vm::Settled& s,
                            api::ReplyFn reply) {
-  vm::Vm* v = vms_->find(name);
+  vm::QmpVm* v = vms_->find_qmp(name);
   if (!v || s.kind == vm::Settled::kRemoved) {
     if (s.kind == vm::Settled::kFailed)  // a concurrent attach gave up
       reply(make_error(api::code::kQmpHandshake,
@@ -213,6 +220,7 @@ json Daemon::stats() const {
       {"chan_rejected", stats_.chan_rejected},
       {"qmp_reconnects", stats_.qmp_reconnects},
       {"qmp_protocol_errors", protocol_errors},
+      {"libvirt", follower_ ? follower_->stats() : json{{"enabled", false}}},
       {"journal",
        {{"bytes", journal_->size_bytes()},
         {"records", journal_->records()},

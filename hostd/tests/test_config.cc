@@ -94,7 +94,20 @@ TEST_CASE("config: every documented key is settable") {
     if (key == "log-format") value = "text";
     if (key == "max-request-bytes") value = "4096";
     if (key == "max-output-bytes") value = "1048576";
+    if (key == "libvirt-uri") value = "qemu:///system";
     INFO(std::string(key));
     CHECK(set(c, key, value).ok());
   }
+}
+
+TEST_CASE("config: libvirt-uri is off by default and checked") {
+  Config c;
+  CHECK(c.libvirt_uri.empty());
+  CHECK(set(c, "libvirt-uri", "qemu:///system").ok());
+  CHECK(c.libvirt_uri == "qemu:///system");
+  CHECK(set(c, "libvirt-uri", "").ok());
+  CHECK(c.libvirt_uri.empty());
+  CHECK(!set(c, "libvirt-uri", "qemu:///system extra").ok());
+  CHECK(!set(c, "libvirt-uri", "system").ok());
+  CHECK(!set(c, "libvirt-uri", std::string(1025, 'a') + ":").ok());
 }

@@ -129,7 +129,7 @@ struct Fixture {
 TEST_CASE("vm: attaches, forwards events, reconnects after a drop") {
   Fixture f;
   FakeMonitor mon(*f.loop, f.path);
-  vm::Vm& v = f.mgr->add("vm1", f.path, UniqueFd());
+  vm::QmpVm& v = f.mgr->add("vm1", f.path, UniqueFd());
   REQUIRE(f.run_until([&] { return v.state() == vm::State::kAttached; }));
   CHECK(v.devices() == json::array({json{{"id", "chan0"}}}));
   CHECK(v.info()["qemu"] == "10.0.1");
@@ -150,7 +150,7 @@ TEST_CASE("vm: attaches, forwards events, reconnects after a drop") {
 TEST_CASE("vm: the socket file disappearing makes it gone, for good") {
   Fixture f;
   auto mon = std::make_unique<FakeMonitor>(*f.loop, f.path);
-  vm::Vm& v = f.mgr->add("vm1", f.path, UniqueFd());
+  vm::QmpVm& v = f.mgr->add("vm1", f.path, UniqueFd());
   REQUIRE(f.run_until([&] { return v.state() == vm::State::kAttached; }));
   mon.reset();
   REQUIRE(f.run_until([&] { return v.state() == vm::State::kGone; }));
@@ -162,7 +162,7 @@ TEST_CASE("vm: a monitor that never greets times out and is retried") {
   Fixture f;
   FakeMonitor mon(*f.loop, f.path);
   mon.greet = false;
-  vm::Vm& v = f.mgr->add("vm1", f.path, UniqueFd());
+  vm::QmpVm& v = f.mgr->add("vm1", f.path, UniqueFd());
   CHECK(v.state() == vm::State::kConnecting);
   REQUIRE(f.run_until([&] { return mon.accepted >= 2; }));
   CHECK(v.last_error().find("no QMP handshake") != std::string::npos);
@@ -176,7 +176,7 @@ TEST_CASE("vm: when_settled reports attach, failure and timeout") {
   std::vector<int> kinds;
   auto record = [&](const vm::Settled& s) { kinds.push_back(s.kind); };
 
-  vm::Vm& v = f.mgr->add("vm1", f.path, UniqueFd());
+  vm::QmpVm& v = f.mgr->add("vm1", f.path, UniqueFd());
   v.when_settled(1000ms, record);
   REQUIRE(f.run_until([&] { return kinds.size() == 1; }));
   CHECK(kinds[0] == vm::Settled::kAttached);
@@ -201,7 +201,7 @@ TEST_CASE("vm: when_settled reports attach, failure and timeout") {
 TEST_CASE("vm: protections queries time out and fail when not attached") {
   Fixture f;
   FakeMonitor mon(*f.loop, f.path);
-  vm::Vm& v = f.mgr->add("vm1", f.path, UniqueFd());
+  vm::QmpVm& v = f.mgr->add("vm1", f.path, UniqueFd());
   std::vector<std::string> codes;
   v.query_protections([&](Result<json> r) {
     codes.push_back(r ? "ok" : r.error().code);

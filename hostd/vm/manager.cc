@@ -7,18 +7,30 @@ Vm* Manager::find(const std::string& name) {
   return it == vms_.end() ? nullptr : it->second.get();
 }
 
-Vm* Manager::find_by_path(const std::string& qmp_path) {
-  for (auto& [name, vm] : vms_)
-    if (vm->qmp_path() == qmp_path) return vm.get();
+QmpVm* Manager::find_qmp(const std::string& name) {
+  return dynamic_cast<QmpVm*>(find(name));
+}
+
+QmpVm* Manager::find_by_path(const std::string& qmp_path) {
+  for (auto& [name, vm] : vms_) {
+    auto* q = dynamic_cast<QmpVm*>(vm.get());
+    if (q && q->qmp_path() == qmp_path) return q;
+  }
   return nullptr;
 }
 
-Vm& Manager::add(const std::string& name, const std::string& qmp_path,
-                 UniqueFd fd) {
-  auto vm = std::make_unique<Vm>(loop_, name, qmp_path, options_, hooks_);
-  Vm& ref = *vm;
+QmpVm& Manager::add(const std::string& name, const std::string& qmp_path,
+                    UniqueFd fd) {
+  auto vm = std::make_unique<QmpVm>(loop_, name, qmp_path, options_, hooks_);
+  QmpVm& ref = *vm;
   vms_[name] = std::move(vm);
   ref.start(std::move(fd));
+  return ref;
+}
+
+Vm& Manager::insert(std::unique_ptr<Vm> vm) {
+  Vm& ref = *vm;
+  vms_[ref.name()] = std::move(vm);
   return ref;
 }
 

@@ -1,4 +1,4 @@
-// The registry of attached VMs, by name and by QMP socket path.
+// The registry of VMs, by name; socket VMs also by QMP socket path.
 #pragma once
 
 #include <map>
@@ -15,16 +15,25 @@ class Manager {
       : loop_(loop), options_(options), hooks_(std::move(hooks)) {}
 
   Vm* find(const std::string& name);
-  Vm* find_by_path(const std::string& qmp_path);
-  // Registers a VM (the caller checked names and limits) and starts it.
-  Vm& add(const std::string& name, const std::string& qmp_path, UniqueFd fd);
-  // Destroys the VM: closes its QMP connection, fails its waiters.  Must
+  // The socket VM of that name (nullptr also when the name is a libvirt VM).
+  QmpVm* find_qmp(const std::string& name);
+  QmpVm* find_by_path(const std::string& qmp_path);
+  // Registers a socket VM (the caller checked names and limits) and starts
+  // it.
+  QmpVm& add(const std::string& name, const std::string& qmp_path,
+             UniqueFd fd);
+  // Registers a VM built elsewhere (libvirt domains); it must have been
+  // built with hooks().  Replaces nothing: the name must be free.
+  Vm& insert(std::unique_ptr<Vm> vm);
+  // Destroys the VM: closes its connection, fails its waiters.  Must
   // not be called from inside the VM's own callbacks (defer it).
   void remove(const std::string& name);
   void clear() { vms_.clear(); }
 
   size_t size() const { return vms_.size(); }
   const std::map<std::string, std::unique_ptr<Vm>>& all() const { return vms_; }
+  const Hooks& hooks() const { return hooks_; }
+  const Options& options() const { return options_; }
 
  private:
   EventLoop& loop_;

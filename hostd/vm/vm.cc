@@ -14,17 +14,60 @@ const char* to_string(State s) {
     case State::kAttached: return "attached";
     case State::kDisconnected: return "disconnected";
     case State::kGone: return "gone";
+    case State::kStopped: return "stopped";
   }
   return "?";
 }
 
-Vm::Vm(EventLoop& loop, std::string name, std::string qmp_path,
-       const Options& options, const Hooks& hooks)
-    : loop_(loop), name_(std::move(name)), path_(std::move(qmp_path)),
-      options_(options), hooks_(hooks),
-      backoff_(options.backoff_min, options.backoff_max), since_(now_utc()) {}
+const char* to_string(Source s) {
+  switch (s) {
+    case Source::kQmp: return "qmp";
+    case Source::kLibvirt: return "libvirt";
+  }
+  return "?";
+}
 
-Vm::~Vm() {
+// -- Vm -----------------------------------------------------------------------
+
+Vm::Vm(EventLoop& loop, std::string name, const Hooks& hooks, State initial)
+    : loop_(loop), name_(std::move(name)), hooks_(hooks), state_(initial),
+      since_(now_utc()) {}
+
+void Vm::set_state(State s, std::string error) {
+  State old = state_;
+  if (!error.empty()) last_error_ = std::move(error);
+  if (s == old) return;
+  state_ = s;
+  since_ = now_utc();
+  if (hooks_.on_state) hooks_.on_state(*this, old);
+}
+
+void Vm::deliver(const qmp::Event& ev) {
+  if (ev.name == "KVMX_CHAN_REJECTED") rejected_++;
+  if (hooks_.on_event) hooks_.on_event(*this, ev);
+}
+
+json Vm::info() const {
+  return json{{"vm", name_},
+              {"source", to_string(source())},
+              {"state", to_string(state_)},
+              {"since", since_},
+              {"qemu", qemu_version_},
+              {"devices", devices_},
+              {"reconnects", reconnects()},
+              {"rejected", rejected_},
+              {"last_error", last_error_}};
+}
+
+// -- QmpVm --------------------------------------------------------------------
+
+QmpVm::QmpVm(EventLoop& loop, std::string name, std::string qmp_path,
+             const Options& options, const Hooks& hooks)
+    : Vm(loop, std::move(name), hooks, State::kConnecting),
+      path_(std::move(qmp_path)), options_(options),
+      backoff_(options.backoff_min, options.backoff_max) {}
+
+QmpVm::~QmpVm() {
   destroying_ = true;
   loop_.cancel(handshake_timer_);
   loop_.cancel(retry_timer_);
@@ -34,28 +77,28 @@ Vm::~Vm() {
   settle(Settled{Settled::kRemoved, "VM '" + name_ + "' was detached"});
 }
 
-bool Vm::ready() const {
+bool QmpVm::ready() const {
   return conn_ && conn_->client->state() == qmp::Client::State::kReady;
 }
 
-uint64_t Vm::protocol_errors() const {
+uint64_t QmpVm::protocol_errors() const {
   return old_protocol_errors_ + (conn_ ? conn_->client->protocol_errors() : 0);
 }
 
-void Vm::start(UniqueFd fd) {
+void QmpVm::start(UniqueFd fd) {
   if (fd)
     open(std::move(fd));
   else
     connect_now();
 }
 
-void Vm::reconnect_now() {
+void QmpVm::reconnect_now() {
   if (conn_) return;  // connecting or attached
   backoff_.reset();
   connect_now();
 }
 
-void Vm::connect_now() {
+void QmpVm::connect_now() {
   loop_.cancel(retry_timer_);
   retry_timer_ = 0;
   auto fd = unix_connect(path_);
@@ -73,7 +116,7 @@ void Vm::connect_now() {
   open(std::move(*fd));
 }
 
-void Vm::open(UniqueFd fd) {
+void QmpVm::open(UniqueFd fd) {
   uint64_t gen = ++gen_;
   conn_ = std::make_unique<Conn>();
   conn_->transport = std::make_unique<qmp::UnixTransport>(loop_, std::move(fd));
@@ -81,8 +124,7 @@ void Vm::open(UniqueFd fd) {
   cb.on_ready = [this, gen] { on_ready(gen); };
   cb.on_event = [this, gen](const qmp::Event& ev) {
     if (gen != gen_ || destroying_) return;
-    if (ev.name == "KVMX_CHAN_REJECTED") rejected_++;
-    if (hooks_.on_event) hooks_.on_event(*this, ev);
+    deliver(ev);
   };
   cb.on_closed = [this, gen](const std::string& reason) {
     on_closed(gen, reason);
@@ -106,7 +148,7 @@ void Vm::open(UniqueFd fd) {
   });
 }
 
-void Vm::on_ready(uint64_t gen) {
+void QmpVm::on_ready(uint64_t gen) {
   if (gen != gen_ || destroying_ || !conn_) return;
   qemu_version_ = conn_->client->qemu_version();
   auto sent = conn_->client->execute(
@@ -131,7 +173,7 @@ void Vm::on_ready(uint64_t gen) {
   if (!sent) conn_->client->close(sent.error().message);
 }
 
-void Vm::on_closed(uint64_t gen, const std::string& reason) {
+void QmpVm::on_closed(uint64_t gen, const std::string& reason) {
   if (gen != gen_ || destroying_) return;
   loop_.cancel(handshake_timer_);
   handshake_timer_ = 0;
@@ -141,7 +183,7 @@ void Vm::on_closed(uint64_t gen, const std::string& reason) {
   schedule_retry();
 }
 
-void Vm::retire_conn() {
+void QmpVm::retire_conn() {
   if (!conn_) return;
   old_protocol_errors_ += conn_->client->protocol_errors();
   // We may be inside the connection's own callbacks: destroy it later.
@@ -149,7 +191,7 @@ void Vm::retire_conn() {
   loop_.defer([dead] {});
 }
 
-void Vm::schedule_retry() {
+void QmpVm::schedule_retry() {
   if (state_ == State::kGone) return;
   loop_.cancel(retry_timer_);
   auto delay = backoff_.next();
@@ -159,16 +201,7 @@ void Vm::schedule_retry() {
   });
 }
 
-void Vm::set_state(State s, std::string error) {
-  State old = state_;
-  if (!error.empty()) last_error_ = std::move(error);
-  if (s == old) return;
-  state_ = s;
-  since_ = now_utc();
-  if (hooks_.on_state) hooks_.on_state(*this, old);
-}
-
-void Vm::settle(const Settled& result) {
+void QmpVm::settle(const Settled& result) {
   if (waiters_.empty()) return;
   auto waiters = std::move(waiters_);
   waiters_.clear();
@@ -179,7 +212,7 @@ void Vm::settle(const Settled& result) {
   }
 }
 
-void Vm::when_settled(std::chrono::milliseconds timeout,
+void QmpVm::when_settled(std::chrono::milliseconds timeout,
                       std::function<void(const Settled&)> fn) {
   if (state_ == State::kAttached) {
     loop_.defer([fn = std::move(fn)] { fn(Settled{Settled::kAttached, ""}); });
@@ -198,7 +231,7 @@ void Vm::when_settled(std::chrono::milliseconds timeout,
   waiters_.push_back(Waiter{id, timer, std::move(fn)});
 }
 
-void Vm::query_protections(std::function<void(Result<json>)> fn) {
+void QmpVm::query_protections(std::function<void(Result<json>)> fn) {
   if (state_ != State::kAttached || !ready()) {
     fn(make_error("vm-not-connected", "VM '" + name_ + "' is " +
                                           to_string(state_) +
@@ -238,16 +271,10 @@ void Vm::query_protections(std::function<void(Result<json>)> fn) {
   });
 }
 
-json Vm::info() const {
-  return json{{"vm", name_},
-              {"qmp", path_},
-              {"state", to_string(state_)},
-              {"since", since_},
-              {"qemu", qemu_version_},
-              {"devices", devices_},
-              {"reconnects", reconnects()},
-              {"rejected", rejected_},
-              {"last_error", last_error_}};
+json QmpVm::info() const {
+  json j = Vm::info();
+  j["qmp"] = path_;
+  return j;
 }
 
 }  // namespace kvmx::vm

@@ -1,5 +1,8 @@
-// An attached VM: its QMP connection, state and reconnection.
+// An attached VM.  `Vm` is what the registry, the API and the journal see
+// of any VM; `QmpVm` is one hostd reaches over a QMP socket of its own (the
+// attach op); libvirt domains are libvirt::DomainVm (hostd/libvirt).
 //
+// QmpVm:
 //   connecting ──handshake+query-kvmx-chan──► attached
 //       │  ▲                                     │ EOF / error / timeout
 //       ▼  └──── retry (backoff) ◄── disconnected ◄┘
@@ -26,8 +29,14 @@
 
 namespace kvmx::vm {
 
-enum class State { kConnecting, kAttached, kDisconnected, kGone };
+// kStopped is for libvirt domains only: the domain does not run (or runs
+// without opting in), hostd expects no events from it until it starts.
+enum class State { kConnecting, kAttached, kDisconnected, kGone, kStopped };
 const char* to_string(State s);
+
+// How hostd reaches the VM: its own QMP socket, or libvirt.
+enum class Source { kQmp, kLibvirt };
+const char* to_string(Source s);
 
 struct Options {
   std::chrono::milliseconds handshake_timeout{10000};
@@ -53,11 +62,71 @@ struct Settled {
 
 class Vm {
  public:
-  Vm(EventLoop& loop, std::string name, std::string qmp_path,
-     const Options& options, const Hooks& hooks);
-  ~Vm();
+  virtual ~Vm() = default;
   Vm(const Vm&) = delete;
   Vm& operator=(const Vm&) = delete;
+
+  virtual Source source() const = 0;
+  // Where hostd reaches it, for logs: the QMP socket path, or the libvirt
+  // URI and domain.
+  virtual std::string origin() const = 0;
+
+  // Runs query-kvmx-chan; `fn` gets the device list, or an error:
+  // vm-not-connected, qmp-error, timeout.  `fn` may run inside this call.
+  virtual void query_protections(
+      std::function<void(Result<nlohmann::json>)> fn) = 0;
+
+  virtual uint64_t protocol_errors() const { return 0; }
+
+  // list-vms fields: vm, source, state, since, qemu, devices, reconnects,
+  // rejected, last_error (and what the kind of VM adds).
+  virtual nlohmann::json info() const;
+
+  const std::string& name() const { return name_; }
+  State state() const { return state_; }
+  const nlohmann::json& devices() const { return devices_; }
+  uint64_t connects() const { return connects_; }
+  uint64_t reconnects() const { return connects_ > 1 ? connects_ - 1 : 0; }
+  uint64_t rejected() const { return rejected_; }
+  const std::string& last_error() const { return last_error_; }
+
+  // Whether the VM is in the journal (false while a fresh attach is still
+  // being tried).
+  bool persisted = false;
+
+ protected:
+  Vm(EventLoop& loop, std::string name, const Hooks& hooks, State initial);
+
+  void set_state(State s, std::string error = "");
+  // Hands a QMP event to the hooks (and counts KVMX_CHAN_REJECTED).
+  void deliver(const qmp::Event& ev);
+
+  EventLoop& loop_;
+  std::string name_;
+  const Hooks& hooks_;
+  State state_;
+  std::string since_;
+  std::string last_error_;
+  std::string qemu_version_;
+  nlohmann::json devices_;
+  uint64_t connects_ = 0;
+  uint64_t rejected_ = 0;
+};
+
+// A VM reached over its own QMP socket.
+class QmpVm final : public Vm {
+ public:
+  QmpVm(EventLoop& loop, std::string name, std::string qmp_path,
+        const Options& options, const Hooks& hooks);
+  ~QmpVm() override;
+
+  Source source() const override { return Source::kQmp; }
+  std::string origin() const override { return path_; }
+  void query_protections(
+      std::function<void(Result<nlohmann::json>)> fn) override;
+  uint64_t protocol_errors() const override;
+  // Adds qmp (the socket path).
+  nlohmann::json info() const override;
 
   // Starts on an already connected socket, or connects when `fd` is empty.
   void start(UniqueFd fd);
@@ -69,28 +138,7 @@ class Vm {
   void when_settled(std::chrono::milliseconds timeout,
                     std::function<void(const Settled&)> fn);
 
-  // Runs query-kvmx-chan; `fn` gets the device list, or an error:
-  // vm-not-connected, qmp-error, timeout.
-  void query_protections(std::function<void(Result<nlohmann::json>)> fn);
-
-  const std::string& name() const { return name_; }
   const std::string& qmp_path() const { return path_; }
-  State state() const { return state_; }
-  const nlohmann::json& devices() const { return devices_; }
-  uint64_t connects() const { return connects_; }
-  uint64_t reconnects() const { return connects_ > 1 ? connects_ - 1 : 0; }
-  uint64_t rejected() const { return rejected_; }
-  void count_rejected() { rejected_++; }
-  uint64_t protocol_errors() const;
-  const std::string& last_error() const { return last_error_; }
-
-  // Whether the attach is in the journal (false while a fresh attach is
-  // still being tried).
-  bool persisted = false;
-
-  // list-vms fields: vm, qmp, state, since, qemu, devices, reconnects,
-  // rejected, last_error.
-  nlohmann::json info() const;
 
  private:
   struct Conn {
@@ -109,29 +157,18 @@ class Vm {
   void on_closed(uint64_t gen, const std::string& reason);
   void retire_conn();
   void schedule_retry();
-  void set_state(State s, std::string error = "");
   void settle(const Settled& result);
   bool ready() const;
 
-  EventLoop& loop_;
-  std::string name_;
   std::string path_;
   Options options_;
-  const Hooks& hooks_;
   Backoff backoff_;
-  State state_ = State::kConnecting;
-  std::string since_;
-  std::string last_error_;
-  std::string qemu_version_;
-  nlohmann::json devices_;
   std::unique_ptr<Conn> conn_;
   uint64_t gen_ = 0;  // connection generation; stale callbacks check it
   EventLoop::TimerId handshake_timer_ = 0;
   EventLoop::TimerId retry_timer_ = 0;
   std::vector<Waiter> waiters_;
   uint64_t next_waiter_ = 1;
-  uint64_t connects_ = 0;
-  uint64_t rejected_ = 0;
   uint64_t old_protocol_errors_ = 0;
   bool destroying_ = false;
 };

@@ -68,6 +68,14 @@ TEST_CASE("violations: malformed events are refused with a reason") {
     return v.ok() ? std::string("ok") : v.error().message;
   };
   CHECK(bad(json::array()) == "event data is not an object");
+  {
+    json d = event_data(1);
+    d["action"] = "explode";
+    CHECK(bad(d) == "unknown action 'explode'");
+    d = event_data(1);
+    d["access"] = "exec";
+    CHECK(bad(d) == "unknown access 'exec'");
+  }
   json d = event_data(1);
   d.erase("gpa");
   CHECK(bad(d) == "missing field 'gpa'");

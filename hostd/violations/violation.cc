@@ -69,6 +69,18 @@ Result<void> take_common(const json& j, const char* seq_key, Violation& v) {
 
 }  // namespace
 
+std::optional<uint32_t> action_code(std::string_view name) {
+  for (const auto& a : kActions)
+    if (name == a.name) return a.code;
+  return std::nullopt;
+}
+
+std::optional<uint32_t> access_code(std::string_view name) {
+  for (const auto& a : kAccesses)
+    if (name == a.name) return a.code;
+  return std::nullopt;
+}
+
 json to_json(const Violation& v) {
   return json{{"seq", v.seq},           {"vm", v.vm},
               {"device", v.device},     {"device_seq", v.device_seq},
@@ -99,6 +111,8 @@ Result<Violation> from_event(const std::string& vm, const json& data,
   Violation v;
   v.vm = vm;
   if (auto r = take_common(data, "seq", v); !r) return r.error();
+  if (!action_code(v.action)) return bad("unknown action '" + v.action + "'");
+  if (!access_code(v.access)) return bad("unknown access '" + v.access + "'");
   v.host_time = std::move(host_time);
   if (qemu_seconds > 0 || qemu_micros > 0)
     v.qemu_time = format_utc(qemu_seconds, qemu_micros);

@@ -2,7 +2,11 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
+
+#include <kvmx/kvmx-guest.h>
 
 #include <nlohmann/json.hpp>
 
@@ -12,6 +16,21 @@ namespace kvmx::violations {
 
 constexpr size_t kMaxStringField = 128;
 
+// The names QEMU's KVMX_VIOLATION event uses for the guest ABI's codes
+// (include/kvmx/kvmx-guest.h, docs/specs/kvmx-chan.md).
+struct Named {
+  const char* name;
+  uint32_t code;
+};
+inline constexpr Named kActions[] = {{"deny", KVMX_ACTION_DENY},
+                                     {"signal", KVMX_ACTION_SIGNAL},
+                                     {"log", KVMX_ACTION_LOG},
+                                     {"kill-vm", KVMX_ACTION_KILL_VM}};
+inline constexpr Named kAccesses[] = {{"read", KVMX_VIOLATION_READ},
+                                      {"write", KVMX_VIOLATION_WRITE}};
+std::optional<uint32_t> action_code(std::string_view name);
+std::optional<uint32_t> access_code(std::string_view name);
+
 struct Violation {
   uint64_t seq = 0;         // hostd's log sequence: unique, increasing
   std::string vm;
@@ -19,8 +38,8 @@ struct Violation {
   uint64_t device_seq = 0;  // the event's "seq" (per device, per QEMU run)
   uint64_t id = 0;          // protection id
   uint64_t gpa = 0;
-  std::string access;       // "read", "write", "exec", ...
-  std::string action;       // "deny", "signal", "log", "kill-vm"
+  std::string access;       // "read" or "write" (kAccesses)
+  std::string action;       // kActions
   uint64_t size = 0;
   int64_t pid = 0;          // from the guest: informational
   uint64_t vaddr = 0;       // from the guest: informational

@@ -311,7 +311,10 @@ void Daemon::on_vm_event(vm::Vm& v, const qmp::Event& ev) {
               {"vm", v.name()},
               {"device", shorten(json_string(ev.data, "device").value_or(""), 128)},
               {"op", json_i64(ev.data, "op").value_or(0)},
-              {"errno", json_i64(ev.data, "errno").value_or(0)},
+              // QEMU's field is "error" (kvmx-chan.md); "errno" is what
+              // early fakes sent.
+              {"errno", json_i64(ev.data, "error")
+                            .value_or(json_i64(ev.data, "errno").value_or(0))},
               {"reason", shorten(json_string(ev.data, "reason").value_or(""))}};
     log::info("Guest request rejected by kvmx-chan",
               {{"vm", v.name()}, {"device", e["device"]}, {"op", e["op"]},

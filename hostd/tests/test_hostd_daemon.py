@@ -2,7 +2,10 @@
 """kvmx-hostd end to end, against a fake QMP server: attach, violations
 recorded and streamed, malformed clients, SIGKILL and restart (the attach
 and the violations survive, the VM is re-attached), a torn journal tail, the
-VM going away, detach, SIGTERM.
+VM going away, detach, SIGTERM.  With --libvirt and no libvirtd to reach:
+hostd serves as before, retries the connection, keeps the journal's libvirt
+domains (disconnected; stopped without --libvirt).  The real libvirt side is
+tests/integration/test_libvirt.py.
 
     test_hostd_daemon.py KVMX_HOSTD KVMX_HOSTCTL
 """
@@ -17,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fake_qmp import DEVICES, FakeQmp  # noqa: E402
@@ -180,6 +184,7 @@ def run(hostd_exe, hostctl_exe, work):
     # -- Attach: handshake, query-kvmx-chan, state attached.
     info = result(api.call("attach", vm="vm1", qmp=qmp_path, id=1))
     assert info["state"] == "attached", info
+    assert info["source"] == "qmp", info
     assert info["devices"] == DEVICES, info
     assert info["qemu"] == "10.0.0", info
     assert fake.commands[:2] == ["qmp_capabilities", "query-kvmx-chan"]
@@ -211,7 +216,7 @@ def run(hostd_exe, hostctl_exe, work):
 
     # Hostile QMP events: counted, not recorded, not fatal.
     fake.emit("KVMX_VIOLATION", {"device": "chan0", "seq": "x"})
-    fake.emit("KVMX_CHAN_REJECTED", {"device": "chan0", "op": 2, "errno": 22,
+    fake.emit("KVMX_CHAN_REJECTED", {"device": "chan0", "op": 2, "error": 22,
                                      "reason": "extent 3 is not page aligned"})
     ev = sub.read_line()
     assert ev["event"] == "chan-rejected" and ev["errno"] == 22, ev
@@ -234,6 +239,7 @@ def run(hostd_exe, hostctl_exe, work):
     bad.close()
     stats = result(api.call("stats"))
     assert stats["requests_rejected"] == 6, stats  # with "bad name"
+    assert stats["libvirt"] == {"enabled": False}, stats
     assert result(api.call("ping"))["pong"]
 
     # -- One hostd per state directory.
@@ -360,6 +366,86 @@ def run_compaction(hostd_exe, work):
     fake.close()
 
 
+def journal_line(rec):
+    text = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+    return "%08x %s\n" % (zlib.crc32(text.encode()), text)
+
+
+def run_libvirt_unreachable(hostd_exe, work):
+    """--libvirt with no libvirtd behind the URI, and a journal that already
+    follows a libvirt domain."""
+    state = os.path.join(work, "lv-state")
+    os.makedirs(state)
+    uri = "qemu+unix:///system?socket=" + os.path.join(work, "no-libvirtd")
+    with open(os.path.join(state, "journal"), "w") as j:
+        j.write(journal_line({"t": "header", "format": "kvmx-hostd-journal",
+                              "version": 1}))
+        j.write(journal_line({"t": "libvirt-attach", "vm": "dom1",
+                              "uri": "qemu:///system", "uuid": "u-1"}))
+        rec = violation(7)
+        rec["device_seq"] = rec.pop("seq")
+        rec.update({"t": "violation", "vm": "dom1", "seq": 1,
+                    "host_time": "2025-05-01T10:00:01.000123Z",
+                    "qemu_time": "2025-05-01T10:00:01.000100Z"})
+        j.write(journal_line(rec))
+        # A damaged record: hostd compacts the journal at start, and the
+        # rewrite must keep the libvirt domain.
+        j.write('00000000 {"t":"violation"}\n')
+
+    bad = subprocess.run([hostd_exe, "--foreground", "--socket",
+                          os.path.join(work, "x.sock"), "--state-dir",
+                          os.path.join(work, "x-state"), "--libvirt", "system"],
+                         capture_output=True, text=True, timeout=10)
+    assert bad.returncode == 1 and "libvirt-uri" in bad.stderr, bad
+
+    hostd = Hostd(hostd_exe, work, name="lv", extra=["--libvirt", uri])
+    hostd.state = state
+    hostd.start()
+    api = hostd.api()
+    lv = wait_for("libvirt connection retried", lambda: (
+        lambda s: s if s["connect_failures"] >= 3 else None)(
+            result(api.call("stats"))["libvirt"]))
+    assert lv["enabled"] and not lv["connected"] and lv["uri"] == uri, lv
+    assert "no-libvirtd" in lv["last_error"], lv
+    dom = vm_state(hostd, "dom1")
+    assert dom["source"] == "libvirt" and dom["qmp"] is None, dom
+    assert dom["state"] == "disconnected", dom
+    assert dom["libvirt"] == {"uri": uri, "uuid": "u-1"}, dom
+    assert dom["violations"] == 1, dom
+    stats = result(api.call("stats"))
+    assert stats["journal"]["compactions"] == 1, stats
+    with open(os.path.join(state, "journal")) as j:
+        assert '"t":"libvirt-attach"' in j.read()
+    assert error_code(api.call("protections", vm="dom1")) == "vm-not-connected"
+    assert error_code(api.call("attach", vm="dom1",
+                               qmp=os.path.join(work, "dom1.qmp"))) \
+        == "vm-exists"
+    # Socket VMs work as ever next to it.
+    qmp_path = os.path.join(work, "vm9.qmp")
+    fake = FakeQmp(qmp_path)
+    assert result(api.call("attach", vm="vm9", qmp=qmp_path))["state"] \
+        == "attached"
+    api.close()
+
+    # Without --libvirt the journal's domain stays, stopped.
+    hostd.kill()
+    hostd.extra = []
+    hostd.start()
+    api = hostd.api()
+    dom = vm_state(hostd, "dom1")
+    assert dom["state"] == "stopped", dom
+    assert dom["last_error"] == "kvmx-hostd runs without --libvirt", dom
+    assert result(api.call("stats"))["libvirt"] == {"enabled": False}
+    assert result(api.call("detach", vm="dom1"))["detached"] is True
+    api.close()
+    hostd.kill()
+    hostd.start()
+    assert vm_state(hostd, "dom1") is None
+    assert vm_state(hostd, "vm9")["source"] == "qmp"
+    assert hostd.kill(signal.SIGTERM) == 0
+    fake.close()
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
@@ -370,9 +456,10 @@ def main():
     try:
         run(hostd_exe, hostctl_exe, work)
         run_compaction(hostd_exe, work)
+        run_libvirt_unreachable(hostd_exe, work)
     except BaseException:
         print(f"FAILED; work directory kept: {work}", file=sys.stderr)
-        for name in ("hostd.log", "small.log"):
+        for name in ("hostd.log", "small.log", "lv.log"):
             log = os.path.join(work, name)
             if os.path.exists(log):
                 with open(log) as f:

@@ -19,6 +19,17 @@ line, and the domain is shut off with no QEMU left.  An override whose
 alias matches no device starts without flush hints (libvirt drops it): the
 validator is what catches that one.
 
+kvmx-hostd follows libvirt's lifecycle (started with --libvirt
+qemu:///system before any domain): the domain of
+examples/libvirt/hostd-protected.xml (opt-in metadata, a kvmx-chan device)
+is attached once it starts and `protections` is answered through libvirt;
+after kill -9 and a restart of hostd it is attached again; a protected
+page written in the guest (kvmx-prottest signal) is a violation hostd
+records under the domain's name; if libvirtd-up started libvirtd, libvirtd
+is restarted and hostd reconnects and re-attaches; virsh destroy stops it
+in hostd within seconds.  The other domains (no opt-in) never show up in
+hostd.
+
 Domains are called kvmx-test-<pid>-*; they are destroyed and undefined on
 the way out (and those of dead test runs at the next start).  libvirtd is
 held with libvirtd-up --hold and released at the end: if this test started
@@ -47,6 +58,9 @@ import pagecache  # noqa: E402
 REPO = kvmxvm.REPO_ROOT
 SCRIPTS = REPO / 'scripts'
 EXAMPLE = REPO / 'examples' / 'libvirt' / 'nvdimm-flush-hint.xml'
+HOSTD_EXAMPLE = REPO / 'examples' / 'libvirt' / 'hostd-protected.xml'
+BUILD = Path(os.environ.get('KVMX_BUILD_DIR') or REPO / 'build')
+HOSTD = BUILD / 'hostd' / 'kvmx-hostd'
 URI = 'qemu:///system'
 QEMU_NS = 'http://libvirt.org/schemas/domain/qemu/1.0'
 Q = '{%s}' % QEMU_NS
@@ -63,6 +77,16 @@ echo READY
 read ack </dev/ttyS1
 dd if=/tmp/blk of=/dev/pmem0 bs=1M count=1 conv=fsync 2>/dev/null
 echo "SYNCED $? $(md5sum /tmp/blk | cut -d' ' -f1)"
+read ack </dev/ttyS1
+'''
+
+# The domain hostd follows: the driver loaded, then (on the host's word,
+# once hostd has been restarted) one write to a protected page.
+HOSTD_GUEST_SCRIPT = r'''
+insmod /opt/kvmx/kvmx_guest.ko; echo "INSMOD $?"
+echo READY
+read ack </dev/ttyS1
+/opt/kvmx/kvmx-prottest signal; echo "PROTTEST $?"
 read ack </dev/ttyS1
 '''
 
@@ -125,11 +149,12 @@ def reachable(path):
 
 
 # -- the domain XML ------------------------------------------------------------
-def render(name, work, qemu, script, ctl_sock, root_qemu=False):
+def render(name, work, qemu, script, ctl_sock, root_qemu=False,
+           example=EXAMPLE):
     """The example with its placeholders filled in, for this test: our own
     QEMU and guest image, our guest script, a control serial port."""
     ET.register_namespace('qemu', QEMU_NS)
-    text = EXAMPLE.read_text().replace('@KVMX_REPO@', str(REPO)) \
+    text = example.read_text().replace('@KVMX_REPO@', str(REPO)) \
                               .replace('@VMDIR@', str(work))
     dom = ET.fromstring(text)
     dom.find('name').text = name
@@ -291,6 +316,212 @@ def gone(pids, timeout=15):
     return True
 
 
+# -- kvmx-hostd following libvirt -----------------------------------------------------
+class Hostd:
+    """kvmx-hostd --libvirt qemu:///system, in the foreground, its state and
+    log in the work directory."""
+
+    def __init__(self, work, sock_dir):
+        self.sock = os.path.join(sock_dir, 'hostd.sock')
+        self.state = os.path.join(work, 'hostd-state')
+        self.log_path = os.path.join(work, 'hostd.log')
+        self.proc = None
+
+    def start(self):
+        with open(self.log_path, 'ab') as log:
+            self.proc = subprocess.Popen(
+                [HOSTD, '--foreground', '--socket', self.sock,
+                 '--state-dir', self.state, '--libvirt', URI,
+                 '-o', 'reconnect-max-ms=1000'],
+                stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f'kvmx-hostd exited with '
+                                   f'{self.proc.returncode}: {self.tail()}')
+            try:
+                if 'result' in self.call('ping'):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f'kvmx-hostd did not answer: {self.tail()}')
+
+    def call(self, op, **fields):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(self.sock)
+            s.sendall((json.dumps({'op': op, **fields}) + '\n').encode())
+            buf = b''
+            while not buf.endswith(b'\n'):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            return json.loads(buf) if buf else {}
+
+    def vm(self, name):
+        vms = self.call('list-vms').get('result', {}).get('vms', [])
+        return next((v for v in vms if v['vm'] == name), None)
+
+    def wait_vm(self, name, pred, timeout):
+        """The VM's list-vms entry once pred(entry) holds, else the last one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.vm(name)
+            if (v and pred(v)) or time.monotonic() > deadline:
+                return v
+            time.sleep(0.2)
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def tail(self, n=3000):
+        try:
+            return open(self.log_path, errors='replace').read()[-n:]
+        except OSError:
+            return ''
+
+
+def attached(v):
+    return v['state'] == 'attached'
+
+
+def libvirtd_ours():
+    """PID of libvirtd if scripts/libvirtd-up started it (so this test may
+    restart it), else None."""
+    p = subprocess.run([SCRIPTS / 'libvirtd-up', '--status'],
+                       capture_output=True, text=True)
+    m = re.search(r'^libvirtd: running, pid (\d+), started by libvirtd-up$',
+                  p.stdout, re.M)
+    return int(m[1]) if m else None
+
+
+def restart_libvirtd(hostd, name):
+    """Stop libvirtd under the running domain and start it again: hostd
+    loses the connection, reconnects with backoff, resyncs, re-attaches."""
+    pid = libvirtd_ours()
+    if pid is None:
+        print('note: libvirtd was not started by libvirtd-up here: '
+              'not restarting it')
+        return
+    os.kill(pid, signal.SIGTERM)
+    if not check(gone([pid], 30), f'libvirtd {pid} stopped'):
+        return
+    v = hostd.wait_vm(name, lambda v: v['state'] == 'disconnected', 15)
+    check(v and v['state'] == 'disconnected' and
+          'libvirt connection lost' in v['last_error'],
+          f'libvirtd gone: hostd shows the domain disconnected ({v})')
+    up = subprocess.run([SCRIPTS / 'libvirtd-up', '--hold', str(os.getpid())],
+                        capture_output=True, text=True)
+    if not check(up.returncode == 0,
+                 f'libvirtd started again ({one_line(up.stderr)})'):
+        return
+    v = hostd.wait_vm(name, attached, 60)
+    lv = hostd.call('stats')['result']['libvirt']
+    check(v and attached(v) and lv['connected'] and lv['reconnects'] >= 1
+          and lv['disconnects'] >= 1,
+          f'hostd reconnected to libvirtd and re-attached the domain '
+          f'({v and v["state"]}, {lv})')
+    check(domstate(name) == 'running', 'the domain ran on meanwhile')
+
+
+def run_hostd(work, qemu, ctl_dir, root_qemu, hostd):
+    name = PREFIX + 'hostd'
+    script = os.path.join(work, 'hostd-guest.sh')
+    with open(script, 'w') as f:
+        f.write(HOSTD_GUEST_SCRIPT)
+    vmdir = os.path.join(work, 'hostd-vm')
+    os.makedirs(vmdir)
+    os.chmod(vmdir, 0o755)
+    console = os.path.join(vmdir, 'console.log')
+    ctl_sock = os.path.join(ctl_dir, 'hostd-ctl.sock')
+    dom = render(name, vmdir, qemu, script, ctl_sock, root_qemu,
+                 example=HOSTD_EXAMPLE)
+    define(dom, work, 'hostd')
+    p = virsh('metadata', name, 'urn:kvmx:hostd:1')
+    check(p.returncode == 0 and 'attach="yes"' in p.stdout,
+          f'libvirt keeps the opt-in metadata ({one_line(p.stdout)})')
+    check(hostd.vm(name) is None, 'a defined domain is not in hostd yet')
+
+    p = virsh('start', name)
+    if not check(p.returncode == 0,
+                 f'virsh start {name} ({one_line(p.stdout + p.stderr)})'):
+        return
+    t0 = time.monotonic()
+    v = hostd.wait_vm(name, attached, 60)
+    check(v and attached(v) and v['source'] == 'libvirt' and
+          v['libvirt']['uri'] == URI and v['qmp'] is None and
+          v['qemu'].startswith('10.'),
+          f'hostd attached the started domain through libvirt in '
+          f'{time.monotonic() - t0:.1f} s ({v})')
+    check(v and v['devices'] and v['devices'][0]['id'] == 'chan0',
+          'hostd learnt its kvmx-chan device (query-kvmx-chan via libvirt)')
+    r = hostd.call('protections', vm=name)
+    devs = r.get('result', {}).get('devices') or [{}]
+    check(devs[0].get('id') == 'chan0' and 'entries' in devs[0],
+          f'protections relayed through libvirt ({r})')
+
+    _, text = wait_console(console, r'READY\n', name, 300)
+    check('INSMOD 0' in text, 'guest: kvmx_guest.ko loaded')
+
+    # kill -9 and a restart: the domain is attached again.
+    hostd.kill()
+    hostd.start()
+    v = hostd.wait_vm(name, attached, 60)
+    check(v and attached(v),
+          f'after kill -9 and a restart hostd attached the running domain '
+          f'again ({v})')
+
+    with socket.socket(socket.AF_UNIX) as ctl:
+        ctl.connect(ctl_sock)
+        ctl.sendall(b'go\n')
+        m, _ = wait_console(console, r'PROTTEST (\d+)\n', name, 120)
+        check(m[1] == '0', 'guest: kvmx-prottest signal passes')
+        deadline = time.monotonic() + 30
+        while True:
+            r = hostd.call('violations', vm=name)
+            items = r.get('result', {}).get('violations', [])
+            if items or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        check(items and items[0]['vm'] == name and
+              items[0]['device'] == 'chan0' and
+              items[0]['access'] == 'write' and
+              items[0]['action'] == 'signal',
+              f'hostd recorded the guest\'s violation under the domain name, '
+              f'from libvirt\'s QEMU event ({items[:1]})')
+        v = hostd.vm(name)
+        check(v and v['violations'] >= 1, f'list-vms counts it ({v})')
+
+        restart_libvirtd(hostd, name)
+
+        p = virsh('destroy', name)
+        check(p.returncode == 0, f'virsh destroy ({one_line(p.stderr)})')
+        t0 = time.monotonic()
+        v = hostd.wait_vm(name, lambda v: v['state'] == 'stopped', 10)
+        check(v and v['state'] == 'stopped' and
+              'destroyed' in v['last_error'],
+              f'destroyed domain: hostd shows it stopped in '
+              f'{time.monotonic() - t0:.1f} s ({v and v["state"]}, '
+              f'{v and v["last_error"]})')
+    r = hostd.call('protections', vm=name)
+    check(r.get('error', {}).get('code') == 'vm-not-connected',
+          f'no protections for a stopped domain ({r})')
+    lv = hostd.call('stats')['result']['libvirt']
+    check(lv['connected'] and lv['domains'] == 1 and
+          lv['domains_attached'] == 0 and lv['uri'] == URI,
+          f'stats: libvirt section ({lv})')
+    virsh('undefine', name)
+
+
 # -- broken domains ---------------------------------------------------------------
 def dimm_override(dom):
     """Flush hints aimed at a plain DIMM."""
@@ -394,6 +625,7 @@ def main():
         return 1
     work = kvmxtest.workdir('libvirt-')
     ctl_dir = work
+    hostd = None
     try:
         reap_leftovers()
         os.chmod(work, 0o755)       # QEMU runs as libvirt-qemu
@@ -406,11 +638,26 @@ def main():
                 print(f'note: {p} is not reachable by {QEMU_USER}: '
                       'QEMU runs as root (<seclabel model=dac>)')
                 root_qemu = True
+        # hostd runs before any domain starts, and sees all of them.
+        if check(os.access(HOSTD, os.X_OK), f'{HOSTD} is built'):
+            hostd = Hostd(work, ctl_dir)
+            hostd.start()
         run_good(work, qemu, ctl_dir, root_qemu)
+        if hostd:
+            run_hostd(work, qemu, ctl_dir, root_qemu, hostd)
         run_broken(work, qemu, ctl_dir, root_qemu)
-    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        if hostd:
+            vms = [v['vm'] for v in hostd.call('list-vms')['result']['vms']]
+            check(vms == [PREFIX + 'hostd'],
+                  f'hostd followed only the domain that opts in ({vms})')
+            check(hostd.kill(signal.SIGTERM) == 0, 'hostd stops on SIGTERM')
+    except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
         check(False, str(e))
     finally:
+        if hostd:
+            hostd.kill()
+            if check.failures:
+                print(f'--- hostd log tail\n{hostd.tail()}')
         for name in domains:
             remove_domain(name)
         left = [n for n in domains if qemu_pids(n)]

@@ -29,19 +29,15 @@ On the host:
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
+from hostdctl import Hostd, hostd_binary  # noqa: E402
 
 check = kvmxtest.Checks()
-BUILD = os.environ.get('KVMX_BUILD_DIR') or str(kvmxvm.REPO_ROOT / 'build')
-HOSTD = os.path.join(BUILD, 'hostd', 'kvmx-hostd')
+HOSTD = hostd_binary()
 
 GUEST = r'''
 K=/opt/kvmx
@@ -100,61 +96,6 @@ echo GUEST-DONE
 '''
 
 
-class Hostd:
-    def __init__(self, work):
-        self.sock = os.path.join(work, 'hostd.sock')
-        self.state = os.path.join(work, 'hostd-state')
-        self.log = open(os.path.join(work, 'hostd.log'), 'ab')
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [HOSTD, '--foreground', '--socket', self.sock,
-             '--state-dir', self.state, '--log-format', 'json'],
-            stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if 'result' in self.call({'op': 'ping'}):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError('hostd did not answer on its socket')
-
-    def call(self, req, raw=None):
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(30)
-            s.connect(self.sock)
-            s.sendall(raw if raw is not None else
-                      (json.dumps(req) + '\n').encode())
-            buf = b''
-            while not buf.endswith(b'\n'):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-            return json.loads(buf) if buf else {}
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def violations(hostd, vm):
-    r = hostd.call({'op': 'violations', 'vm': vm, 'limit': 1000})
-    return r.get('result', {}).get('violations', r.get('violations', []))
-
-
 def main():
     kvmxtest.require_guest_image()
     qemu = kvmxvm.patched_qemu()
@@ -171,7 +112,7 @@ def main():
                  '-qmp', f'unix:{hostd_qmp},server=on,wait=off'],
                 work, 'protect') as vm:
             vm.wait_console(r'PROT-READY', 180)
-            r = hostd.call({'op': 'attach', 'vm': 'prot1', 'qmp': hostd_qmp})
+            r = hostd.call('attach', vm='prot1', qmp=hostd_qmp)
             check('error' not in r, f'hostd attaches to the VM: {r}')
             vm.send_serial(b'go\n')
             vm.wait_console(r'GUEST-DONE|KVMX-GUEST-EXIT', 900)
@@ -239,20 +180,20 @@ def main():
         check(dev.get('violations', 0) >= 3,
               f'device counted violations: {dev.get("violations")}')
 
-        v = violations(hostd, 'prot1')
+        v = hostd.violations('prot1')
         check(len(v) >= 3, f'hostd recorded the violations: {len(v)}')
         writes = [x for x in v if x.get('access') == 'write']
         check(writes and all('gpa' in x and ('time' in x or 'host_time' in x
                                               or 'time_ns' in x) for x in writes),
               f'violations carry gpa, access and time: {writes[:1]}')
-        r = hostd.call(None, raw=b'{this is not json\n')
+        r = hostd.send(b'{this is not json\n')
         check('error' in r, f'hostd answers garbage with an error: {r}')
         hostd.kill()
         hostd.start()
-        v2 = violations(hostd, 'prot1')
+        v2 = hostd.violations('prot1')
         check(len(v2) == len(v),
               f'after SIGKILL and restart hostd still has {len(v2)}/{len(v)}')
-        st = hostd.call({'op': 'stats'})
+        st = hostd.call('stats')
         check('error' not in st, f'hostd serves after restart: {st}')
     finally:
         hostd.stop()

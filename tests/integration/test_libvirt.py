@@ -53,6 +53,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
+from hostdctl import Hostd  # noqa: E402
 import pagecache  # noqa: E402
 
 REPO = kvmxvm.REPO_ROOT
@@ -317,79 +318,6 @@ def gone(pids, timeout=15):
 
 
 # -- kvmx-hostd following libvirt -----------------------------------------------------
-class Hostd:
-    """kvmx-hostd --libvirt qemu:///system, in the foreground, its state and
-    log in the work directory."""
-
-    def __init__(self, work, sock_dir):
-        self.sock = os.path.join(sock_dir, 'hostd.sock')
-        self.state = os.path.join(work, 'hostd-state')
-        self.log_path = os.path.join(work, 'hostd.log')
-        self.proc = None
-
-    def start(self):
-        with open(self.log_path, 'ab') as log:
-            self.proc = subprocess.Popen(
-                [HOSTD, '--foreground', '--socket', self.sock,
-                 '--state-dir', self.state, '--libvirt', URI,
-                 '-o', 'reconnect-max-ms=1000'],
-                stdout=log, stderr=log)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f'kvmx-hostd exited with '
-                                   f'{self.proc.returncode}: {self.tail()}')
-            try:
-                if 'result' in self.call('ping'):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f'kvmx-hostd did not answer: {self.tail()}')
-
-    def call(self, op, **fields):
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(30)
-            s.connect(self.sock)
-            s.sendall((json.dumps({'op': op, **fields}) + '\n').encode())
-            buf = b''
-            while not buf.endswith(b'\n'):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-            return json.loads(buf) if buf else {}
-
-    def vm(self, name):
-        vms = self.call('list-vms').get('result', {}).get('vms', [])
-        return next((v for v in vms if v['vm'] == name), None)
-
-    def wait_vm(self, name, pred, timeout):
-        """The VM's list-vms entry once pred(entry) holds, else the last one."""
-        deadline = time.monotonic() + timeout
-        while True:
-            v = self.vm(name)
-            if (v and pred(v)) or time.monotonic() > deadline:
-                return v
-            time.sleep(0.2)
-
-    def kill(self, sig=signal.SIGKILL):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
-
-    def tail(self, n=3000):
-        try:
-            return open(self.log_path, errors='replace').read()[-n:]
-        except OSError:
-            return ''
-
-
 def attached(v):
     return v['state'] == 'attached'
 
@@ -640,7 +568,9 @@ def main():
                 root_qemu = True
         # hostd runs before any domain starts, and sees all of them.
         if check(os.access(HOSTD, os.X_OK), f'{HOSTD} is built'):
-            hostd = Hostd(work, ctl_dir)
+            # -o reconnect-max-ms: back in 1 s after a libvirtd restart.
+            hostd = Hostd(work, ctl_dir, ['--libvirt', URI,
+                                          '-o', 'reconnect-max-ms=1000'])
             hostd.start()
         run_good(work, qemu, ctl_dir, root_qemu)
         if hostd:

@@ -23,35 +23,23 @@ Writes results/<stamp>.json, prints a table, and plots
 results/<stamp>.png.  Usage: bench/flush/run.py [--n N] [--skip-tcg]
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, 'tests', 'lib'))
+sys.path.insert(0, os.path.dirname(HERE))
+import benchlib  # noqa: E402
 import kvmxvm  # noqa: E402
 from fsguest import FsGuest  # noqa: E402
 
 SIZE = 64 << 20
 TESTDEV_MMIO = 0xff000000
 RAM_ADDR = 0x8000000
-
-
-def machine_info():
-    cpu = ''
-    for line in open('/proc/cpuinfo'):
-        if line.startswith('model name'):
-            cpu = line.split(':', 1)[1].strip()
-            break
-    return {'cpu': cpu, 'cores': os.cpu_count(), 'kernel': platform.release(),
-            'hw_virt': bool(re.search(r'\b(vmx|svm)\b',
-                                      open('/proc/cpuinfo').read()))}
 
 
 def mmio_exits(vm):
@@ -270,24 +258,12 @@ def main():
     ap.add_argument('--skip-kvm', action='store_true')
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix='bench-flush-', dir=kvmxvm.scratch_dir())
-    res = {'machine': machine_info(), 'n': a.n, 'n_tcg': a.n_tcg,
-           'command': ' '.join(sys.argv),
-           'date': datetime.datetime.utcnow().isoformat(timespec='seconds')}
+    res = benchlib.new_results(n=a.n, n_tcg=a.n_tcg)
     if not a.skip_kvm:
         res['kvm'] = kvm_part(a.n, work)
     if not a.skip_tcg:
         res['tcg'] = tcg_part(a.n_tcg, work)
-    outdir = os.path.join(HERE, 'results')
-    os.makedirs(outdir, exist_ok=True)
-    stamp = res['date'].replace(':', '')
-    with open(os.path.join(outdir, f'{stamp}.json'), 'w') as f:
-        json.dump(res, f, indent=1)
-    text = report(res)
-    with open(os.path.join(outdir, f'{stamp}.txt'), 'w') as f:
-        f.write(text + '\n')
-    plot(res, os.path.join(outdir, f'{stamp}.png'))
-    print(text)
-    print(f'\nresults: bench/flush/results/{stamp}.{{json,txt,png}}')
+    benchlib.save(res, HERE, report, plot)
     return 0
 
 

@@ -20,10 +20,8 @@ Writes results/<stamp>.{json,txt,png}.  Usage:
   bench/protect/run.py [--reps N] [--skip-kvm] [--skip-tcg] [--skip-host]
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import struct
@@ -35,6 +33,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, 'tests', 'lib'))
+sys.path.insert(0, os.path.dirname(HERE))
+import benchlib  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, 'tests', 'integration'))
 import kvmxvm  # noqa: E402
 from fsguest import FsGuest  # noqa: E402
@@ -42,17 +42,6 @@ from test_protect_kvm import Chan, find_chan, mmio_exits  # noqa: E402
 
 BUILD = os.environ.get('KVMX_BUILD_DIR') or os.path.join(ROOT, 'build')
 GIB = 1 << 30
-
-
-def machine_info():
-    cpu = ''
-    for line in open('/proc/cpuinfo'):
-        if line.startswith('model name'):
-            cpu = line.split(':', 1)[1].strip()
-            break
-    return {'cpu': cpu, 'cores': os.cpu_count(), 'kernel': platform.release(),
-            'hw_virt': bool(re.search(r'\b(vmx|svm)\b',
-                                      open('/proc/cpuinfo').read()))}
 
 
 def json_lines(text):
@@ -282,25 +271,14 @@ def main():
     ap.add_argument('--skip-tcg', action='store_true')
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix='bench-protect-', dir=kvmxvm.scratch_dir())
-    res = {'machine': machine_info(), 'command': ' '.join(sys.argv),
-           'date': datetime.datetime.utcnow().isoformat(timespec='seconds')}
+    res = benchlib.new_results()
     if not a.skip_host:
         res['host'] = host_part(a.reps)
     if not a.skip_kvm:
         res['kvm'] = kvm_part(a.reps, work)
     if not a.skip_tcg:
         res['tcg'] = tcg_part(a.reps, work)
-    outdir = os.path.join(HERE, 'results')
-    os.makedirs(outdir, exist_ok=True)
-    stamp = res['date'].replace(':', '')
-    with open(os.path.join(outdir, f'{stamp}.json'), 'w') as f:
-        json.dump(res, f, indent=1)
-    text = report(res)
-    with open(os.path.join(outdir, f'{stamp}.txt'), 'w') as f:
-        f.write(text + '\n')
-    plot(res, os.path.join(outdir, f'{stamp}.png'))
-    print(text)
-    print(f'\nresults: bench/protect/results/{stamp}.{{json,txt,png}}')
+    benchlib.save(res, HERE, report, plot)
     return 0
 
 

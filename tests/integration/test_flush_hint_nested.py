@@ -158,31 +158,96 @@ echo "L1-DONE"
 '''
 
 
-def run_kernel(work):
-    img = kvmxtest.backing_file(work, 'kernel.img', SIZE)
+class L1Hang(RuntimeError):
+    """L1 stopped answering during a kernel-path run (see run_kernel)."""
+
+
+def l1_diagnostics(vm):
+    """Where L1's vCPUs are: RIPs from HMP 'info registers -a', with the
+    nearest symbol of the guest kernel's System.map when it is there."""
+    try:
+        regs = vm.qmp.cmd('human-monitor-command',
+                          **{'command-line': 'info registers -a'})
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        return f'(info registers failed: {e})'
+    rips = [int(r, 16) for r in re.findall(r'RIP=([0-9a-f]+)', regs)]
+    syms = []
+    rel = (kvmxvm.REPO_ROOT / 'build' / 'guest-nested' / 'kernel.release')
+    try:
+        release = rel.read_text().strip()
+        maps = list((kvmxvm.REPO_ROOT / 'build' / 'cache' / 'guest-kernel')
+                    .glob(f'*/boot/System.map-{release}'))
+        for line in open(maps[0]):
+            a, t, name = line.split()[:3]
+            if t in 'tTwW':
+                syms.append((int(a, 16), name))
+        syms.sort()
+    except (OSError, IndexError, ValueError):
+        pass
+    out = []
+    for i, rip in enumerate(rips):
+        name = ''
+        for a, n in reversed(syms):
+            if a <= rip:
+                name = f' {n}+{rip - a:#x}'
+                break
+        out.append(f'cpu{i} rip={rip:#x}{name}')
+    return '; '.join(out) or regs[:2000]
+
+
+def run_kernel_once(work, attempt):
+    img = kvmxtest.backing_file(work, f'kernel{attempt}.img', SIZE)
     args = kvmxtest.nvdimm_args(img, SIZE, mem='1536M,slots=2,maxmem=4G',
-                                extra=['-cpu', 'max'])
+                                extra=['-cpu', 'max', '-smp', '2'])
     script = (L1_KVM_SCRIPT.replace('__L1_COMMON__', L1_COMMON)
               .replace('__M__', str(M)))
     os.environ['KVMX_GUEST_DIR'] = os.path.join(kvmxvm.REPO_ROOT, 'build',
                                                 'guest-nested')
     outer = {}
     with kvmxvm.start_guest(kvmxvm.patched_qemu(), script, args, work,
-                            'kernel', append_extra='kvmx.modules=kvm,kvm_amd'
-                            ) as vm:
+                            f'kernel{attempt}',
+                            append_extra='kvmx.modules=kvm,kvm_amd') as vm:
         for label in ('AUTO', 'USER', 'NOMOD'):
-            m = vm.wait_console(rf'L1-{label}-READY|L1-SKIP (.*)\n', 1500)
+            # The first wait includes L1's boot; later ones follow an inner
+            # QEMU's exit, which is where L1 has been seen to go silent.
+            try:
+                m = vm.wait_console(rf'L1-{label}-READY|L1-SKIP (.*)\n',
+                                    1500 if label == 'AUTO' else 420)
+            except (TimeoutError, RuntimeError) as e:
+                raise L1Hang(f'before {label}: L1 silent ({e}); '
+                             f'{l1_diagnostics(vm)}') from None
             if m[0].startswith('L1-SKIP'):
                 vm.kill()
                 kvmxvm.skip(f'kernel case: {m[1]}')
             before = vm.qmp.cmd('query-nvdimm-flush')[0]['guest-flushes']
             vm.send_serial(b'go\n')
-            vm.wait_console(rf'L1-{label}-RESULT .*\n', 1500)
+            # A normal run answers within a minute; L1 has been seen to go
+            # silent here (twice in about a dozen runs), its own 600 s
+            # watchdogs silent too.
+            try:
+                vm.wait_console(rf'L1-{label}-RESULT .*\n', 420)
+            except (TimeoutError, RuntimeError) as e:
+                raise L1Hang(f'{label}: no result from L1 ({e}); '
+                             f'{l1_diagnostics(vm)}') from None
             outer[label] = (vm.qmp.cmd('query-nvdimm-flush')[0]
                             ['guest-flushes'] - before)
             vm.send_serial(b'go\n')
-        rc = kvmxvm.wait_guest_exit(vm, 600)
+        try:
+            rc = kvmxvm.wait_guest_exit(vm, 600)
+        except (TimeoutError, RuntimeError) as e:
+            raise L1Hang(f'at the end: L1 silent ({e}); '
+                         f'{l1_diagnostics(vm)}') from None
         text = vm.console_text()
+    return rc, text, outer
+
+
+def run_kernel(work):
+    try:
+        rc, text, outer = run_kernel_once(work, 1)
+    except L1Hang as e:
+        # Kept visible: the test says so, and the second attempt must pass.
+        print(f'[kernel] WARNING: L1 hung, retrying once: {e}', flush=True)
+        rc, text, outer = run_kernel_once(work, 2)
     res = {}
     for label in ('AUTO', 'USER', 'NOMOD'):
         r = re.search(rf'L1-{label}-RESULT path=(\w*) mmio=(-?\d+) '
@@ -224,7 +289,7 @@ def run(case, work):
     os.environ['KVMX_GUEST_DIR'] = nested
     with kvmxvm.start_guest(kvmxvm.patched_qemu(), script, args, work, case,
                             mem='1536M') as vm:
-        m = vm.wait_console(r'L1-READY (0x[0-9a-f]+)\n', 1500)
+        vm.wait_console(r'L1-READY (0x[0-9a-f]+)\n', 1500)
         before = vm.qmp.cmd('query-nvdimm-flush')[0]['guest-flushes']
         vm.send_serial(b'go\n')
         vm.wait_console(r'L2-WRITES-DONE', 1500)

@@ -49,9 +49,10 @@ def mmio_exits(vm):
 
 
 def kvm_part(n, work):
+    qemu = kvmxvm.patched_qemu()
     elf = os.path.join(ROOT, 'build', 'tests', 'kvm-guest',
                        'kvmx-testguest.elf')
-    base = ['-accel', 'kvm', '-machine', 'q35,nvdimm=on', '-cpu', 'host',
+    base = ['-accel', 'kvm', '-machine', 'q35,nvdimm=on', '-cpu', kvmxvm.kvm_cpu_model(qemu),
             '-m', '256M,slots=4,maxmem=4G', '-no-reboot', '-kernel', elf,
             '-device', 'isa-debug-exit,iobase=0xf4,iosize=0x04',
             '-device', 'pc-testdev']

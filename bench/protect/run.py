@@ -66,7 +66,7 @@ def host_part(reps):
 def kvm_part(reps, work):
     qemu = kvmxvm.patched_qemu()
     elf = os.path.join(BUILD, 'tests', 'kvm-guest', 'kvmx-testguest.elf')
-    args = ['-accel', 'kvm', '-machine', 'q35', '-cpu', 'host', '-m', '1536M',
+    args = ['-accel', 'kvm', '-machine', 'q35', '-cpu', kvmxvm.kvm_cpu_model(qemu), '-m', '1536M',
             '-no-reboot', '-kernel', elf,
             '-device', 'isa-debug-exit,iobase=0xf4,iosize=0x04',
             '-device', 'kvmx-chan,id=chan0']

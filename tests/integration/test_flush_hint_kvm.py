@@ -72,7 +72,7 @@ def main():
     elf = guest_elf()
     work = kvmxtest.workdir('kvm-')
     img = kvmxtest.backing_file(work, 'pmem.img', SIZE)
-    args = ['-accel', 'kvm', '-machine', 'q35,nvdimm=on', '-cpu', 'host',
+    args = ['-accel', 'kvm', '-machine', 'q35,nvdimm=on', '-cpu', kvmxvm.kvm_cpu_model_or_skip(qemu),
             '-m', '256M,slots=4,maxmem=4G', '-no-reboot', '-kernel', elf,
             '-device', 'isa-debug-exit,iobase=0xf4,iosize=0x04',
             '-object', f'memory-backend-file,id=m0,share=on,mem-path={img},'

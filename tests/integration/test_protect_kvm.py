@@ -87,7 +87,7 @@ def main():
     qemu = kvmxvm.patched_qemu()
     elf = guest_elf()
     work = kvmxtest.workdir('protkvm-')
-    args = ['-accel', 'kvm', '-machine', 'q35', '-cpu', 'host', '-m', '64M',
+    args = ['-accel', 'kvm', '-machine', 'q35', '-cpu', kvmxvm.kvm_cpu_model_or_skip(qemu), '-m', '64M',
             '-no-reboot', '-kernel', elf,
             '-device', 'isa-debug-exit,iobase=0xf4,iosize=0x04',
             '-device', 'kvmx-chan,id=chan0']

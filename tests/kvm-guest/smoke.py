@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 from fsguest import FsGuest, GuestError, GuestFault  # noqa: E402
-from kvmxvm import Qmp, QmpError, default_qemu  # noqa: E402
+from kvmxvm import Qmp, QmpError, default_qemu, kvm_cpu_model  # noqa: E402
 
 SKIP = 77
 KVM_GET_API_VERSION = 0xAE00
@@ -92,9 +92,8 @@ class Vm:
         self.ser_path = os.path.join(tmp, "serial.sock")
         self.qmp_path = os.path.join(tmp, "qmp.sock")
         self.err_path = os.path.join(tmp, "qemu.stderr")
-        kvm = args.accel == "kvm"
         cmd = [args.qemu, "-accel", args.accel, "-machine", "q35",
-               "-cpu", "host" if kvm else "max", "-smp", "1", "-m", args.mem,
+               "-cpu", args.cpu, "-smp", "1", "-m", args.mem,
                "-nodefaults", "-nographic", "-no-reboot", "-S",
                "-kernel", args.elf,
                "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
@@ -331,6 +330,14 @@ def main():
     if not shutil.which(args.qemu):
         print(f"SKIP: QEMU '{args.qemu}' not found")
         return SKIP
+    args.cpu = "max"
+    if args.accel == "kvm":
+        try:
+            args.cpu = kvm_cpu_model(args.qemu)
+        except RuntimeError as e:
+            print(f"SKIP: {e}")
+            return SKIP
+        print(f"KVM CPU model on this machine: {args.cpu}")
     if not os.path.exists(args.elf):
         print(f"FAIL: guest '{args.elf}' not built")
         return 1

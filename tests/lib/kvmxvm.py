@@ -451,7 +451,7 @@ def start_guest(qemu, script_text, extra_args=(), workdir=".", name="guest",
     extra = [str(a) for a in extra_args]
     args = ["-machine", f"q35,accel={accel}"]
     if "-cpu" not in extra:
-        args += ["-cpu", "max" if accel == "tcg" else "host"]
+        args += accel_cpu_args(accel, qemu)
     if "-m" not in extra:
         args += ["-m", mem]
     append = f"{GUEST_APPEND} {append_extra}".strip()
@@ -511,3 +511,79 @@ def scratch_dir():
     d = Path(os.environ.get("KVMX_SCRATCH") or REPO_ROOT / "build" / "scratch")
     d.mkdir(parents=True, exist_ok=True)
     return str(d)
+
+
+# -- the CPU model for -accel kvm --------------------------------------------
+# Machines of this kind differ: on some AMD EPYC hosts KVM refuses the
+# IA32_ARCH_CAPABILITIES MSR that `-cpu host` asks for, and QEMU dies at
+# start ("failed to set MSR 0x10a", an assertion in kvm_buf_set_msrs).  Every
+# test and benchmark that runs QEMU under KVM takes its CPU model from here,
+# and the model is checked on this machine, not assumed.
+KVM_CPU_CANDIDATES = ("host", "host,-arch-capabilities")
+_kvm_cpu_cache = {}
+
+
+def _kvm_cpu_works(qemu, model, timeout=20):
+    """Start QEMU paused under KVM with `model`, let its vCPU run, quit.
+    True if the vCPU started (QEMU answered query-status as running)."""
+    cmds = ('{"execute":"qmp_capabilities"}\n{"execute":"cont"}\n'
+            '{"execute":"query-status"}\n{"execute":"quit"}\n')
+    try:
+        p = subprocess.run(
+            [qemu, "-accel", "kvm", "-cpu", model, "-machine", "q35",
+             "-m", "64M", "-nodefaults", "-display", "none", "-S",
+             "-qmp", "stdio"],
+            input=cmds, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, "timed out"
+    except OSError as e:
+        return False, f"cannot run {qemu}: {e.strerror}"
+    ok = '"running": true' in p.stdout and p.returncode == 0
+    why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[0]
+    return ok, why
+
+
+def kvm_cpu_model_or_skip(qemu=None):
+    """kvm_cpu_model(), or skip the test (exit 77) saying why."""
+    try:
+        return kvm_cpu_model(qemu)
+    except RuntimeError as e:
+        skip(str(e))
+
+
+def kvm_cpu_model(qemu=None):
+    """The -cpu value to use with -accel kvm on this machine: the first of
+    KVM_CPU_CANDIDATES that QEMU starts with ($KVMX_KVM_CPU overrides).
+    Raises RuntimeError naming each failure when none works."""
+    if os.environ.get("KVMX_KVM_CPU"):
+        return os.environ["KVMX_KVM_CPU"]
+    qemu = qemu or default_qemu()
+    if qemu in _kvm_cpu_cache:
+        return _kvm_cpu_cache[qemu]
+    failures = []
+    for model in KVM_CPU_CANDIDATES:
+        ok, why = _kvm_cpu_works(qemu, model)
+        if ok:
+            _kvm_cpu_cache[qemu] = model
+            return model
+        failures.append(f"-cpu {model}: {why}")
+    raise RuntimeError("no CPU model starts under KVM here: " +
+                       "; ".join(failures))
+
+
+def accel_cpu_args(accel, qemu=None):
+    """['-cpu', MODEL] for `accel` ('kvm' or 'tcg') on this machine."""
+    return ["-cpu", kvm_cpu_model(qemu) if accel == "kvm" else "max"]
+
+
+if __name__ == "__main__":
+    # scripts and shell tests: `python3 tests/lib/kvmxvm.py kvm-cpu [QEMU]`
+    if len(sys.argv) >= 2 and sys.argv[1] == "kvm-cpu":
+        try:
+            print(kvm_cpu_model(sys.argv[2] if len(sys.argv) > 2 else None))
+        except RuntimeError as e:
+            print(f"kvmxvm: {e}", file=sys.stderr)
+            sys.exit(1)
+    else:
+        print("usage: kvmxvm.py kvm-cpu [QEMU]", file=sys.stderr)
+        sys.exit(2)

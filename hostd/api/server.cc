@@ -95,6 +95,13 @@ void Server::close_idle() {
   }
 }
 
+size_t Server::clients() const {
+  // Clients dropped this round are erased after it: they hold no slot.
+  size_t n = 0;
+  for (const auto& [id, c] : clients_) n += c->dead ? 0 : 1;
+  return n;
+}
+
 size_t Server::subscribers() const {
   size_t n = 0;
   for (const auto& [id, c] : clients_)
@@ -119,7 +126,7 @@ void Server::on_accept() {
                   {{"error", std::strerror(errno)}});
       return;
     }
-    if (clients_.size() >= limits_.max_clients) {
+    if (clients() >= limits_.max_clients) {
       stats_.clients_refused++;
       std::string line =
           json_dump(error_response(

@@ -66,7 +66,7 @@ class Server {
   // Sends `event` to every subscriber; drops those that cannot keep up.
   void broadcast(const nlohmann::json& event);
 
-  size_t clients() const { return clients_.size(); }
+  size_t clients() const;
   size_t subscribers() const;
   const ServerStats& stats() const { return stats_; }
 

@@ -167,8 +167,9 @@ void Daemon::register_journal_vms() {
     auto q = quarantined_.find(name);
     bool interrupted = attaching_.count(name) > 0;
     if (q == quarantined_.end() && !interrupted) {
-      vm::Vm& v = vms_->add(name, path, UniqueFd());
-      v.persisted = true;
+      vm::QmpVm& v = vms_->add(name, path, UniqueFd(), false);
+      v.persisted = true;  // before connecting: the marker is written then
+      v.start(UniqueFd());
       continue;
     }
     // Do not re-attach blindly: hostd died while handling this VM.

@@ -35,9 +35,6 @@ constexpr uint64_t kSeqBlock = 4096;
 // (back-pressure), so only what was already read, and libvirt domains'
 // events, queue here; beyond it they are lost and counted.
 constexpr size_t kMaxUnwritten = 10000;
-// A VM attached this long without hostd dying clears its "attaching"
-// marker.
-constexpr milliseconds kAttachGrace{2000};
 
 const char* kQuarantineCrash =
     "kvmx-hostd crashed while handling this VM's QMP input; not re-attached "
@@ -555,21 +552,10 @@ void Daemon::on_vm_state(vm::Vm& v, vm::State old_state) {
   if (v.state() == vm::State::kAttached && v.connects() > 1 &&
       v.source() == vm::Source::kQmp)
     stats_.qmp_reconnects++;
-  if (auto it = markers_.find(v.name()); it != markers_.end()) {
-    if (v.state() == vm::State::kAttached) {
-      uint64_t gen = it->second;
-      std::string name = v.name();
-      loop_.after(kAttachGrace, [this, name, gen] {
-        auto m = markers_.find(name);
-        vm::Vm* vm = vms_->find(name);
-        if (m != markers_.end() && m->second == gen && vm &&
-            vm->state() == vm::State::kAttached)
-          clear_marker(name);
-      });
-    } else if (v.state() != vm::State::kConnecting) {
-      clear_marker(v.name());  // the connection ended and hostd lives
-    }
-  }
+  // The handshake is over (attached) or the connection ended, and hostd
+  // lives: the marker has served.  A crash on a later event is the crash
+  // guard's to record (common/crash_guard.h).
+  if (v.state() != vm::State::kConnecting) clear_marker(v.name());
   log::info("VM state changed",
             {{"vm", v.name()},
              {"from", vm::to_string(old_state)},

@@ -139,7 +139,6 @@ def check_quarantine(hostd_exe, work):
     api = hostd.api()
     assert result(api.call("attach", vm="q1", qmp=qmp))["state"] == "attached"
     api.close()
-    time.sleep(2.5)  # past the grace period: the marker is cleared
     hostd.kill()
     hostd.start()
     attached(hostd, "q1")

@@ -250,3 +250,19 @@ TEST_CASE("violations: seqs come from ranges reserved ahead") {
   for (auto& rec : Store::snapshot(s.copy())) REQUIRE(*c.replay(rec));
   CHECK(c.next_seq() == 101);
 }
+
+TEST_CASE("violations: seqs near the top of uint64 are bad records, not wraps") {
+  // Found by fuzz-hostd-journal: seq + 1 wrapped to 0 and a compaction
+  // round trip counted a violation twice.
+  Store s(10);
+  auto v = make(s, "a", 1);
+  json rec = Store::record(v);
+  rec["seq"] = UINT64_MAX;
+  CHECK(!s.replay(rec).ok());
+  CHECK(!s.replay(json{{"t", "totals"}, {"vm", "x"}, {"events", 1},
+                       {"suppressed", 0}, {"through_seq", UINT64_MAX}})
+             .ok());
+  CHECK(!s.replay(json{{"t", "next-seq"}, {"seq", UINT64_MAX}}).ok());
+  CHECK(s.size() == 0);
+  CHECK(s.next_seq() == 2);  // make() took seq 1
+}

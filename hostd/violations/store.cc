@@ -60,6 +60,8 @@ Result<bool> Store::replay(const json& rec) {
   if (*type == "violation") {
     auto v = from_json(rec);
     if (!v) return v.error();
+    if (v->seq == 0 || v->seq >= kMaxSeq)
+      return make_error("bad-record", "violation record with seq out of range");
     add(std::move(*v));  // a duplicate is counted, not an error
     return true;
   }
@@ -68,7 +70,7 @@ Result<bool> Store::replay(const json& rec) {
     auto events = json_u64(rec, "events");
     auto suppressed = json_u64(rec, "suppressed");
     auto through = json_u64(rec, "through_seq");
-    if (!vm || !events || !suppressed || !through)
+    if (!vm || !events || !suppressed || !through || *through >= kMaxSeq)
       return make_error("bad-record", "malformed totals record");
     totals_[*vm] = Totals{*events, *suppressed, *through};
     next_seq_ = std::max(next_seq_, *through + 1);
@@ -76,7 +78,8 @@ Result<bool> Store::replay(const json& rec) {
   }
   if (*type == "next-seq") {
     auto seq = json_u64(rec, "seq");
-    if (!seq) return make_error("bad-record", "malformed next-seq record");
+    if (!seq || *seq > kMaxSeq)
+      return make_error("bad-record", "malformed next-seq record");
     next_seq_ = std::max(next_seq_, *seq);
     reserved_ = std::max(reserved_, *seq);
     return true;

@@ -30,6 +30,10 @@ struct Totals {
 class Store {
  public:
   static constexpr size_t kMaxQueryLimit = 1000;
+  // Seqs (and through_seq, next-seq) in journal records must stay below
+  // this: seq + 1 and next_seq - 1 must never wrap.  hostd would need
+  // centuries to get there.
+  static constexpr uint64_t kMaxSeq = uint64_t{1} << 62;
 
   explicit Store(size_t capacity);
 

@@ -361,6 +361,7 @@ def check_full_disk(hostd_exe, work):
         return
     try:
         run_full_disk(hostd_exe, work, mnt)
+        run_compaction_on_full_disk(hostd_exe, work, mnt)
     finally:
         subprocess.run(["umount", "-l", mnt])
 
@@ -453,6 +454,55 @@ def run_full_disk(hostd_exe, work, mnt):
     print(f"full disk: {len(visible)} visible before the disk filled, all "
           f"kept across SIGKILL, 2000 of 2000 delivered after space "
           f"returned, {len(seen)} seqs never reused, {len(fails)} error lines")
+
+
+def run_compaction_on_full_disk(hostd_exe, work, mnt):
+    """A small ring on an almost full disk: compaction cannot write its
+    file, fails, backs off (not retried every loop round), and succeeds
+    once space returns; the error log stays short."""
+    qmp = os.path.join(work, "cfull.qmp")
+    fake = FakeQmp(qmp)
+    hostd = Hostd(hostd_exe, work, name="cfull",
+                  extra=["-o", "max-violations=100", "-o", "max-vms=1"])
+    hostd.state = os.path.join(mnt, "cstate")
+    hostd.start()
+    api = hostd.api()
+    assert result(api.call("attach", vm="c", qmp=qmp))["state"] == "attached"
+    # Leave about 112 KiB: room for appends past the compaction threshold
+    # (2 x 100 + 2 x 1 + 64 records, about 90 KiB), then not for a
+    # rewrite of the ring (100 records, about 35 KiB).
+    free = os.statvfs(mnt)
+    filler = os.path.join(mnt, "filler")
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (free.f_bavail * free.f_frsize - 112 * 1024))
+    t = threading.Thread(target=emit_many, args=(fake, 1, 3000, 50),
+                         daemon=True)
+    t.start()
+    wait_for("a compaction to fail", lambda: result(
+        api.call("stats"))["journal"]["compaction_failures"] >= 1, timeout=20)
+    time.sleep(3)
+    failures = result(api.call("stats"))["journal"]["compaction_failures"]
+    # Backoff 1 s, 2 s, ...: a handful in 3 s, not one per loop round.
+    assert failures <= 4, f"{failures} compaction attempts in 3 s"
+    os.unlink(filler)
+    wait_for("a compaction to succeed", lambda: result(
+        api.call("stats"))["journal"]["compactions"] >= 1, timeout=30)
+    wait_for("all 3000 violations", lambda: result(
+        api.call("stats"))["violations"] == 3000, timeout=30)
+    t.join(10)
+    stats = result(api.call("stats"))
+    assert stats["violations_lost"] == 0 and not stats["journal"]["failing"]
+    assert vm_state(hostd, "c")["violation_events"] == 3000
+    api.close()
+    assert hostd.kill(signal.SIGTERM) == 0
+    with open(hostd.log) as log:
+        lines = [json.loads(x) for x in log]
+    errors = [x for x in lines if x["level"] == "error"]
+    assert len(errors) <= 8, [x["msg"] for x in errors]
+    fake.close()
+    print(f"compaction on a full disk: {failures} failed attempts in 3+ s "
+          f"(backoff), then compacted; 3000 of 3000 recorded, "
+          f"{len(errors)} error lines")
 
 
 def check_compaction_latency(hostd_exe, work):

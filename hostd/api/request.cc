@@ -2,6 +2,7 @@
 
 #include <initializer_list>
 
+#include "common/json_util.h"
 #include "common/unix_socket.h"
 
 namespace kvmx::api {
@@ -67,8 +68,7 @@ Result<Op> parse_args(const std::string& op, const json& obj) {
     if (it == obj.end()) return invalid("missing field 'qmp'");
     if (!it->is_string()) return invalid("'qmp' must be a string");
     const auto& path = it->get_ref<const std::string&>();
-    if (path.empty() || path.front() != '/' || path.size() > kMaxUnixPath ||
-        path.find('\0') != std::string::npos)
+    if (!valid_qmp_path(path))
       return invalid("'qmp' must be an absolute socket path of at most 107 "
                      "bytes");
     return Op(Attach{*vm, path});
@@ -106,6 +106,11 @@ Result<Op> parse_args(const std::string& op, const json& obj) {
 
 }  // namespace
 
+bool valid_qmp_path(std::string_view path) {
+  return !path.empty() && path.front() == '/' && path.size() <= kMaxUnixPath &&
+         path.find('\0') == std::string_view::npos;
+}
+
 bool valid_vm_name(std::string_view name) {
   if (name.empty() || name.size() > kMaxVmName) return false;
   if (name.front() == '.' || name.front() == '-') return false;
@@ -119,15 +124,15 @@ bool valid_vm_name(std::string_view name) {
 
 Result<Request> parse_request(std::string_view line, json* id) {
   if (id) *id = nullptr;
-  json obj;
-  try {
-    obj = json::parse(line);
-  } catch (const json::parse_error& e) {
-    return make_error(code::kParse, "request is not valid JSON (error at "
-                                    "byte " + std::to_string(e.byte) + ")");
-  } catch (const json::exception&) {
-    return make_error(code::kParse, "request is not valid JSON");
+  // A request is flat; the depth limit keeps hostile nesting from costing
+  // stack (nlohmann::json copies and dumps recursively).
+  auto parsed = parse_json(line, JsonLimits{kMaxRequestDepth, line.size()});
+  if (!parsed) {
+    if (parsed.error().code == "json-parse")
+      return make_error(code::kParse, "request is " + parsed.error().message);
+    return invalid("request " + parsed.error().message.substr(5));
   }
+  json obj = std::move(*parsed);
   if (!obj.is_object()) return invalid("request must be a JSON object");
 
   Request req;

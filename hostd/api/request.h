@@ -17,6 +17,7 @@ namespace kvmx::api {
 constexpr int kApiVersion = 1;
 constexpr size_t kMaxVmName = 64;
 constexpr size_t kMaxIdBytes = 128;
+constexpr size_t kMaxRequestDepth = 16;  // JSON nesting of a request line
 constexpr size_t kDefaultViolationLimit = 100;
 constexpr size_t kMaxViolationLimit = 1000;
 
@@ -38,6 +39,8 @@ inline constexpr const char* kQmpError = "qmp-error";
 inline constexpr const char* kTimeout = "timeout";
 inline constexpr const char* kJournal = "journal-error";
 inline constexpr const char* kShuttingDown = "shutting-down";
+inline constexpr const char* kIdleTimeout = "idle-timeout";
+inline constexpr const char* kResponseTooLarge = "response-too-large";
 inline constexpr const char* kInternal = "internal-error";
 }  // namespace code
 
@@ -77,6 +80,8 @@ struct Request {
 Result<Request> parse_request(std::string_view line, nlohmann::json* id);
 
 bool valid_vm_name(std::string_view name);
+// An absolute path of at most 107 bytes (a Unix socket's), without NUL.
+bool valid_qmp_path(std::string_view path);
 
 // Response envelopes: {"id": ..., "result": ...} and
 // {"id": ..., "error": {"code": ..., "message": ...}}; no "id" when null.

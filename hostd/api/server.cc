@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "common/json_util.h"
@@ -35,9 +36,70 @@ void Server::shutdown() {
     listen_fd_.reset();
     ::unlink(path_.c_str());
   }
-  for (auto& [id, c] : clients_)
-    if (c->fd) loop_.remove(c->fd.get());
+  loop_.cancel(idle_timer_);
+  idle_timer_ = 0;
+  for (auto& [id, c] : clients_) {
+    if (c->dead || !c->fd) continue;
+    if (c->session.busy) {
+      // Its answer will never come: say why instead of a bare EOF.
+      c->session.busy = false;
+      c->session.enqueue(
+          json_dump(error_response(
+              c->inflight_id, make_error(code::kShuttingDown,
+                                         "kvmx-hostd is shutting down"))),
+          false);
+      while (c->session.has_output()) {
+        auto data = c->session.front_output();
+        ssize_t n = ::send(c->fd.get(), data.data(), data.size(),
+                           MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n <= 0) break;
+        c->session.consume_output(static_cast<size_t>(n));
+      }
+    }
+    loop_.remove(c->fd.get());
+  }
   clients_.clear();
+}
+
+void Server::arm_idle_timer() {
+  if (idle_timer_ || limits_.idle_timeout.count() <= 0 || clients_.empty())
+    return;
+  auto period = std::max(limits_.idle_timeout / 4, std::chrono::milliseconds(20));
+  idle_timer_ = loop_.after(period, [this] {
+    idle_timer_ = 0;
+    close_idle();
+    arm_idle_timer();
+  });
+}
+
+void Server::close_idle() {
+  auto now = std::chrono::steady_clock::now();
+  for (auto& [id, c] : clients_) {
+    if (c->dead || c->session.subscribed || c->session.busy ||
+        c->session.closing)
+      continue;
+    if (now - c->last_active < limits_.idle_timeout) continue;
+    stats_.clients_idle_closed++;
+    log::debug("Closing an idle API client", {{"client", c->id}, {"pid", c->pid}});
+    c->session.enqueue(
+        json_dump(error_response(
+            nullptr,
+            make_error(code::kIdleTimeout,
+                       "no request for " +
+                           std::to_string(limits_.idle_timeout.count()) +
+                           " ms; closing the connection"))),
+        false);
+    c->session.closing = true;
+    flush(*c);
+    if (!c->dead) drop(*c, "idle");  // unsent output is not waited for
+  }
+}
+
+size_t Server::clients() const {
+  // Clients dropped this round are erased after it: they hold no slot.
+  size_t n = 0;
+  for (const auto& [id, c] : clients_) n += c->dead ? 0 : 1;
+  return n;
 }
 
 size_t Server::subscribers() const {
@@ -64,7 +126,7 @@ void Server::on_accept() {
                   {{"error", std::strerror(errno)}});
       return;
     }
-    if (clients_.size() >= limits_.max_clients) {
+    if (clients() >= limits_.max_clients) {
       stats_.clients_refused++;
       std::string line =
           json_dump(error_response(
@@ -95,9 +157,11 @@ void Server::on_accept() {
       continue;
     }
     stats_.clients_total++;
+    c->last_active = std::chrono::steady_clock::now();
     log::debug("API client connected",
                {{"client", id}, {"pid", c->pid}, {"uid", c->uid}});
     clients_.emplace(id, std::move(c));
+    arm_idle_timer();
   }
 }
 
@@ -116,6 +180,7 @@ void Server::on_client(ClientId id, uint32_t events) {
       char buf[65536];
       ssize_t n = ::read(c->fd.get(), buf, sizeof(buf));
       if (n > 0) {
+        c->last_active = std::chrono::steady_clock::now();
         c->session.feed(std::string_view(buf, static_cast<size_t>(n)));
       } else if (n == 0) {
         c->session.feed_eof();
@@ -142,6 +207,22 @@ void Server::on_client(ClientId id, uint32_t events) {
 void Server::pump(Client& c) {
   if (c.dead || c.in_pump) return;
   c.in_pump = true;
+  for (;;) {
+    dispatch(c);
+    if (c.dead) break;
+    flush(c);
+    if (c.dead) break;
+    // Dispatching stopped at pause_output with lines still buffered, and
+    // flush() made room: take them now.  Their bytes are already read, so
+    // no epoll event would come for them (update() would leave the
+    // interest empty and the client would stall for good).
+    if (!c.session.can_dispatch() || !c.session.maybe_line()) break;
+  }
+  c.in_pump = false;
+  if (!c.dead) update(c);
+}
+
+void Server::dispatch(Client& c) {
   while (!c.dead && c.session.can_dispatch()) {
     Session::Item item = c.session.next();
     if (item.kind == Session::Kind::kNone) break;
@@ -172,6 +253,7 @@ void Server::pump(Client& c) {
       continue;
     }
     c.session.busy = true;
+    c.inflight_id = req->id;
     ClientId cid = c.id;
     std::weak_ptr<bool> alive = alive_;
     json req_id = req->id;
@@ -180,16 +262,14 @@ void Server::pump(Client& c) {
       reply(cid, req_id, std::move(result));
     });
   }
-  c.in_pump = false;
-  if (c.dead) return;
-  flush(c);
-  if (!c.dead) update(c);
 }
 
 void Server::reply(ClientId id, const json& req_id, Result<json> result) {
   Client* c = find(id);
   if (!c) return;
   c->session.busy = false;
+  c->inflight_id = nullptr;
+  c->last_active = std::chrono::steady_clock::now();
   if (result) {
     c->session.enqueue(json_dump(ok_response(req_id, std::move(*result))),
                        false);

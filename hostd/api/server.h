@@ -6,6 +6,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -36,6 +37,7 @@ struct ServerStats {
   uint64_t requests_rejected = 0;     // malformed: parse, invalid, unknown op,
                                       // too long
   uint64_t requests_failed = 0;       // valid, answered with an error
+  uint64_t clients_idle_closed = 0;   // closed by the idle timeout
 };
 
 class Server {
@@ -43,6 +45,9 @@ class Server {
   struct Limits {
     size_t max_clients = 64;
     Session::Limits session;
+    // A client with no request in flight, not subscribed, that sends
+    // nothing for this long is sent idle-timeout and closed; 0: never.
+    std::chrono::milliseconds idle_timeout{0};
   };
 
   Server(EventLoop& loop, Limits limits, Handler handler);
@@ -52,14 +57,16 @@ class Server {
 
   // Creates the socket at `path` (replacing a stale one) and accepts.
   Result<void> listen(const std::string& path, unsigned mode);
-  // Stops accepting, closes every client, removes the socket file.
+  // Stops accepting, answers each client's request in flight with
+  // shutting-down (as far as its socket takes it without blocking), closes
+  // every client, removes the socket file.
   void shutdown();
 
   void subscribe(ClientId id);
   // Sends `event` to every subscriber; drops those that cannot keep up.
   void broadcast(const nlohmann::json& event);
 
-  size_t clients() const { return clients_.size(); }
+  size_t clients() const;
   size_t subscribers() const;
   const ServerStats& stats() const { return stats_; }
 
@@ -72,17 +79,22 @@ class Server {
     uid_t uid = 0;
     bool dead = false;
     bool in_pump = false;
+    nlohmann::json inflight_id = nullptr;  // of the request being handled
+    std::chrono::steady_clock::time_point last_active{};
   };
 
   void on_accept();
   void on_client(ClientId id, uint32_t events);
   void pump(Client& c);
+  void dispatch(Client& c);
   void flush(Client& c);
   void update(Client& c);
   void drop(Client& c, const char* reason);
   void reply(ClientId id, const nlohmann::json& req_id,
              Result<nlohmann::json> result);
   Client* find(ClientId id);
+  void arm_idle_timer();
+  void close_idle();
 
   EventLoop& loop_;
   Limits limits_;
@@ -92,6 +104,7 @@ class Server {
   ClientId next_id_ = 1;
   std::map<ClientId, std::unique_ptr<Client>> clients_;
   ServerStats stats_;
+  EventLoop::TimerId idle_timer_ = 0;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 

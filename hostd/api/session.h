@@ -38,6 +38,8 @@ class Session {
   }
   bool wants_read() const { return can_dispatch() && !eof_ && !maybe_line_; }
   bool eof() const { return eof_; }
+  // Input may hold a complete request line not taken yet.
+  bool maybe_line() const { return maybe_line_; }
   // End of input reached and every line taken.
   bool input_done() const { return eof_ && pos_ == in_.size(); }
 

@@ -8,7 +8,25 @@
 
 #include <nlohmann/json.hpp>
 
+#include "result.h"
+
 namespace kvmx {
+
+// What JSON from a peer (QMP, an API client, the journal) may cost.
+// nlohmann::json copies, compares and dumps recursively, so the nesting
+// depth bounds stack use; the number of values bounds the memory of the
+// parsed document (tens of bytes each, whatever the text's size).
+struct JsonLimits {
+  size_t max_depth = 64;
+  size_t max_values = 1 << 20;
+};
+constexpr size_t kMaxJsonDepth = 64;
+
+// Parses `text` after checking depth and value count on the text itself
+// (nothing is built for input over a limit).  Error codes: "json-too-deep",
+// "json-too-many-values", "json-parse".
+Result<nlohmann::json> parse_json(std::string_view text,
+                                  const JsonLimits& limits = {});
 
 inline const nlohmann::json* json_field(const nlohmann::json& obj,
                                         std::string_view key) {

@@ -3,6 +3,8 @@
 // JSON format: one object per line {"ts", "level", "msg", fields...}.
 #pragma once
 
+#include <chrono>
+#include <cstdint>
 #include <initializer_list>
 #include <string_view>
 #include <utility>
@@ -29,6 +31,33 @@ void debug(std::string_view msg, Fields fields = {});
 void info(std::string_view msg, Fields fields = {});
 void warn(std::string_view msg, Fields fields = {});
 void error(std::string_view msg, Fields fields = {});
+
+// Lets one line through per `interval` and counts those it held back, for
+// errors that repeat as fast as their cause (a full disk, a hostile peer).
+class RateLimit {
+ public:
+  using Clock = std::chrono::steady_clock;
+  explicit RateLimit(std::chrono::milliseconds interval) : interval_(interval) {}
+  // True when a line may be logged now; then *held_back gets the number of
+  // lines held back since the last one that was let through.
+  bool allow(uint64_t* held_back, Clock::time_point now = Clock::now()) {
+    if (started_ && now - last_ < interval_) {
+      held_++;
+      return false;
+    }
+    started_ = true;
+    last_ = now;
+    if (held_back) *held_back = held_;
+    held_ = 0;
+    return true;
+  }
+
+ private:
+  std::chrono::milliseconds interval_;
+  Clock::time_point last_{};
+  bool started_ = false;
+  uint64_t held_ = 0;
+};
 
 // The payload that follows the timestamp and level; exposed for tests.
 std::string render(Format format, std::string_view msg, Fields fields);

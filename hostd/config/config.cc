@@ -46,8 +46,9 @@ const std::vector<std::string_view>& keys() {
       "socket",           "socket-mode",      "state-dir",
       "log-level",        "log-format",       "max-clients",
       "max-vms",          "max-request-bytes", "max-output-bytes",
-      "max-violations",   "attach-timeout-ms", "qmp-timeout-ms",
-      "reconnect-min-ms", "reconnect-max-ms", "libvirt-uri"};
+      "max-violations",   "max-qmp-message-bytes", "max-devices-bytes",
+      "attach-timeout-ms", "qmp-timeout-ms", "reconnect-min-ms",
+      "reconnect-max-ms", "client-idle-timeout-ms", "libvirt-uri"};
   return k;
 }
 
@@ -92,6 +93,12 @@ Result<void> set(Config& cfg, std::string_view key, std::string_view value) {
   if (key == "max-output-bytes")
     return num(64 << 10, 1ull << 30, cfg.max_output_bytes);
   if (key == "max-violations") return num(1, 10000000, cfg.max_violations);
+  if (key == "max-qmp-message-bytes")
+    return num(64 << 10, 64 << 20, cfg.max_qmp_message_bytes);
+  if (key == "max-devices-bytes")
+    return num(4 << 10, 64 << 20, cfg.max_devices_bytes);
+  if (key == "client-idle-timeout-ms")
+    return num(0, 86400000, cfg.client_idle_timeout_ms);
   if (key == "attach-timeout-ms") return num(0, 600000, cfg.attach_timeout_ms);
   if (key == "qmp-timeout-ms") return num(100, 600000, cfg.qmp_timeout_ms);
   if (key == "reconnect-min-ms") return num(10, 600000, cfg.reconnect_min_ms);

@@ -24,12 +24,20 @@ struct Config {
   size_t max_request_bytes = 64 * 1024;
   size_t max_output_bytes = 1024 * 1024;
   size_t max_violations = 100000;
+  // One QMP message from a VM (the line hostd buffers; its parsed form is
+  // bounded by the value limit of qmp/client.h), and a VM's query-kvmx-chan
+  // answer that hostd keeps as `devices` and relays as `protections`.
+  size_t max_qmp_message_bytes = 4 << 20;
+  size_t max_devices_bytes = 1 << 20;
 
   // Timing (milliseconds).
   unsigned attach_timeout_ms = 5000;     // attach waits this long to answer
   unsigned qmp_timeout_ms = 10000;       // greeting+negotiation, commands
   unsigned reconnect_min_ms = 100;
   unsigned reconnect_max_ms = 5000;
+  // An API client with no request in flight that sends nothing for this
+  // long is closed (subscribers are exempt); 0: never.
+  unsigned client_idle_timeout_ms = 60000;
 
   // libvirt connection URI (qemu:///system); empty: hostd does not talk to
   // libvirt at all.

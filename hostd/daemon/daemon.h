@@ -4,8 +4,10 @@
 #pragma once
 
 #include <chrono>
+#include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -18,20 +20,26 @@
 #include "journal/journal.h"
 #include "libvirt/backend.h"
 #include "libvirt/follower.h"
+#include "common/log.h"
 #include "loop/event_loop.h"
+#include "loop/worker.h"
 #include "violations/store.h"
+#include "vm/backoff.h"
 #include "vm/manager.h"
 
 namespace kvmx {
 
 struct DaemonStats {
   uint64_t violations = 0;            // recorded since start
+  uint64_t violations_lost = 0;       // never journaled (queue full, stop)
   uint64_t violation_events_bad = 0;  // malformed KVMX_VIOLATION events
   uint64_t chan_rejected = 0;         // KVMX_CHAN_REJECTED events
   uint64_t qmp_reconnects = 0;
   uint64_t journal_errors = 0;
   uint64_t compactions = 0;
   uint64_t replay_bad_records = 0;    // checksum fine, content not
+  uint64_t replay_vms_skipped = 0;    // attach records over max-vms
+  uint64_t compaction_failures = 0;
   journal::ReplayStats replay;
 };
 
@@ -60,10 +68,31 @@ class Daemon {
   Result<void> journal_now(const nlohmann::json& rec);
   void on_vm_event(vm::Vm& vm, const qmp::Event& ev);
   void on_vm_state(vm::Vm& vm, vm::State old_state);
+  void on_vm_connecting(vm::Vm& vm);
+
+  // daemon.cc: the journal's write path.  A violation is appended from
+  // unwritten_ (seq assigned then, from a range reserved in the journal),
+  // waits in pending_ for the round's sync, then becomes visible.  When
+  // the journal fails (ENOSPC, EIO), hostd keeps what it has in unwritten_
+  // (bounded), stops reading the VMs' QMP sockets and retries with backoff.
+  void write_unwritten();
+  Result<void> sync_journal();
+  void journal_failed(const Error& e);
+  void journal_recovered();
   void commit_pending();
+  void lose_unwritten(const char* why);
+
+  // Compaction: at start-up in place; later on the worker thread, retried
+  // with backoff when it fails.
   void maybe_compact();
   void compact(const char* why);
+  void start_compaction(const char* why);
+  std::vector<nlohmann::json> registration_records() const;
   uint64_t compact_threshold() const;
+
+  // Quarantine: a VM whose QMP input hostd was handling when it died.
+  void clear_marker(const std::string& name);
+  void quarantine_vm(vm::QmpVm& v, const std::string& why);
 
   // ops.cc: the API.
   void handle(api::ClientId client, const api::Request& req,
@@ -90,13 +119,32 @@ class Daemon {
     std::string uuid;
   };
   std::map<std::string, JournalDomain> journal_domains_;  // replayed libvirt
+  // Replayed: VMs quarantined (name -> why), and VMs whose "attaching"
+  // marker was not cleared (hostd died while connecting to them).
+  std::map<std::string, std::string> quarantined_;
+  std::set<std::string> attaching_;
+  // attach records over max-vms: not registered, kept in the journal.
+  std::map<std::string, std::string> skipped_vms_;
+  // Live "attaching" markers: VM -> connection number.
+  std::map<std::string, uint64_t> markers_;
+  uint64_t marker_gen_ = 0;
   std::unique_ptr<vm::Manager> vms_;
   // With libvirt-uri: libvirt's client (its own thread) and the lifecycle
   // logic on top of it.
   std::unique_ptr<libvirt::Backend> libvirt_;
   std::unique_ptr<libvirt::Follower> follower_;
   std::unique_ptr<api::Server> server_;
+  std::deque<violations::Violation> unwritten_;  // not in the journal yet
   std::vector<violations::Violation> pending_;  // written, not yet synced
+  std::map<std::string, uint64_t> lost_;        // per VM, since start
+  bool degraded_ = false;                       // the journal fails
+  std::string journal_error_;
+  vm::Backoff journal_backoff_;
+  EventLoop::TimerId journal_timer_ = 0;
+  log::RateLimit journal_log_{std::chrono::seconds(10)};
+  std::unique_ptr<Worker> compactor_;
+  vm::Backoff compact_backoff_;
+  std::chrono::steady_clock::time_point compact_not_before_{};
   DaemonStats stats_;
   bool stopping_ = false;
 };

@@ -80,6 +80,17 @@ void Daemon::op_attach(const api::Attach& a, api::ReplyFn reply) {
                            v->qmp_path() + "'"));
       return;
     }
+    if (v->state() == vm::State::kQuarantined) {
+      // The explicit re-attach that quarantine waits for: recorded first,
+      // so that the next start connects to it again.
+      json rec = {{"t", "attach"}, {"vm", a.vm}, {"qmp", a.qmp}};
+      if (auto r = journal_now(rec); !r) {
+        reply(make_error(api::code::kJournal,
+                         "attach not recorded: " + r.error().message));
+        return;
+      }
+      log::info("Re-attaching a quarantined VM", {{"vm", a.vm}, {"qmp", a.qmp}});
+    }
     // Same VM again: reconnect now if it is not connected, then report.
     // Wait first: a failed reconnect settles at once.
     v->when_settled(timeout, settle);
@@ -169,6 +180,8 @@ json Daemon::vm_info(const vm::Vm& v) const {
   j["violations"] = t.violations();
   j["violation_events"] = t.events;
   j["suppressed"] = t.suppressed;
+  auto lost = lost_.find(v.name());
+  j["violations_lost"] = lost == lost_.end() ? 0 : lost->second;
   return j;
 }
 
@@ -209,6 +222,7 @@ json Daemon::stats() const {
       {"clients_total", s.clients_total},
       {"clients_refused", s.clients_refused},
       {"clients_dropped_slow", s.clients_dropped_slow},
+      {"clients_idle_closed", s.clients_idle_closed},
       {"requests", s.requests},
       {"requests_rejected", s.requests_rejected},
       {"requests_failed", s.requests_failed},
@@ -216,6 +230,7 @@ json Daemon::stats() const {
       {"violations", stats_.violations},
       {"violations_stored", store_.size()},
       {"violations_evicted", store_.evicted()},
+      {"violations_lost", stats_.violations_lost},
       {"violation_events_bad", stats_.violation_events_bad},
       {"chan_rejected", stats_.chan_rejected},
       {"qmp_reconnects", stats_.qmp_reconnects},
@@ -228,14 +243,24 @@ json Daemon::stats() const {
         {"corrupt_skipped", stats_.replay.corrupt},
         {"torn_bytes", stats_.replay.torn_bytes},
         {"bad_records", stats_.replay_bad_records},
+        {"duplicates_skipped", store_.duplicates()},
+        {"vms_skipped", stats_.replay_vms_skipped},
         {"compactions", stats_.compactions},
-        {"errors", stats_.journal_errors}}},
+        {"compaction_failures", stats_.compaction_failures},
+        {"compacting", compactor_ && compactor_->busy()},
+        {"errors", stats_.journal_errors},
+        {"failing", degraded_},
+        {"last_error", journal_error_},
+        {"unwritten", unwritten_.size()}}},
       {"limits",
        {{"max_clients", cfg_.max_clients},
         {"max_vms", cfg_.max_vms},
         {"max_request_bytes", cfg_.max_request_bytes},
         {"max_output_bytes", cfg_.max_output_bytes},
-        {"max_violations", cfg_.max_violations}}}};
+        {"max_violations", cfg_.max_violations},
+        {"max_qmp_message_bytes", cfg_.max_qmp_message_bytes},
+        {"max_devices_bytes", cfg_.max_devices_bytes},
+        {"client_idle_timeout_ms", cfg_.client_idle_timeout_ms}}}};
 }
 
 }  // namespace kvmx

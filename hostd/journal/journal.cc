@@ -4,19 +4,27 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <optional>
 
 #include "common/crc32.h"
+#include "common/json_util.h"
 
 namespace kvmx::journal {
 namespace {
 
 using nlohmann::json;
 
-json header_record() {
-  return json{{"t", "header"},
-              {"format", "kvmx-hostd-journal"},
-              {"version", kFormatVersion}};
+// Record types hostd writes: a file whose header is damaged but whose other
+// records are of these types is a journal, not some other file.
+bool hostd_record_type(const std::string& t) {
+  static const char* kTypes[] = {"attach",   "libvirt-attach", "detach",
+                                 "violation", "totals",        "next-seq",
+                                 "attaching", "attach-ok",     "quarantine"};
+  for (const char* k : kTypes)
+    if (t == k) return true;
+  return false;
 }
 
 Result<void> write_all(int fd, std::string_view data) {
@@ -84,6 +92,12 @@ Result<uint64_t> scan_lines(int fd, Fn&& on_line) {
 
 }  // namespace
 
+json header_record() {
+  return json{{"t", "header"},
+              {"format", "kvmx-hostd-journal"},
+              {"version", kFormatVersion}};
+}
+
 std::string encode(const json& record) {
   std::string text =
       record.dump(-1, ' ', false, json::error_handler_t::replace);
@@ -104,8 +118,10 @@ Result<json> decode(std::string_view line) {
   std::string_view text = line.substr(9);
   if (crc32(text) != want)
     return make_error("journal-corrupt", "checksum mismatch");
-  json rec = json::parse(text, nullptr, false);
-  if (rec.is_discarded() || !rec.is_object())
+  // hostd writes flat records; a deep one is damage (or an attack on the
+  // state directory) and must not cost the stack.
+  auto rec = parse_json(text, JsonLimits{kMaxRecordDepth, kMaxRecordBytes});
+  if (!rec || !rec->is_object())
     return make_error("journal-corrupt", "record is not a JSON object");
   return rec;
 }
@@ -133,30 +149,51 @@ Result<std::unique_ptr<Journal>> Journal::open(const std::string& path,
   if (!fd) return sys_error("journal-open", "Failed to open '" + path + "'");
 
   bool seen_header = false;
+  bool first_line_corrupt = false;
+  uint64_t lines = 0;
   std::optional<Error> refused;
   auto scanned = scan_lines(fd.get(), [&](std::optional<std::string_view> l) {
     if (refused) return;
-    if (!l) {
-      st.corrupt++;
-      return;
-    }
-    auto rec = decode(*l);
+    lines++;
+    auto rec = l ? decode(*l) : Result<json>(make_error("", ""));
     if (!rec) {
       st.corrupt++;
+      if (lines == 1) first_line_corrupt = true;
       return;
     }
     st.records++;
     const json& r = *rec;
-    if (!seen_header) {
-      if (r.value("t", "") != "header" ||
-          r.value("format", "") != "kvmx-hostd-journal") {
-        refused = make_error("journal-format",
-                             "'" + path + "' is not a kvmx-hostd journal");
+    std::string type = r.value("t", "");
+    if (type == "header") {
+      // The first one decides; later copies (the redundant second header,
+      // or a journal appended to itself) are checked and skipped.
+      if (r.value("format", "") != "kvmx-hostd-journal") {
+        if (!seen_header)
+          refused = make_error("journal-format",
+                               "'" + path + "' is not a kvmx-hostd journal");
       } else if (r.value("version", 0) != kFormatVersion) {
         refused = make_error("journal-format",
                              "'" + path + "' has an unsupported version");
       }
       seen_header = true;
+      return;
+    }
+    if (!seen_header) {
+      if (first_line_corrupt && hostd_record_type(type)) {
+        // A journal of the first format (one header) whose header was
+        // damaged: say how to get the records back.
+        std::string hdr = encode(header_record());
+        hdr.pop_back();
+        refused = make_error(
+            "journal-format",
+            "'" + path + "' starts with a damaged header, but its other "
+            "records are kvmx-hostd's; to recover them, stop kvmx-hostd and "
+            "run: sed -i '1i " + hdr + "' '" + path + "' (hostd then skips "
+            "the damaged line and rewrites the journal clean)");
+      } else {
+        refused = make_error("journal-format",
+                             "'" + path + "' is not a kvmx-hostd journal");
+      }
       return;
     }
     fn(r);
@@ -184,7 +221,8 @@ Result<std::unique_ptr<Journal>> Journal::open(const std::string& path,
   if (::lseek(j->fd_.get(), 0, SEEK_END) < 0)
     return sys_error("journal-open", "Failed to seek in '" + path + "'");
   if (!seen_header) {
-    if (auto r = j->append(header_record()); !r) return r.error();
+    for (int copy = 0; copy < 2; copy++)
+      if (auto r = j->append(header_record()); !r) return r.error();
     if (auto r = j->sync(); !r) return r.error();
     if (auto r = sync_parent_dir(path); !r) return r.error();
   } else if (st.torn_bytes) {
@@ -209,45 +247,112 @@ Result<void> Journal::append(const json& record) {
 
 Result<void> Journal::sync() {
   if (!dirty_) return {};
-  if (::fdatasync(fd_.get()) < 0)
-    return sys_error("journal-sync", "Failed to sync '" + path_ + "'");
+  if (::fdatasync(fd_.get()) < 0) {
+    Error e = sys_error("journal-sync", "Failed to sync '" + path_ + "'");
+    // What reached the disk is unknown: cut back to the last durable state,
+    // so that the caller's retry does not leave records twice.
+    if (::ftruncate(fd_.get(), static_cast<off_t>(synced_size_)) == 0) {
+      ::lseek(fd_.get(), 0, SEEK_END);
+      size_ = synced_size_;
+      records_ = synced_records_;
+      dirty_ = false;
+    }
+    return e;
+  }
   dirty_ = false;
+  synced_size_ = size_;
+  synced_records_ = records_;
   return {};
 }
 
-Result<void> Journal::rewrite(const std::vector<json>& records) {
-  std::string tmp = path_ + ".tmp";
-  UniqueFd fd(
+Journal::Rewrite Journal::begin_rewrite() const {
+  Rewrite rw;
+  rw.path = path_;
+  rw.base = size_;
+  return rw;
+}
+
+void Journal::abandon_rewrite(Rewrite& rw) {
+  if (!rw.fd) return;
+  rw.fd.reset();
+  ::unlink((rw.path + ".tmp").c_str());
+}
+
+Result<void> Journal::write_rewrite(Rewrite& rw,
+                                    const std::vector<json>& records) {
+  std::string tmp = rw.path + ".tmp";
+  rw.fd = UniqueFd(
       ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-  if (!fd) return sys_error("journal-compact", "Failed to create '" + tmp + "'");
+  if (!rw.fd)
+    return sys_error("journal-compact", "Failed to create '" + tmp + "'");
   auto fail = [&](Error e) -> Result<void> {
-    ::unlink(tmp.c_str());
+    abandon_rewrite(rw);
     return e;
   };
-
   std::string out = encode(header_record());
-  uint64_t size = 0;
+  out += out;  // two copies
+  rw.size = 0;
   for (const auto& rec : records) {
     out += encode(rec);
     if (out.size() >= (1 << 20)) {
-      if (auto r = write_all(fd.get(), out); !r) return fail(r.error());
-      size += out.size();
+      if (auto r = write_all(rw.fd.get(), out); !r) return fail(r.error());
+      rw.size += out.size();
       out.clear();
     }
   }
-  if (auto r = write_all(fd.get(), out); !r) return fail(r.error());
-  size += out.size();
-  if (::fsync(fd.get()) < 0)
+  if (auto r = write_all(rw.fd.get(), out); !r) return fail(r.error());
+  rw.size += out.size();
+  rw.records = records.size() + 2;
+  if (::fdatasync(rw.fd.get()) < 0)
+    return fail(sys_error("journal-compact", "Failed to sync '" + tmp + "'"));
+  return {};
+}
+
+Result<void> Journal::finish_rewrite(Rewrite& rw) {
+  std::string tmp = path_ + ".tmp";
+  auto fail = [&](Error e) -> Result<void> {
+    abandon_rewrite(rw);
+    return e;
+  };
+  if (!rw.fd || rw.path != path_ || rw.base > size_)
+    return fail(make_error("journal-compact", "stale compaction"));
+  // Records appended meanwhile (attach, violations, markers) follow the
+  // snapshot in the new file, in their order.
+  uint64_t tail_records = 0;
+  for (uint64_t off = rw.base; off < size_;) {
+    char buf[1 << 16];
+    size_t want = static_cast<size_t>(std::min<uint64_t>(sizeof(buf), size_ - off));
+    ssize_t n = ::pread(fd_.get(), buf, want, static_cast<off_t>(off));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0)
+      return fail(sys_error("journal-compact",
+                            "Failed to read '" + path_ + "'", n < 0 ? errno : EIO));
+    std::string_view chunk(buf, static_cast<size_t>(n));
+    for (char c : chunk) tail_records += c == '\n';
+    if (auto r = write_all(rw.fd.get(), chunk); !r) return fail(r.error());
+    off += static_cast<uint64_t>(n);
+  }
+  if (size_ > rw.base && ::fdatasync(rw.fd.get()) < 0)
     return fail(sys_error("journal-compact", "Failed to sync '" + tmp + "'"));
   if (::rename(tmp.c_str(), path_.c_str()) < 0)
     return fail(sys_error("journal-compact",
                           "Failed to rename '" + tmp + "' to '" + path_ + "'"));
   // The new file is the journal now, whatever the directory sync says.
-  fd_ = std::move(fd);
-  size_ = size;
-  records_ = records.size() + 1;
+  fd_ = std::move(rw.fd);
+  ::lseek(fd_.get(), 0, SEEK_END);
+  size_ = rw.size + (size_ - rw.base);
+  records_ = rw.records + tail_records;
+  synced_size_ = size_;
+  synced_records_ = records_;
   dirty_ = false;
   return sync_parent_dir(path_);
+}
+
+Result<void> Journal::rewrite(const std::vector<json>& records) {
+  if (auto r = sync(); !r) return r;
+  Rewrite rw = begin_rewrite();
+  if (auto r = write_rewrite(rw, records); !r) return r;
+  return finish_rewrite(rw);
 }
 
 }  // namespace kvmx::journal

@@ -2,11 +2,14 @@
 //
 // On-disk format (docs/specs/hostd-api.md, "Journal"): one record per line,
 //   <crc32 of the JSON text, 8 lowercase hex digits> <space> <JSON object> \n
-// The first record is the header {"t":"header","format":"kvmx-hostd-journal",
-// "version":1}.  A record is durable once sync() returned.  Replay skips
-// (and counts) records whose checksum does not match and cuts a torn last
-// record (no newline) off the file.  rewrite() compacts: it writes a new file
-// beside the old one, syncs it and renames it over the old one.
+// The first two records are copies of the header {"t":"header","format":
+// "kvmx-hostd-journal","version":1}: one damaged copy loses nothing.  A
+// record is durable once sync() returned.  Replay skips (and counts)
+// records whose checksum does not match and cuts a torn last record (no
+// newline) off the file.  Compaction writes a new file beside the old one,
+// syncs it and renames it over the old one; its slow part (writing the
+// snapshot) may run on another thread (begin_rewrite / write_rewrite /
+// finish_rewrite).
 #pragma once
 
 #include <cstdint>
@@ -24,6 +27,7 @@ namespace kvmx::journal {
 
 constexpr int kFormatVersion = 1;
 constexpr size_t kMaxRecordBytes = 1 << 20;
+constexpr size_t kMaxRecordDepth = 8;
 
 struct ReplayStats {
   uint64_t records = 0;     // valid records replayed, header included
@@ -47,29 +51,60 @@ class Journal {
                                                const RecordFn& fn,
                                                ReplayStats* stats);
 
-  // Writes the record (not yet durable).  A failed write leaves the file
-  // as it was.
+  // Writes the record (not yet durable).  A failed write (ENOSPC) leaves
+  // the file as it was.
   Result<void> append(const nlohmann::json& record);
-  // Makes every appended record durable (fdatasync).
+  // Makes every appended record durable (fdatasync).  When it fails, the
+  // records appended since the last successful sync are cut off again
+  // (their fate on disk is unknown): the caller still holds them and may
+  // append them again.
   Result<void> sync();
-  // Replaces the whole journal with header + `records`, atomically.
+  bool dirty() const { return dirty_; }
+
+  // Replaces the whole journal with header + `records`, atomically
+  // (begin_rewrite + write_rewrite + finish_rewrite in a row).
   Result<void> rewrite(const std::vector<nlohmann::json>& records);
 
+  // Compaction in steps.  begin_rewrite(), on the owner's thread with
+  // nothing unsynced, notes where the journal ends.  write_rewrite() may
+  // run on any thread: it touches only <path>.tmp.  finish_rewrite(), on
+  // the owner's thread, copies the records appended since begin_rewrite()
+  // to the new file, syncs it and renames it over the journal.  On any
+  // error the journal stays as it was and <path>.tmp is removed.
+  struct Rewrite {
+    std::string path;  // the journal's
+    uint64_t base = 0;  // journal size at begin_rewrite()
+    UniqueFd fd;
+    uint64_t size = 0;
+    uint64_t records = 0;
+  };
+  Rewrite begin_rewrite() const;
+  static Result<void> write_rewrite(Rewrite& rw,
+                                    const std::vector<nlohmann::json>& records);
+  Result<void> finish_rewrite(Rewrite& rw);
+  static void abandon_rewrite(Rewrite& rw);
+
   const std::string& path() const { return path_; }
+  int fd() const { return fd_.get(); }
   uint64_t size_bytes() const { return size_; }
   uint64_t records() const { return records_; }
 
  private:
   Journal(std::string path, UniqueFd fd, uint64_t size, uint64_t records)
       : path_(std::move(path)), fd_(std::move(fd)), size_(size),
-        records_(records) {}
+        records_(records), synced_size_(size), synced_records_(records) {}
 
   std::string path_;
   UniqueFd fd_;
   uint64_t size_;
   uint64_t records_;
+  uint64_t synced_size_;
+  uint64_t synced_records_;
   bool dirty_ = false;
 };
+
+// The header record; the journal starts with two copies of it.
+nlohmann::json header_record();
 
 // fsync() of the directory holding `path`, so a create or rename is durable.
 Result<void> sync_parent_dir(const std::string& path);

@@ -95,7 +95,7 @@ void DomainVm::attach(const std::string& uuid) {
         return;
       }
       if (r) {
-        devices_ = r->is_array() ? *r : json::array();
+        keep_devices(std::move(*r));
       } else {
         devices_ = nullptr;
         log::warn("QEMU does not answer query-kvmx-chan through libvirt; "
@@ -129,7 +129,9 @@ void DomainVm::query_protections(std::function<void(Result<json>)> fn) {
                                           ", not attached"));
     return;
   }
-  command("query-kvmx-chan", std::move(fn));
+  command("query-kvmx-chan", [this, fn = std::move(fn)](Result<json> r) {
+    fn(bound_answer(std::move(r)));
+  });
 }
 
 }  // namespace kvmx::libvirt

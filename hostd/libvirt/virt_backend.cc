@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/fd.h"
+#include "common/json_util.h"
 #include "common/log.h"
 
 namespace kvmx::libvirt {
@@ -464,11 +465,19 @@ Result<json> VirtBackend::w_command(const std::string& domain,
   }
   std::string text = out ? out : "";
   std::free(out);
-  json reply = json::parse(text, nullptr, false);
+  // Bounded like hostd's own QMP client: depth costs stack, values memory.
+  auto parsed = parse_json(text, JsonLimits{qmp::Client::kMaxDepth,
+                                            qmp::Client::kMaxValues});
+  if (!parsed)
+    return make_error("qmp-error", "libvirt relayed a reply to " + command +
+                                       " that hostd refuses: " +
+                                       parsed.error().message);
+  json reply = std::move(*parsed);
   if (!reply.is_object())
     return make_error("qmp-error", "libvirt relayed a reply to " + command +
                                        " that is not a JSON object");
-  if (auto it = reply.find("return"); it != reply.end()) return *it;
+  if (auto it = reply.find("return"); it != reply.end())
+    return Result<json>(std::move(*it));
   const json err = reply.value("error", json::object());
   std::string cls = err.is_object() && err.contains("class") &&
                             err["class"].is_string()
@@ -506,7 +515,11 @@ void VirtBackend::on_monitor(virConnectPtr, virDomainPtr dom,
   ev.seconds = seconds;
   ev.micros = micros;
   // `details` is the event's "data" as JSON text (NULL without data).
-  ev.data = details ? json::parse(details, nullptr, false) : json::object();
+  if (details) {
+    auto parsed = parse_json(details, JsonLimits{qmp::Client::kMaxDepth,
+                                                 qmp::Client::kMaxValues});
+    if (parsed) ev.data = std::move(*parsed);
+  }
   if (!ev.data.is_object()) ev.data = json::object();
   const char* name = virDomainGetName(dom);
   std::string domain = name ? name : "";

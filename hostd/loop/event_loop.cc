@@ -120,7 +120,10 @@ int EventLoop::run() {
       return 1;
     }
     for (int i = 0; i < n && running_; i++) {
-      auto it = watches_.find(events[i].data.u64);
+      // epoll_event is packed on x86-64: copy the token out instead of
+      // binding a reference to a misaligned field (UBSan).
+      uint64_t token = events[i].data.u64;
+      auto it = watches_.find(token);
       if (it == watches_.end()) continue;  // removed earlier in this round
       std::shared_ptr<FdCallback> cb = it->second.cb;  // survives remove()
       uint32_t ev = events[i].events;

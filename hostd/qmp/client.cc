@@ -7,8 +7,10 @@ namespace kvmx::qmp {
 
 using nlohmann::json;
 
-Client::Client(Transport& transport, Callbacks callbacks, size_t max_line)
-    : transport_(transport), cb_(std::move(callbacks)), max_line_(max_line) {}
+Client::Client(Transport& transport, Callbacks callbacks, size_t max_line,
+               size_t max_values)
+    : transport_(transport), cb_(std::move(callbacks)), max_line_(max_line),
+      max_values_(max_values) {}
 
 std::string Client::qemu_version() const {
   const json* v = &greeting_;
@@ -97,8 +99,15 @@ void Client::handle_line(std::string_view line) {
   while (!line.empty() && (line.back() == '\r' || line.back() == ' '))
     line.remove_suffix(1);
   if (line.empty()) return;
-  json msg = json::parse(line, nullptr, false);
-  if (msg.is_discarded() || !msg.is_object()) {
+  auto parsed = parse_json(line, JsonLimits{kMaxDepth, max_values_});
+  if (!parsed && parsed.error().code != "json-parse") {
+    // Valid QMP never looks like this: a hostile or broken peer.
+    protocol_errors_++;
+    shut("QMP message rejected: " + parsed.error().message, true);
+    return;
+  }
+  json msg = parsed ? std::move(*parsed) : json();
+  if (!parsed || !msg.is_object()) {
     protocol_errors_++;
     if (state_ == State::kGreeting) {
       shut("peer is not a QMP server (bad greeting)", true);
@@ -154,7 +163,10 @@ void Client::handle_line(std::string_view line) {
     Event e;
     e.name = ev->get<std::string>();
     auto data = msg.find("data");
-    e.data = data != msg.end() && data->is_object() ? *data : json::object();
+    if (data != msg.end() && data->is_object())
+      e.data = std::move(*data);  // no copy of what the peer built
+    else
+      e.data = json::object();
     if (auto ts = msg.find("timestamp"); ts != msg.end() && ts->is_object()) {
       e.seconds = json_i64(*ts, "seconds").value_or(0);
       e.micros = json_i64(*ts, "microseconds").value_or(0);
@@ -165,7 +177,7 @@ void Client::handle_line(std::string_view line) {
   handle_reply(msg);
 }
 
-void Client::handle_reply(const json& msg) {
+void Client::handle_reply(json& msg) {
   auto id = msg.find("id");
   bool is_return = msg.contains("return");
   bool is_error = msg.contains("error");
@@ -186,7 +198,7 @@ void Client::handle_reply(const json& msg) {
   pending_.erase(it);
   if (!fn) return;
   if (is_return) {
-    fn(msg["return"]);
+    fn(Result<json>(std::move(msg["return"])));
     return;
   }
   const json& err = msg["error"];

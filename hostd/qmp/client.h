@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/json_util.h"
 #include "common/result.h"
 #include "transport.h"
 
@@ -38,10 +39,15 @@ class Client {
     std::function<void(const std::string& reason)> on_closed;
   };
 
-  static constexpr size_t kDefaultMaxLine = 16 << 20;
+  static constexpr size_t kDefaultMaxLine = 4 << 20;
+  // Per message: nesting depth and values (common/json_util.h).  A message
+  // over a limit closes the connection, as one over max_line does: QEMU
+  // sends nothing like it.
+  static constexpr size_t kMaxDepth = 64;
+  static constexpr size_t kMaxValues = 1 << 18;
 
   Client(Transport& transport, Callbacks callbacks,
-         size_t max_line = kDefaultMaxLine);
+         size_t max_line = kDefaultMaxLine, size_t max_values = kMaxValues);
 
   // Input from the transport.
   void on_data(std::string_view data);
@@ -66,7 +72,7 @@ class Client {
 
  private:
   void handle_line(std::string_view line);
-  void handle_reply(const nlohmann::json& msg);
+  void handle_reply(nlohmann::json& msg);
   void send_command(uint64_t id, const std::string& command,
                     const nlohmann::json& arguments);
   void shut(const std::string& reason, bool close_transport);
@@ -74,6 +80,7 @@ class Client {
   Transport& transport_;
   Callbacks cb_;
   size_t max_line_;
+  size_t max_values_;
   State state_ = State::kGreeting;
   std::string inbuf_;
   size_t scanned_ = 0;  // bytes of inbuf_ known to hold no newline

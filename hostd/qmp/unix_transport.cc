@@ -15,7 +15,9 @@ UnixTransport::~UnixTransport() { close(); }
 Result<void> UnixTransport::start(DataFn on_data, EofFn on_eof) {
   on_data_ = std::move(on_data);
   on_eof_ = std::move(on_eof);
-  return loop_.add(fd_.get(), EPOLLIN | EPOLLRDHUP,
+  return loop_.add(fd_.get(),
+                   (paused_ ? 0u : EPOLLIN | EPOLLRDHUP) |
+                       (out_.empty() ? 0u : EPOLLOUT),
                    [this](uint32_t ev) { on_events(ev); });
 }
 
@@ -32,9 +34,15 @@ void UnixTransport::close() {
   out_.clear();
 }
 
+void UnixTransport::set_paused(bool paused) {
+  paused_ = paused;
+  update_interest();
+}
+
 void UnixTransport::update_interest() {
   if (!fd_) return;
-  uint32_t ev = EPOLLIN | EPOLLRDHUP | (out_.empty() ? 0u : EPOLLOUT);
+  uint32_t ev = (paused_ ? 0u : EPOLLIN | EPOLLRDHUP) |
+                (out_.empty() ? 0u : EPOLLOUT);
   (void)loop_.modify(fd_.get(), ev);
 }
 

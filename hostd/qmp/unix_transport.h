@@ -28,6 +28,10 @@ class UnixTransport : public Transport {
 
   void send(std::string data) override;
   void close() override;
+  // Stops (true) or resumes reading: the peer's data waits in the socket
+  // (back-pressure while the journal cannot take violations).  A hang-up
+  // is still noticed, and what is left then is read.
+  void set_paused(bool paused);
   bool open() const { return static_cast<bool>(fd_); }
 
  private:
@@ -38,6 +42,7 @@ class UnixTransport : public Transport {
   EventLoop& loop_;
   UniqueFd fd_;
   std::string out_;
+  bool paused_ = false;
   DataFn on_data_;
   EofFn on_eof_;
 };

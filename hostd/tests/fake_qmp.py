@@ -26,6 +26,11 @@ class FakeQmp:
     def __init__(self, path, devices=DEVICES):
         self.path = path
         self.devices = devices
+        # Hostile or odd peers: the query-kvmx-chan answer as raw JSON text,
+        # queries left unanswered, no greeting at all.
+        self.devices_text = None
+        self.answer_queries = True
+        self.greet = True
         self.commands = []
         self.connections = 0
         self._conn = None
@@ -52,7 +57,8 @@ class FakeQmp:
                 self.connections += 1
                 self._cond.notify_all()
             try:
-                self._send(conn, GREETING)
+                if self.greet:
+                    self._send(conn, GREETING)
                 buf = b""
                 while True:
                     data = conn.recv(65536)
@@ -77,6 +83,14 @@ class FakeQmp:
             self._cond.notify_all()
         if cmd == "qmp_capabilities":
             reply = {"return": {}}
+        elif cmd == "query-kvmx-chan" and not self.answer_queries:
+            return
+        elif cmd == "query-kvmx-chan" and self.devices_text is not None:
+            text = '{"id": %s, "return": %s}\r\n' % (json.dumps(cid),
+                                                       self.devices_text)
+            with self._lock:
+                conn.sendall(text.encode())
+            return
         elif cmd == "query-kvmx-chan":
             reply = {"return": self.devices}
         else:
@@ -104,6 +118,13 @@ class FakeQmp:
             self._send(self._conn, {
                 "event": event, "data": data,
                 "timestamp": {"seconds": 1700000000, "microseconds": 1}})
+
+    def send_raw(self, data):
+        """Bytes as they are, to the connected client."""
+        with self._lock:
+            if self._conn is None:
+                raise RuntimeError("no QMP client connected")
+            self._conn.sendall(data)
 
     def close(self):
         """QEMU exits: the listening socket goes away with its file."""

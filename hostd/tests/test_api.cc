@@ -3,8 +3,10 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
+#include <atomic>
 #include <catch2/catch_test_macros.hpp>
 #include <cstring>
+#include <thread>
 
 #include "api/request.h"
 #include "api/server.h"
@@ -133,7 +135,24 @@ TEST_CASE("api: deeply nested JSON is rejected without crashing") {
   deep += std::string(30000, ']');
   CHECK(err_code(deep) == code::kInvalid);
   std::string open(60000, '[');
-  CHECK(err_code(open) == code::kParse);
+  CHECK(err_code(open) == code::kInvalid);
+  // The limit is checked before anything is built, and names itself.
+  json id;
+  auto r = parse_request("{\"op\":\"ping\",\"x\":" + std::string(17, '[') +
+                             std::string(17, ']') + "}",
+                         &id);
+  REQUIRE(!r.ok());
+  CHECK(r.error().code == code::kInvalid);
+  CHECK(r.error().message == "request nested deeper than 16 levels");
+  // Within the limit it is only an unknown field.
+  r = parse_request("{\"op\":\"ping\",\"x\":" + std::string(15, '[') +
+                        std::string(15, ']') + "}",
+                    &id);
+  REQUIRE(!r.ok());
+  CHECK(r.error().message.find("unknown field") != std::string::npos);
+  // Brackets inside strings do not count.
+  CHECK(err_code("{\"op\":\"ping\",\"id\":\"" + std::string(100, '[') +
+                 "\"}") == "ok");
 }
 
 TEST_CASE("session: framing splits, trims and skips blank lines") {
@@ -456,4 +475,112 @@ TEST_CASE("server: after the client's EOF it answers, then closes") {
   REQUIRE(r.size() == 1);
   CHECK(r[0]["id"] == 9);
   CHECK(eof);
+}
+
+TEST_CASE("server: a client that pipelines thousands of requests gets every answer") {
+  // More requests than fit under pause_output in one read: the server
+  // pauses, flushes, and must come back to the lines it already read.  The
+  // client reads as fast as it can (as a real one does), so each flush
+  // drains everything and no EPOLLOUT would wake the server either.  A
+  // small pause_output makes each pause fit the socket buffer for sure.
+  Server::Limits lim;
+  lim.session.pause_output = 2048;
+  Harness h(lim);
+  auto c = h.connect();
+  constexpr int kPings = 3000;
+  std::string all;
+  for (int i = 0; i < kPings; i++)
+    all += "{\"op\":\"ping\",\"id\":" + std::to_string(i) + "}\n";
+  std::atomic<int> answers{0};
+  std::string got;
+  std::thread reader([&] {
+    auto end = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    char buf[65536];
+    while (answers < kPings && std::chrono::steady_clock::now() < end) {
+      ssize_t n = ::recv(c.get(), buf, sizeof(buf), MSG_DONTWAIT);
+      if (n <= 0) {
+        std::this_thread::yield();
+        continue;
+      }
+      got.append(buf, static_cast<size_t>(n));
+      int lines = 0;
+      for (ssize_t i = 0; i < n; i++) lines += buf[i] == '\n';
+      answers += lines;
+    }
+  });
+  size_t sent = 0;
+  auto end = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (answers < kPings && std::chrono::steady_clock::now() < end) {
+    if (sent < all.size()) {
+      ssize_t n = ::send(c.get(), all.data() + sent, all.size() - sent,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (n > 0) sent += static_cast<size_t>(n);
+    }
+    h.spin(2);
+  }
+  reader.join();
+  CHECK(sent == all.size());
+  REQUIRE(answers == kPings);
+  auto r = parse_lines(got);
+  int in_order = 0;
+  for (int i = 0; i < kPings; i++)
+    in_order += r[static_cast<size_t>(i)]["id"] == i;
+  CHECK(in_order == kPings);
+}
+
+TEST_CASE("server: idle clients are closed; busy ones and subscribers are not") {
+  Server::Limits lim;
+  lim.max_clients = 3;
+  lim.idle_timeout = std::chrono::milliseconds(150);
+  Harness h(lim);
+  auto idle1 = h.connect();
+  auto idle2 = h.connect();
+  auto sub = h.connect();
+  send_str(sub, "{\"op\":\"subscribe\"}\n");
+  h.spin();
+  drain(sub);
+  // Full: a fourth is refused.
+  auto refused = h.connect();
+  h.spin();
+  CHECK(parse_lines(drain(refused))[0]["error"]["code"] == code::kTooManyClients);
+  // One idle client keeps talking, one waits for an answer (attach is held).
+  send_str(idle2, "{\"op\":\"attach\",\"vm\":\"a\",\"qmp\":\"/q\"}\n");
+  for (int i = 0; i < 6; i++) h.spin(50);
+  bool eof = false;
+  auto r = parse_lines(drain(idle1, &eof));
+  REQUIRE(r.size() == 1);
+  CHECK(r[0]["error"]["code"] == code::kIdleTimeout);
+  CHECK(eof);
+  eof = false;
+  CHECK(drain(idle2, &eof).empty());
+  CHECK(!eof);  // its request is in flight
+  eof = false;
+  drain(sub, &eof);
+  CHECK(!eof);
+  CHECK(h.server->stats().clients_idle_closed == 1);
+  // The slot is free again.
+  auto fresh = h.connect();
+  send_str(fresh, "{\"op\":\"ping\",\"id\":1}\n");
+  h.spin();
+  CHECK(parse_lines(drain(fresh))[0]["id"] == 1);
+}
+
+TEST_CASE("server: at shutdown a request in flight is answered shutting-down") {
+  Harness h(Server::Limits{});
+  auto c = h.connect();
+  auto d = h.connect();
+  send_str(c, "{\"op\":\"attach\",\"vm\":\"a\",\"qmp\":\"/q\",\"id\":7}\n");
+  h.spin();
+  REQUIRE(h.held.size() == 1);
+  h.server->shutdown();
+  bool eof = false;
+  auto r = parse_lines(drain(c, &eof));
+  REQUIRE(r.size() == 1);
+  CHECK(r[0]["id"] == 7);
+  CHECK(r[0]["error"]["code"] == code::kShuttingDown);
+  CHECK(eof);
+  eof = false;
+  CHECK(drain(d, &eof).empty());  // nothing in flight: just closed
+  CHECK(eof);
+  h.held[0](json{{"state", "attached"}});  // too late: ignored
 }

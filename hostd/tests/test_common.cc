@@ -1,17 +1,38 @@
 // Shared pieces: CRC-32, structured log rendering, the event loop, backoff.
+#include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch_test_macros.hpp>
+#include <thread>
 
+#include "common/crash_guard.h"
 #include "common/crc32.h"
+#include "common/json_util.h"
 #include "common/log.h"
 #include "common/time_util.h"
+#include "journal/journal.h"
 #include "loop/event_loop.h"
+#include "loop/worker.h"
+#include "test_helpers.h"
 #include "vm/backoff.h"
 
 using namespace kvmx;
 using namespace std::chrono_literals;
+
+namespace {
+// Unbounded recursion the compiler cannot turn into a loop (the callee is
+// unknown at each call): a stack overflow on purpose.
+int recurse(int n);
+int (*volatile g_recurse)(int) = recurse;
+int recurse(int n) {
+  volatile char pad[1024];
+  pad[0] = static_cast<char>(n);
+  return g_recurse(n + 1) + pad[0];
+}
+}  // namespace
 
 TEST_CASE("crc32: the standard check value") {
   CHECK(crc32("123456789") == 0xCBF43926u);
@@ -110,4 +131,118 @@ TEST_CASE("loop: round-end hooks run after each round") {
   l.after(20ms, [&] { l.stop(); });
   l.run();
   CHECK(rounds >= 2);
+}
+
+TEST_CASE("json: parse_json checks depth and values before building") {
+  CHECK(parse_json("[[[]]]", JsonLimits{3, 100}).ok());
+  auto r = parse_json("[[[[]]]]", JsonLimits{3, 100});
+  REQUIRE(!r.ok());
+  CHECK(r.error().code == "json-too-deep");
+  // Brackets in strings, escaped quotes included, are text.
+  CHECK(parse_json(R"(["[[[[\"[[[["])", JsonLimits{1, 100}).ok());
+  r = parse_json("[1,2,3,4,5]", JsonLimits{64, 4});
+  REQUIRE(!r.ok());
+  CHECK(r.error().code == "json-too-many-values");
+  r = parse_json("{\"a\":", {});
+  REQUIRE(!r.ok());
+  CHECK(r.error().code == "json-parse");
+  // Deep enough to overflow the stack in a recursive copy: refused cheaply.
+  std::string deep(1 << 20, '[');
+  CHECK(parse_json(deep, {}).error().code == "json-too-deep");
+}
+
+TEST_CASE("log: RateLimit lets one line through per interval and counts") {
+  log::RateLimit rl(1000ms);
+  auto t0 = log::RateLimit::Clock::now();
+  uint64_t held = 99;
+  CHECK(rl.allow(&held, t0));
+  CHECK(held == 0);
+  for (int i = 0; i < 500; i++) CHECK(!rl.allow(&held, t0 + 10ms));
+  CHECK(rl.allow(&held, t0 + 1001ms));
+  CHECK(held == 500);
+}
+
+TEST_CASE("crash guard: a crash while handling a VM's input quarantines it") {
+  test::TempDir dir;
+  std::string path = dir / "journal";
+  {
+    auto j = journal::Journal::open(path, [](const nlohmann::json&) {}, nullptr);
+    REQUIRE(j.ok());
+  }
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    // The child: hostd handling web1's QMP input, and crashing on it by
+    // overflowing its stack.
+    int fd = ::open(path.c_str(), O_WRONLY | O_APPEND);
+    if (fd < 0 || !crash::install().ok()) ::_exit(2);
+    crash::set_journal_fd(fd);
+    std::string vm = "web1";
+    crash::Scope scope(vm);
+    ::_exit(g_recurse(1));
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGSEGV);
+  std::vector<nlohmann::json> recs;
+  auto j = journal::Journal::open(
+      path, [&](const nlohmann::json& r) { recs.push_back(r); }, nullptr);
+  REQUIRE(j.ok());
+  REQUIRE(recs.size() == 1);
+  CHECK(recs[0] == nlohmann::json{{"t", "quarantine"}, {"vm", "web1"},
+                                  {"reason", "crash"}});
+  // Exactly what the journal's own encoder writes.
+  CHECK(crash::record_for("web1") ==
+        journal::encode(nlohmann::json{{"t", "quarantine"}, {"vm", "web1"},
+                                       {"reason", "crash"}}));
+}
+
+TEST_CASE("crash guard: outside a VM's input nothing is written") {
+  test::TempDir dir;
+  std::string path = dir / "journal";
+  test::write_file(path, "");
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    int fd = ::open(path.c_str(), O_WRONLY | O_APPEND);
+    if (fd < 0 || !crash::install().ok()) ::_exit(2);
+    crash::set_journal_fd(fd);
+    { std::string vm = "web1"; crash::Scope scope(vm); }
+    ::abort();
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGABRT);
+  CHECK(test::read_file(path).empty());
+}
+
+TEST_CASE("worker: the job runs beside the loop, done runs on it") {
+  auto loop = std::move(*EventLoop::create());
+  Worker w(*loop);
+  std::atomic<bool> ran{false};
+  bool done = false;
+  REQUIRE(w.run([&] {
+               std::this_thread::sleep_for(50ms);
+               ran = true;
+             },
+             [&] {
+               done = true;
+               loop->stop();
+             }).ok());
+  CHECK(w.busy());
+  CHECK(!w.run([] {}, [] {}).ok());
+  int ticks = 0;
+  std::function<void()> tick = [&] {
+    ticks++;
+    loop->after(5ms, tick);
+  };
+  loop->after(5ms, tick);
+  loop->after(2000ms, [&] { loop->stop(); });
+  loop->run();
+  CHECK(ran);
+  CHECK(done);
+  CHECK(!w.busy());
+  CHECK(ticks >= 3);  // the loop kept running while the job slept
 }

@@ -14,6 +14,9 @@ TEST_CASE("config: defaults") {
   CHECK(c.max_request_bytes == 65536);
   CHECK(c.max_output_bytes == 1048576);
   CHECK(c.max_violations == 100000);
+  CHECK(c.max_qmp_message_bytes == 4 << 20);
+  CHECK(c.max_devices_bytes == 1 << 20);
+  CHECK(c.client_idle_timeout_ms == 60000);
   CHECK(validate(c).ok());
 }
 
@@ -94,6 +97,8 @@ TEST_CASE("config: every documented key is settable") {
     if (key == "log-format") value = "text";
     if (key == "max-request-bytes") value = "4096";
     if (key == "max-output-bytes") value = "1048576";
+    if (key == "max-qmp-message-bytes" || key == "max-devices-bytes")
+      value = "65536";
     if (key == "libvirt-uri") value = "qemu:///system";
     INFO(std::string(key));
     CHECK(set(c, key, value).ok());

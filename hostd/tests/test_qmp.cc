@@ -235,3 +235,98 @@ TEST_CASE("qmp: callbacks may close the client from inside on_data") {
   CHECK(events == 1);
   CHECK(c.state() == Client::State::kClosed);
 }
+
+TEST_CASE("qmp: hostile nesting and value counts close the connection") {
+  // nlohmann::json copies, compares and dumps recursively: a message this
+  // deep would overflow the stack wherever it is copied.
+  for (const char* where : {"event", "reply", "greeting"}) {
+    DYNAMIC_SECTION(where) {
+      FakeTransport t;
+      std::vector<std::string> closed;
+      int replies = 0;
+      Client c(t, Client::Callbacks{nullptr, [](const Event&) {},
+                                    [&](const std::string& r) {
+                                      closed.push_back(r);
+                                    }});
+      std::string deep = std::string(70000, '[') + std::string(70000, ']');
+      if (std::string(where) == "greeting") {
+        c.on_data("{\"QMP\":" + deep + "}\n");
+      } else {
+        c.on_data(kGreeting);
+        c.on_data(json{{"return", json::object()}, {"id", t.sent[0]["id"]}}
+                      .dump() + "\n");
+        auto id = c.execute("query-kvmx-chan", json(),
+                            [&](Result<json>) { replies++; });
+        if (std::string(where) == "event")
+          c.on_data("{\"event\":\"X\",\"data\":{\"a\":" + deep + "}}\n");
+        else
+          c.on_data("{\"return\":" + deep + ",\"id\":" +
+                    std::to_string(*id) + "}\n");
+      }
+      CHECK(c.state() == Client::State::kClosed);
+      CHECK(t.closed);
+      REQUIRE(closed.size() == 1);
+      CHECK(closed[0].find("nested deeper than 64 levels") != std::string::npos);
+      CHECK(c.protocol_errors() == 1);
+      // The pending command failed (disconnected), it got no deep value.
+      CHECK(replies == (std::string(where) == "greeting" ? 0 : 1));
+    }
+  }
+  SECTION("64 levels are fine") {
+    Fixture f;
+    f.handshake();
+    std::string ok = std::string(62, '[') + std::string(62, ']');
+    f.client.on_data("{\"event\":\"X\",\"data\":{\"a\":" + ok + "}}\n");
+    CHECK(f.client.state() == Client::State::kReady);
+    REQUIRE(f.events.size() == 1);
+  }
+  SECTION("too many values") {
+    FakeTransport t;
+    std::vector<std::string> closed;
+    Client c(t, Client::Callbacks{nullptr, nullptr,
+                                  [&](const std::string& r) {
+                                    closed.push_back(r);
+                                  }},
+             Client::kDefaultMaxLine, 1000);
+    c.on_data(kGreeting);
+    c.on_data(json{{"return", json::object()}, {"id", t.sent[0]["id"]}}.dump() +
+              "\n");
+    json many = json::array();
+    for (int i = 0; i < 2000; i++) many.push_back(i);
+    c.on_data(json{{"event", "X"}, {"data", {{"a", many}}}}.dump() + "\n");
+    CHECK(c.state() == Client::State::kClosed);
+    REQUIRE(closed.size() == 1);
+    CHECK(closed[0].find("more than 1000 values") != std::string::npos);
+  }
+}
+
+TEST_CASE("qmp: events and replies split and joined across reads") {
+  Fixture f;
+  f.handshake();
+  std::vector<std::string> got;
+  auto id = f.client.execute("q", json(), [&](Result<json> r) {
+    got.push_back(r ? r->dump() : r.error().code);
+  });
+  std::string both =
+      R"({"event": "A", "data": {"s": "a\"}b\n{"}})" "\r\n" +
+      json{{"return", {{"x", 1}}}, {"id", *id}}.dump() + "\n" +
+      R"({"event": "B"})" "\n";
+  // Every split point of the joined messages.
+  for (size_t cut = 0; cut <= both.size(); cut++) {
+    Fixture g;
+    g.handshake();
+    std::vector<std::string> r;
+    auto gid = g.client.execute("q", json(), [&](Result<json> x) {
+      r.push_back(x ? x->dump() : x.error().code);
+    });
+    REQUIRE(*gid == *id);
+    g.client.on_data(both.substr(0, cut));
+    g.client.on_data(both.substr(cut));
+    CHECK(r == std::vector<std::string>{R"({"x":1})"});
+    REQUIRE(g.events.size() == 2);
+    CHECK(g.events[0].data["s"] == "a\"}b\n{");
+    CHECK(g.events[1].name == "B");
+  }
+  f.client.on_data(both);
+  CHECK(got.size() == 1);
+}

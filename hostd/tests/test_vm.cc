@@ -26,6 +26,7 @@ struct FakeMonitor {
   std::string in;
   bool greet = true;
   bool answer_queries = true;
+  json devices = json::array({json{{"id", "chan0"}}});
   int accepted = 0;
 
   FakeMonitor(EventLoop& l, std::string p) : loop(l), path(std::move(p)) {
@@ -65,9 +66,7 @@ struct FakeMonitor {
       json cmd = json::parse(in.substr(0, nl));
       in.erase(0, nl + 1);
       if (cmd["execute"] == "query-kvmx-chan" && !answer_queries) continue;
-      json ret = cmd["execute"] == "query-kvmx-chan"
-                     ? json::array({json{{"id", "chan0"}}})
-                     : json::object();
+      json ret = cmd["execute"] == "query-kvmx-chan" ? devices : json::object();
       send(json{{"return", ret}, {"id", cmd["id"]}});
     }
   }
@@ -96,8 +95,9 @@ struct Fixture {
   std::vector<std::string> events;
   std::unique_ptr<vm::Manager> mgr;
 
-  Fixture() {
+  explicit Fixture(size_t max_devices_bytes = 1 << 20) {
     vm::Options opt;
+    opt.max_devices_bytes = max_devices_bytes;
     opt.handshake_timeout = 100ms;
     opt.command_timeout = 100ms;
     opt.backoff_min = 10ms;
@@ -229,4 +229,83 @@ TEST_CASE("vm: protections queries time out and fail when not attached") {
   f.mgr->remove("vm1");
   REQUIRE(codes.size() == 4);
   CHECK(codes[3] == "vm-not-connected");
+}
+
+TEST_CASE("vm: a query-kvmx-chan answer over max-devices-bytes is not kept") {
+  Fixture f(4096);
+  FakeMonitor mon(*f.loop, f.path);
+  json big = json::array();
+  for (int i = 0; i < 200; i++)
+    big.push_back(json{{"id", "chan" + std::to_string(i)},
+                       {"entries", json::array({1, 2, 3})}});
+  REQUIRE(big.dump().size() > 4096);
+  mon.devices = big;
+  vm::QmpVm& v = f.mgr->add("vm1", f.path, UniqueFd());
+  REQUIRE(f.run_until([&] { return v.state() == vm::State::kAttached; }));
+  // Attached (events are recorded), but the list is not held.
+  CHECK(v.devices().is_null());
+  CHECK(v.devices_error().find("over max-devices-bytes (4096)") !=
+        std::string::npos);
+  CHECK(v.info()["devices_error"] == v.devices_error());
+  std::string code;
+  v.query_protections([&](Result<json> r) { code = r ? "ok" : r.error().code; });
+  REQUIRE(f.run_until([&] { return !code.empty(); }));
+  CHECK(code == "response-too-large");
+  // A small answer is relayed and kept again at the next connection.
+  mon.devices = json::array({json{{"id", "chan0"}}});
+  code.clear();
+  v.query_protections([&](Result<json> r) { code = r ? "ok" : r.error().code; });
+  REQUIRE(f.run_until([&] { return !code.empty(); }));
+  CHECK(code == "ok");
+  mon.hangup();
+  REQUIRE(f.run_until([&] { return mon.accepted == 2 &&
+                                   v.state() == vm::State::kAttached; }));
+  CHECK(v.devices() == mon.devices);
+  CHECK(v.devices_error().empty());
+}
+
+TEST_CASE("vm: a deeply nested QMP message drops the connection, not hostd") {
+  Fixture f;
+  FakeMonitor mon(*f.loop, f.path);
+  vm::QmpVm& v = f.mgr->add("vm1", f.path, UniqueFd());
+  REQUIRE(f.run_until([&] { return v.state() == vm::State::kAttached; }));
+  // 70000 levels: enough to overflow the stack of a recursive copy.
+  std::string deep = "{\"event\":\"KVMX_VIOLATION\",\"data\":{\"x\":" +
+                     std::string(70000, '[') + std::string(70000, ']') + "}}\n";
+  REQUIRE(::write(mon.conn.get(), deep.data(), deep.size()) ==
+          static_cast<ssize_t>(deep.size()));
+  REQUIRE(f.run_until([&] { return v.state() != vm::State::kAttached; }));
+  CHECK(v.last_error().find("nested deeper than 64 levels") != std::string::npos);
+  CHECK(v.protocol_errors() == 1);
+  CHECK(f.events.empty());
+  REQUIRE(f.run_until([&] { return v.state() == vm::State::kAttached; }));
+}
+
+TEST_CASE("vm: quarantined VMs stay unconnected until reconnect_now") {
+  Fixture f;
+  FakeMonitor mon(*f.loop, f.path);
+  vm::QmpVm& v = f.mgr->add("vm1", f.path, UniqueFd(), false);
+  v.quarantine("hostd crashed on it");
+  f.run_until([] { return false; }, 100ms);
+  CHECK(v.state() == vm::State::kQuarantined);
+  CHECK(mon.accepted == 0);
+  CHECK(v.info()["state"] == "quarantined");
+  CHECK(v.last_error() == "hostd crashed on it");
+  v.reconnect_now();
+  REQUIRE(f.run_until([&] { return v.state() == vm::State::kAttached; }));
+  CHECK(mon.accepted == 1);
+}
+
+TEST_CASE("vm: input paused for back-pressure waits in the socket") {
+  Fixture f;
+  FakeMonitor mon(*f.loop, f.path);
+  vm::QmpVm& v = f.mgr->add("vm1", f.path, UniqueFd());
+  REQUIRE(f.run_until([&] { return v.state() == vm::State::kAttached; }));
+  f.mgr->pause_input(true);
+  mon.send(json{{"event", "KVMX_VIOLATION"}, {"data", {{"seq", 1}}}});
+  f.run_until([] { return false; }, 100ms);
+  CHECK(f.events.empty());
+  CHECK(v.state() == vm::State::kAttached);
+  f.mgr->pause_input(false);
+  REQUIRE(f.run_until([&] { return f.events.size() == 1; }));
 }

@@ -21,22 +21,31 @@ void Store::count(const Violation& v) {
                      : t.suppressed + v.suppressed;
 }
 
-void Store::add(Violation v) {
+json Store::reservation(uint64_t block) const {
+  return json{{"t", "next-seq"}, {"seq", next_seq_ + block}};
+}
+
+void Store::reserved(const json& rec) {
+  if (auto seq = json_u64(rec, "seq")) reserved_ = std::max(reserved_, *seq);
+}
+
+bool Store::add(Violation v) {
+  // hostd writes violations in seq order, and compaction keeps that order:
+  // a seq not above the last one is a copy (a journal appended to itself)
+  // and must not be served or counted twice.
+  if (v.seq == 0 || v.seq <= last_seq_) {
+    duplicates_++;
+    return false;
+  }
+  last_seq_ = v.seq;
   next_seq_ = std::max(next_seq_, v.seq + 1);
   count(v);
-  if (!ring_.empty() && v.seq <= ring_.back().seq) {
-    // Out of order (only a damaged journal does this): keep the ring sorted.
-    auto pos = std::upper_bound(
-        ring_.begin(), ring_.end(), v.seq,
-        [](uint64_t s, const Violation& x) { return s < x.seq; });
-    ring_.insert(pos, std::move(v));
-  } else {
-    ring_.push_back(std::move(v));
-  }
+  ring_.push_back(std::move(v));
   while (ring_.size() > capacity_) {
     ring_.pop_front();
     evicted_++;
   }
+  return true;
 }
 
 json Store::record(const Violation& v) {
@@ -51,7 +60,9 @@ Result<bool> Store::replay(const json& rec) {
   if (*type == "violation") {
     auto v = from_json(rec);
     if (!v) return v.error();
-    add(std::move(*v));
+    if (v->seq == 0 || v->seq >= kMaxSeq)
+      return make_error("bad-record", "violation record with seq out of range");
+    add(std::move(*v));  // a duplicate is counted, not an error
     return true;
   }
   if (*type == "totals") {
@@ -59,7 +70,7 @@ Result<bool> Store::replay(const json& rec) {
     auto events = json_u64(rec, "events");
     auto suppressed = json_u64(rec, "suppressed");
     auto through = json_u64(rec, "through_seq");
-    if (!vm || !events || !suppressed || !through)
+    if (!vm || !events || !suppressed || !through || *through >= kMaxSeq)
       return make_error("bad-record", "malformed totals record");
     totals_[*vm] = Totals{*events, *suppressed, *through};
     next_seq_ = std::max(next_seq_, *through + 1);
@@ -67,21 +78,37 @@ Result<bool> Store::replay(const json& rec) {
   }
   if (*type == "next-seq") {
     auto seq = json_u64(rec, "seq");
-    if (!seq) return make_error("bad-record", "malformed next-seq record");
+    if (!seq || *seq > kMaxSeq)
+      return make_error("bad-record", "malformed next-seq record");
     next_seq_ = std::max(next_seq_, *seq);
+    reserved_ = std::max(reserved_, *seq);
     return true;
   }
   return false;
 }
 
-std::vector<json> Store::snapshot() const {
+Store::Copy Store::copy() const {
+  Copy c;
+  c.next_seq = next_seq_;
+  c.reserved = reserved_;
+  c.totals = totals_;
+  c.ring.assign(ring_.begin(), ring_.end());
+  return c;
+}
+
+std::vector<json> Store::snapshot() const { return snapshot(copy()); }
+
+std::vector<json> Store::snapshot(const Copy& c) {
   std::vector<json> out;
-  out.reserve(ring_.size() + totals_.size() + 1);
-  out.push_back(json{{"t", "next-seq"}, {"seq", next_seq_}});
-  uint64_t through = next_seq_ - 1;
+  out.reserve(c.ring.size() + c.totals.size() + 1);
+  // A reserved range stays reserved across compaction.
+  out.push_back(json{{"t", "next-seq"}, {"seq", std::max(c.next_seq, c.reserved)}});
+  // Totals cover the seqs handed out so far: a violation written after
+  // this snapshot (while compaction runs) has a higher seq and counts.
+  uint64_t through = c.next_seq - 1;
   std::set<std::string_view> in_ring;
-  for (const auto& v : ring_) in_ring.insert(v.vm);
-  for (const auto& [vm, t] : totals_) {
+  for (const auto& v : c.ring) in_ring.insert(v.vm);
+  for (const auto& [vm, t] : c.totals) {
     // A zeroed entry matters only while it hides older events in the ring.
     if (t.violations() == 0 && !in_ring.count(vm)) continue;
     out.push_back(json{{"t", "totals"},
@@ -90,7 +117,7 @@ std::vector<json> Store::snapshot() const {
                        {"suppressed", t.suppressed},
                        {"through_seq", through}});
   }
-  for (const auto& v : ring_) out.push_back(record(v));
+  for (const auto& v : c.ring) out.push_back(record(v));
   return out;
 }
 

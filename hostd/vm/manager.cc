@@ -20,18 +20,27 @@ QmpVm* Manager::find_by_path(const std::string& qmp_path) {
 }
 
 QmpVm& Manager::add(const std::string& name, const std::string& qmp_path,
-                    UniqueFd fd) {
+                    UniqueFd fd, bool start) {
   auto vm = std::make_unique<QmpVm>(loop_, name, qmp_path, options_, hooks_);
+  vm->max_devices_bytes = options_.max_devices_bytes;
   QmpVm& ref = *vm;
   vms_[name] = std::move(vm);
-  ref.start(std::move(fd));
+  if (paused_) ref.set_input_paused(true);
+  if (start) ref.start(std::move(fd));
   return ref;
 }
 
 Vm& Manager::insert(std::unique_ptr<Vm> vm) {
+  vm->max_devices_bytes = options_.max_devices_bytes;
   Vm& ref = *vm;
   vms_[ref.name()] = std::move(vm);
   return ref;
+}
+
+void Manager::pause_input(bool paused) {
+  paused_ = paused;
+  for (auto& [name, vm] : vms_)
+    if (auto* q = dynamic_cast<QmpVm*>(vm.get())) q->set_input_paused(paused);
 }
 
 void Manager::remove(const std::string& name) {

@@ -18,10 +18,10 @@ class Manager {
   // The socket VM of that name (nullptr also when the name is a libvirt VM).
   QmpVm* find_qmp(const std::string& name);
   QmpVm* find_by_path(const std::string& qmp_path);
-  // Registers a socket VM (the caller checked names and limits) and starts
-  // it.
+  // Registers a socket VM (the caller checked names and limits) and, with
+  // `start`, starts it.
   QmpVm& add(const std::string& name, const std::string& qmp_path,
-             UniqueFd fd);
+             UniqueFd fd, bool start = true);
   // Registers a VM built elsewhere (libvirt domains); it must have been
   // built with hooks().  Replaces nothing: the name must be free.
   Vm& insert(std::unique_ptr<Vm> vm);
@@ -29,6 +29,9 @@ class Manager {
   // not be called from inside the VM's own callbacks (defer it).
   void remove(const std::string& name);
   void clear() { vms_.clear(); }
+  // Back-pressure on every socket VM, present and future.
+  void pause_input(bool paused);
+  bool input_paused() const { return paused_; }
 
   size_t size() const { return vms_.size(); }
   const std::map<std::string, std::unique_ptr<Vm>>& all() const { return vms_; }
@@ -40,6 +43,7 @@ class Manager {
   Options options_;
   Hooks hooks_;
   std::map<std::string, std::unique_ptr<Vm>> vms_;
+  bool paused_ = false;
 };
 
 }  // namespace kvmx::vm

@@ -1,5 +1,7 @@
 #include "vm.h"
 
+#include "common/crash_guard.h"
+#include "common/json_util.h"
 #include "common/log.h"
 #include "common/time_util.h"
 #include "common/unix_socket.h"
@@ -15,6 +17,7 @@ const char* to_string(State s) {
     case State::kDisconnected: return "disconnected";
     case State::kGone: return "gone";
     case State::kStopped: return "stopped";
+    case State::kQuarantined: return "quarantined";
   }
   return "?";
 }
@@ -47,6 +50,37 @@ void Vm::deliver(const qmp::Event& ev) {
   if (hooks_.on_event) hooks_.on_event(*this, ev);
 }
 
+void Vm::keep_devices(json&& answer) {
+  devices_error_.clear();
+  if (!answer.is_array()) {
+    devices_ = json::array();
+    return;
+  }
+  size_t bytes = json_dump(answer).size();
+  if (bytes > max_devices_bytes) {
+    devices_ = nullptr;
+    devices_error_ = "query-kvmx-chan answered " + std::to_string(bytes) +
+                     " bytes, over max-devices-bytes (" +
+                     std::to_string(max_devices_bytes) + ")";
+    log::warn("Not keeping a VM's device list: too large",
+              {{"vm", name_}, {"bytes", bytes},
+               {"max_devices_bytes", max_devices_bytes}});
+    return;
+  }
+  devices_ = std::move(answer);
+}
+
+Result<json> Vm::bound_answer(Result<json>&& r) const {
+  if (!r) return std::move(r);
+  size_t bytes = json_dump(*r).size();
+  if (bytes > max_devices_bytes)
+    return make_error("response-too-large",
+                      "query-kvmx-chan answered " + std::to_string(bytes) +
+                          " bytes, over max-devices-bytes (" +
+                          std::to_string(max_devices_bytes) + ")");
+  return std::move(r);
+}
+
 json Vm::info() const {
   return json{{"vm", name_},
               {"source", to_string(source())},
@@ -54,6 +88,7 @@ json Vm::info() const {
               {"since", since_},
               {"qemu", qemu_version_},
               {"devices", devices_},
+              {"devices_error", devices_error_},
               {"reconnects", reconnects()},
               {"rejected", rejected_},
               {"last_error", last_error_}};
@@ -92,6 +127,17 @@ void QmpVm::start(UniqueFd fd) {
     connect_now();
 }
 
+void QmpVm::set_input_paused(bool paused) {
+  input_paused_ = paused;
+  if (conn_) conn_->transport->set_paused(paused);
+}
+
+void QmpVm::quarantine(const std::string& why) {
+  loop_.cancel(retry_timer_);
+  retry_timer_ = 0;
+  set_state(State::kQuarantined, why);
+}
+
 void QmpVm::reconnect_now() {
   if (conn_) return;  // connecting or attached
   backoff_.reset();
@@ -120,6 +166,7 @@ void QmpVm::open(UniqueFd fd) {
   uint64_t gen = ++gen_;
   conn_ = std::make_unique<Conn>();
   conn_->transport = std::make_unique<qmp::UnixTransport>(loop_, std::move(fd));
+  if (hooks_.on_connecting) hooks_.on_connecting(*this);
   qmp::Client::Callbacks cb;
   cb.on_ready = [this, gen] { on_ready(gen); };
   cb.on_event = [this, gen](const qmp::Event& ev) {
@@ -129,15 +176,22 @@ void QmpVm::open(UniqueFd fd) {
   cb.on_closed = [this, gen](const std::string& reason) {
     on_closed(gen, reason);
   };
-  conn_->client = std::make_unique<qmp::Client>(*conn_->transport, cb);
+  conn_->client = std::make_unique<qmp::Client>(
+      *conn_->transport, cb, options_.max_qmp_message);
   qmp::Client* client = conn_->client.get();
   auto started = conn_->transport->start(
-      [client](std::string_view data) { client->on_data(data); },
+      [this, client](std::string_view data) {
+        // Should the peer's input crash hostd, the crash handler marks
+        // this VM quarantined in the journal (common/crash_guard.h).
+        crash::Scope scope(name_);
+        client->on_data(data);
+      },
       [client](const std::string& reason) { client->on_eof(reason); });
   if (!started) {
     client->close(started.error().message);
     return;
   }
+  if (input_paused_) conn_->transport->set_paused(true);
   set_state(State::kConnecting);
   handshake_timer_ = loop_.after(options_.handshake_timeout, [this, gen] {
     handshake_timer_ = 0;
@@ -156,7 +210,7 @@ void QmpVm::on_ready(uint64_t gen) {
         if (gen != gen_ || destroying_) return;
         if (!r && r.error().code == "qmp-disconnected") return;  // on_closed
         if (r) {
-          devices_ = r->is_array() ? *r : json::array();
+          keep_devices(std::move(*r));
         } else {
           devices_ = nullptr;
           log::warn("QEMU does not answer query-kvmx-chan; attached without "
@@ -253,7 +307,7 @@ void QmpVm::query_protections(std::function<void(Result<json>)> fn) {
     if (!r && r.error().code == "qmp-disconnected")
       p->fn(make_error("vm-not-connected", r.error().message));
     else
-      p->fn(std::move(r));
+      p->fn(bound_answer(std::move(r)));
   });
   if (!id) {
     p->fn(make_error("vm-not-connected", id.error().message));

@@ -9,6 +9,10 @@
 //                                      │ socket file gone
 //                                      ▼
 //                                     gone (no more retries)
+//
+//   quarantined: registered from the journal but not connected, because
+//   hostd died while it handled this VM's QMP input (its peer may be what
+//   crashed it); only an explicit attach (reconnect_now) leaves it.
 #pragma once
 
 #include <chrono>
@@ -31,7 +35,9 @@ namespace kvmx::vm {
 
 // kStopped is for libvirt domains only: the domain does not run (or runs
 // without opting in), hostd expects no events from it until it starts.
-enum class State { kConnecting, kAttached, kDisconnected, kGone, kStopped };
+enum class State {
+  kConnecting, kAttached, kDisconnected, kGone, kStopped, kQuarantined
+};
 const char* to_string(State s);
 
 // How hostd reaches the VM: its own QMP socket, or libvirt.
@@ -43,6 +49,11 @@ struct Options {
   std::chrono::milliseconds command_timeout{10000};
   std::chrono::milliseconds backoff_min{100};
   std::chrono::milliseconds backoff_max{5000};
+  // What one VM's peer can make hostd hold: a QMP message (the line being
+  // read, and the document parsed from it), and the query-kvmx-chan answer
+  // kept as `devices` (its JSON text size).
+  size_t max_qmp_message = qmp::Client::kDefaultMaxLine;
+  size_t max_devices_bytes = 1 << 20;
 };
 
 class Vm;
@@ -52,6 +63,9 @@ struct Hooks {
   std::function<void(Vm&, const qmp::Event&)> on_event;
   // After every state change.
   std::function<void(Vm&, State old_state)> on_state;
+  // A connection to the VM's QMP socket is open and nothing has been read
+  // from it yet (QmpVm only).
+  std::function<void(Vm&)> on_connecting;
 };
 
 // How an attach wait ended.
@@ -85,6 +99,8 @@ class Vm {
   const std::string& name() const { return name_; }
   State state() const { return state_; }
   const nlohmann::json& devices() const { return devices_; }
+  // Why `devices` is null although QEMU answered ("" otherwise).
+  const std::string& devices_error() const { return devices_error_; }
   uint64_t connects() const { return connects_; }
   uint64_t reconnects() const { return connects_ > 1 ? connects_ - 1 : 0; }
   uint64_t rejected() const { return rejected_; }
@@ -93,6 +109,8 @@ class Vm {
   // Whether the VM is in the journal (false while a fresh attach is still
   // being tried).
   bool persisted = false;
+  // Bound on the query-kvmx-chan answer kept and relayed (Options).
+  size_t max_devices_bytes = Options{}.max_devices_bytes;
 
  protected:
   Vm(EventLoop& loop, std::string name, const Hooks& hooks, State initial);
@@ -100,6 +118,12 @@ class Vm {
   void set_state(State s, std::string error = "");
   // Hands a QMP event to the hooks (and counts KVMX_CHAN_REJECTED).
   void deliver(const qmp::Event& ev);
+  // Keeps a query-kvmx-chan answer as `devices`, or null with
+  // devices_error_ when it is over max_devices_bytes.
+  void keep_devices(nlohmann::json&& answer);
+  // A query-kvmx-chan answer for `protections`: over max_devices_bytes it
+  // is the error response-too-large.
+  Result<nlohmann::json> bound_answer(Result<nlohmann::json>&& r) const;
 
   EventLoop& loop_;
   std::string name_;
@@ -109,6 +133,7 @@ class Vm {
   std::string last_error_;
   std::string qemu_version_;
   nlohmann::json devices_;
+  std::string devices_error_;
   uint64_t connects_ = 0;
   uint64_t rejected_ = 0;
 };
@@ -130,8 +155,14 @@ class QmpVm final : public Vm {
 
   // Starts on an already connected socket, or connects when `fd` is empty.
   void start(UniqueFd fd);
-  // Connects now unless connected or connecting (resets the backoff).
+  // Registered but not connected: hostd died while handling this VM's
+  // input.  `why` becomes last_error.
+  void quarantine(const std::string& why);
+  // Connects now unless connected or connecting (resets the backoff);
+  // also leaves quarantine.
   void reconnect_now();
+  // Back-pressure: stop (true) or resume reading the QMP socket.
+  void set_input_paused(bool paused);
 
   // Calls `fn` (from the event loop, never from inside this call) when the
   // VM next becomes attached or fails to, or after `timeout`.
@@ -171,6 +202,7 @@ class QmpVm final : public Vm {
   uint64_t next_waiter_ = 1;
   uint64_t old_protocol_errors_ = 0;
   bool destroying_ = false;
+  bool input_paused_ = false;
 };
 
 }  // namespace kvmx::vm

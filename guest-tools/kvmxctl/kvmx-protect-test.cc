@@ -32,6 +32,9 @@
 //          pages (when the guest has any) get EOPNOTSUPP from PROTECT and
 //          TRACK_START, while a second process maps the same memory and
 //          can still write it; private anonymous memory still works.
+//  rate    60 PROTECT/UNPROTECT pairs of one page as fast as possible:
+//          every one succeeds (the driver waits out the device's rate
+//          limit of 20 a second, burst 20), so they take at least 1.5 s.
 //  user    (run last by all) root protects a page of its own (log), then a
 //          child drops to uid/gid 65534 and checks: (a) it opens /dev/kvmx
 //          and protects its own page ro+signal (SIGSEGV, page unchanged,
@@ -844,6 +847,35 @@ void test_shared()
     close(fd);
 }
 
+// The device allows about 20 changes a second; the driver retries.
+void test_rate()
+{
+    const std::string t = "rate";
+    constexpr int kPairs = 60;
+    int fd = open_dev();
+    if (fd < 0)
+        return;
+    uint8_t* p = map_pages(1);
+    int bad = 0, first_err = 0;
+    uint64_t t0 = now_ms();
+    for (int i = 0; i < kPairs; i++) {
+        int e = protect(fd, p, kPage, KVMX_ACCESS_RO, KVMX_ACTION_DENY);
+        int u = e ? 0 : unprotect(fd, p, kPage);
+        if (e || u) {
+            bad++;
+            first_err = first_err ? first_err : (e ? e : u);
+        }
+    }
+    uint64_t ms = now_ms() - t0;
+    std::printf("INFO %s %d pairs in %" PRIu64 " ms\n", t.c_str(), kPairs, ms);
+    check(!bad, t + ".all-succeed", "%d of %d failed, first errno %s", bad, kPairs,
+          errname(first_err).c_str());
+    check(ms >= 1500, t + ".limited", "%d protections in %" PRIu64 " ms: the device's "
+          "limit (20/s, burst 20) should make it take >= 1500 ms", kPairs, ms);
+    munmap(p, kPage);
+    close(fd);
+}
+
 void test_bad()
 {
     const std::string t = "bad";
@@ -1541,6 +1573,7 @@ int main(int argc, char** argv)
         {"exit", test_exit},
         {"bad", test_bad},
     {"shared", test_shared},
+    {"rate", test_rate},
         {"user", test_user},    // last: it changes uids in a child
     };
     std::string which = argc == 2 ? argv[1] : "";
@@ -1555,7 +1588,7 @@ int main(int argc, char** argv)
             fn();
         }
     if (!found) {
-        std::fprintf(stderr, "usage: kvmx-prottest signal|deny|log|none|track|exit|bad|shared|user|all\n"
+        std::fprintf(stderr, "usage: kvmx-prottest signal|deny|log|none|track|exit|bad|shared|rate|user|all\n"
                              "       kvmx-prottest hold PAGES\n"
                              "       kvmx-prottest --as-user UID -- COMMAND [ARG...]\n");
         return 2;

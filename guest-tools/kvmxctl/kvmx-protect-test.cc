@@ -725,19 +725,9 @@ void test_shared()
     if (fd < 0)
         return;
     const size_t baseline = list(fd, 0).size();
-    auto try_kind = [&](const std::string& name, uint8_t* m, size_t len) {
-        uint64_t id = 0;
-        int e = protect(fd, m, len, KVMX_ACCESS_RO, KVMX_ACTION_DENY, &id);
-        if (!e)
-            unprotect(fd, m, len);
-        expect(t + "." + name + ".protect", e, {EOPNOTSUPP});
-        int te = range_op(fd, KVMX_G_TRACK_START, addr_of(m), len);
-        if (!te)
-            range_op(fd, KVMX_G_TRACK_STOP, addr_of(m), len);
-        expect(t + "." + name + ".track", te, {EOPNOTSUPP});
-    };
     auto sharer_writes = [&](const std::string& name, uint8_t* m) {
         // Another process (a fork shares MAP_SHARED memory) writes it.
+        m[0] = 0;
         pid_t c = fork();
         if (c == 0) {
             m[0] = 0x5a;
@@ -748,14 +738,28 @@ void test_shared()
         check(m[0] == 0x5a, t + "." + name + ".sharer-writes",
               "the other process's write %s", m[0] == 0x5a ? "landed" : "was lost");
     };
-
+    // shared: a second process maps it; its write must land, which it
+    // would not while a protection made by the first stood.
+    auto try_kind = [&](const std::string& name, uint8_t* m, size_t len,
+                        bool shared = false) {
+        uint64_t id = 0;
+        int e = protect(fd, m, len, KVMX_ACCESS_RO, KVMX_ACTION_DENY, &id);
+        if (shared)
+            sharer_writes(name, m);
+        if (!e)
+            unprotect(fd, m, len);
+        expect(t + "." + name + ".protect", e, {EOPNOTSUPP});
+        int te = range_op(fd, KVMX_G_TRACK_START, addr_of(m), len);
+        if (!te)
+            range_op(fd, KVMX_G_TRACK_STOP, addr_of(m), len);
+        expect(t + "." + name + ".track", te, {EOPNOTSUPP});
+    };
     void* m = mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) {
         failf(t + ".anon-shared", "mmap: %s", std::strerror(errno));
     } else {
         std::memset(m, kPattern, kPage);
-        try_kind("anon-shared", static_cast<uint8_t*>(m), kPage);
-        sharer_writes("anon-shared", static_cast<uint8_t*>(m));
+        try_kind("anon-shared", static_cast<uint8_t*>(m), kPage, true);
         munmap(m, kPage);
     }
 
@@ -766,8 +770,7 @@ void test_shared()
         m = mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
         if (m != MAP_FAILED) {
             std::memset(m, kPattern, kPage);
-            try_kind("memfd-shared", static_cast<uint8_t*>(m), kPage);
-            sharer_writes("memfd-shared", static_cast<uint8_t*>(m));
+            try_kind("memfd-shared", static_cast<uint8_t*>(m), kPage, true);
             munmap(m, kPage);
         } else {
             failf(t + ".memfd-shared", "mmap: %s", std::strerror(errno));
@@ -793,8 +796,7 @@ void test_shared()
         std::printf("SKIP %s.sysv no SysV shm: %s\n", t.c_str(), std::strerror(errno));
     } else {
         std::memset(sm, kPattern, kPage);
-        try_kind("sysv", static_cast<uint8_t*>(sm), kPage);
-        sharer_writes("sysv", static_cast<uint8_t*>(sm));
+        try_kind("sysv", static_cast<uint8_t*>(sm), kPage, true);
         shmdt(sm);
     }
 

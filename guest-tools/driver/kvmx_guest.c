@@ -59,9 +59,10 @@
  *    process maps.  Ranges must be writable (FOLL_WRITE, else EFAULT).
  *    Pinning happens without kvmx_lock, so a slow fault (userfaultfd,
  *    FUSE) delays only its own request (a fatal signal ends it).
- *  - The device rate-limits PROTECT and TRACK_START per guest (EAGAIN):
- *    the driver then drops kvmx_lock, sleeps KVMX_THROTTLE_MS and tries
- *    again, until a signal (EINTR).
+ *  - The device rate-limits PROTECT and TRACK_START per guest, and bounds
+ *    the share of time TRACK_READ takes (EAGAIN): the driver then drops
+ *    kvmx_lock, sleeps KVMX_THROTTLE_MS and tries again, until a signal
+ *    (EINTR).
  *
  * Locking: kvmx_lock (a mutex) guards the device's request buffer, the
  * entry list and the bound device pointer; it is taken by ioctls, the IRQ
@@ -942,6 +943,7 @@ static long kvmx_ioc_track_dirty(struct kvmx_file *kf,
 		goto out;
 	}
 
+retry:
 	mutex_lock(&kvmx_lock);
 	d = kvmx_live(kf);
 	e = d ? kvmx_find(t.mm, KVMX_KIND_TRACK, r.addr, r.len) : NULL;
@@ -965,6 +967,15 @@ static long kvmx_ioc_track_dirty(struct kvmx_file *kf,
 	dma_free_coherent(&d->pdev->dev, need, buf, dma);
 unlock:
 	mutex_unlock(&kvmx_lock);
+	if (ret == -EAGAIN) {
+		/* The device bounds the time reads take (per guest). */
+		if (msleep_interruptible(KVMX_THROTTLE_MS) ||
+		    signal_pending(current)) {
+			ret = -EINTR;
+			goto out;
+		}
+		goto retry;
+	}
 	if (ret)
 		goto out;
 

@@ -32,6 +32,10 @@ check says what the device must do and is counted through QMP
                    violation of a kill-vm protection still sends its
                    KVMX_VIOLATION, then the VM stops (STOP event, run state
                    guest-panicked) and QEMU stays up for management
+  track-read       a 16 GiB guest that tracks one page and reads its
+                   bits 300 times in a row: reads that come before the
+                   previous one's cost / track-read-percent has passed get
+                   -EAGAIN and are counted as throttled
   migrate-events   an event queued (and ISR set) when the VM is migrated
                    (to a file) is there on the destination: ISR reads 1,
                    EVENTS returns it with its seq
@@ -283,6 +287,33 @@ def test_extents_free(qemu, elf, work):
               f'offered to overlays ({fa} - {fb} = {fa - fb}, want 8)')
 
 
+def test_track_read(qemu, elf, work):
+    """A guest with 16 GiB of RAM tracks one page and asks for its dirty
+    bits 300 times as fast as it can: each read syncs the dirty log of all
+    16 GiB under the BQL, so most must be refused."""
+    extra = ['-m', '16G', '-device', 'kvmx-chan,id=chan0']
+    with start_vm(qemu, elf, work, 'trackread', extra) as vm:
+        vm.start()
+        g, chan = attach(vm)
+        st, _ = chan.request(OP_TRACK_START, 90, extents=[(TRACK, PAGE)])
+        n = chan.write_req(REQ, OP_TRACK_READ, 90, out=(OUT, 8))
+        i0 = info(vm)
+        t0 = time.monotonic()
+        r = g.command(f'db {chan.bar:#x} {REQ:#x} {n} 300', timeout=300)
+        dt = time.monotonic() - t0
+        f = dict(kv.split('=') for kv in r.split()[1:])
+        ok, again = int(f['ok']), int(f['again'])
+        i1 = info(vm)
+        thr = i1['throttled'] - i0['throttled'] if 'throttled' in i1 else 0
+        print(f'track-read: {ok} of 300 TRACK_READs of a 16 GiB guest done '
+              f'in {dt:.2f} s, {again} -EAGAIN')
+        check(st == 0 and again > 0 and ok + again == 300 and thr == again,
+              f'track-read: TRACK_READs that come too often are refused '
+              f'(-EAGAIN {again}, throttled +{thr}, done {ok})')
+        check(ok >= 1 and ok <= 150,
+              f'track-read: at most half of them done: {ok}')
+
+
 def test_migrate_events(qemu, elf, work):
     path = os.path.join(work, 'mig.bin')
     extra = ['-device', 'kvmx-chan,id=chan0']
@@ -341,7 +372,7 @@ def test_xsave(qemu, elf, work):
             r = repr(e)
         status = vm.qmp.cmd('query-status')
         i = info(vm)
-        check(st == 0 and r == 'ok xsave' and status['running'],
+        check(st == 0 and r == 'xsave' and status['running'],
               f'xsave into a protected page: the VM runs on ({r}, '
               f'{status["status"]})')
         if status['running']:
@@ -384,6 +415,8 @@ def main():
             test_kill_vm(vm, g, chan)
     if want('extents'):
         test_extents_free(qemu, elf, work)
+    if want('trackread'):
+        test_track_read(qemu, elf, work)
     if want('migrate'):
         test_migrate_events(qemu, elf, work)
     if want('xsave'):

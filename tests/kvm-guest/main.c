@@ -265,7 +265,9 @@ static void cmd_out(int argc, char **argv)
 /*
  * db BAR REQ LEN N: ring kvmx-chan's doorbell N times with the request of
  * LEN bytes at REQ, as the guest driver does (REQ_LO, REQ_HI, DOORBELL,
- * then read STATUS); db2 BAR REQ1 LEN1 REQ2 LEN2 N alternates two requests
+ * then read STATUS; the header's count, which the device overwrites, is
+ * restored before each ring); db2 BAR REQ1 LEN1 REQ2 LEN2 N alternates two
+ * requests
  * (e.g. PROTECT and UNPROTECT).  Replies "ok db ok=<statuses 0>
  * again=<statuses -EAGAIN> last=<last status, hex> cycles=<TSC>", db2 with
  * those fields for each request (ok1= again1= last1= ok2= ...).
@@ -276,8 +278,16 @@ static void cmd_out(int argc, char **argv)
 #define CHAN_STATUS   0x14
 #define CHAN_EAGAIN   ((uint32_t)-11)
 
-static uint32_t chan_ring(uintptr_t bar, uint64_t req, uint32_t len)
+/* The device writes the header's count back: restore it (as the driver
+ * rebuilds its request) before each ring, only if it changed. */
+static uint32_t chan_ring(uintptr_t bar, uint64_t req, uint32_t len,
+                          uint32_t count)
 {
+    volatile uint32_t *cnt = (volatile uint32_t *)(uintptr_t)(req + 12);
+
+    if (*cnt != count) {
+        *cnt = count;
+    }
     *(volatile uint32_t *)(bar + CHAN_REQ_LO) = (uint32_t)req;
     *(volatile uint32_t *)(bar + CHAN_REQ_HI) = (uint32_t)(req >> 32);
     *(volatile uint32_t *)(bar + CHAN_DOORBELL) = len;
@@ -300,7 +310,7 @@ static void cmd_doorbell(int argc, char **argv, bool two)
 {
     uint64_t bar, req[2] = { 0, 0 }, len[2] = { 0, 0 }, n, t0, t1;
     uint64_t ok[2] = { 0, 0 }, again[2] = { 0, 0 };
-    uint32_t last[2] = { 0, 0 };
+    uint32_t last[2] = { 0, 0 }, count[2] = { 0, 0 };
     int k = two ? 2 : 1;
     const char *err;
 
@@ -314,6 +324,19 @@ static void cmd_doorbell(int argc, char **argv, bool two)
         return;
     }
     err = paging_map(bar);
+    for (int j = 0; j < k && !err; j++) {
+        err = paging_map(req[j]);
+        if (!err && req[j] + 16 > (uintptr_t)__image_start &&
+            req[j] < (uintptr_t)__image_end) {
+            err = "request inside the guest image";
+        }
+        if (!err && (req[j] & 7)) {
+            err = "request not 8-byte aligned";
+        }
+        if (!err) {
+            count[j] = *(volatile uint32_t *)(uintptr_t)(req[j] + 12);
+        }
+    }
     if (err) {
         reply_err(err);
         return;
@@ -321,7 +344,8 @@ static void cmd_doorbell(int argc, char **argv, bool two)
     t0 = tsc_open();
     for (uint64_t i = 0; i < n; i++) {
         for (int j = 0; j < k; j++) {
-            last[j] = chan_ring((uintptr_t)bar, req[j], (uint32_t)len[j]);
+            last[j] = chan_ring((uintptr_t)bar, req[j], (uint32_t)len[j],
+                                count[j]);
             ok[j] += last[j] == 0;
             again[j] += last[j] == CHAN_EAGAIN;
         }

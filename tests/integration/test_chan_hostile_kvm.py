@@ -111,8 +111,14 @@ class Chan:
 
     def request(self, op, id_=0, access=0, action=0, extents=(), out=(0, 0),
                 at=REQ):
-        n = self.write_req(at, op, id_, access, action, extents, out)
-        st, _ = self.ring(at, n)
+        """One request; like the guest driver, waits out the device's rate
+        limit (-EAGAIN) for up to 5 s."""
+        for _ in range(50):
+            n = self.write_req(at, op, id_, access, action, extents, out)
+            st, _ = self.ring(at, n)
+            if st != -EAGAIN:
+                break
+            time.sleep(0.1)
         return st, self.g.peek(at + 12, 4)
 
 

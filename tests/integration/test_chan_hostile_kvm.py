@@ -32,6 +32,15 @@ check says what the device must do and is counted through QMP
                    violation of a kill-vm protection still sends its
                    KVMX_VIOLATION, then the VM stops (STOP event, run state
                    guest-panicked) and QEMU stays up for management
+  vhost            with a vhost-user-blk device (QEMU's contrib backend):
+                   TRACK_START is -EOPNOTSUPP (dirty logging would take
+                   all guest RAM from vhost); PROTECT of 600 one-page
+                   extents is -ENOSPC, limited by the backend's regions,
+                   which never overflow (before: accepted; once the guest
+                   starts the device, vhost_commit() fails quietly and the
+                   backend keeps its old table, in which the pages are
+                   still writable); what fits works.
+                   Skipped without vhost-user-blk.
   track-read       a 16 GiB guest that tracks one page and reads its
                    bits 300 times in a row: reads that come before the
                    previous one's cost / track-read-percent has passed get
@@ -48,6 +57,7 @@ check says what the device must do and is counted through QMP
 Exits 77 where /dev/kvm cannot run a VM."""
 import os
 import struct
+import subprocess
 import sys
 import time
 
@@ -320,6 +330,79 @@ def test_track_read(qemu, elf, work):
               f'track-read: at most half of them done: {ok}')
 
 
+def vhost_user_blk():
+    """QEMU's contrib/vhost-user-blk: $KVMX_VHOST_USER_BLK, else next to
+    the patched QEMU."""
+    p = os.environ.get('KVMX_VHOST_USER_BLK') or os.path.join(
+        os.path.dirname(kvmxvm.patched_qemu()), 'vhost-user-blk')
+    return p if os.access(p, os.X_OK) else None
+
+
+def test_vhost(qemu, elf, work):
+    """A vhost backend (vhost-user-blk) maps guest RAM region by region:
+    protections may not use more regions than it has left, and dirty
+    tracking, which would take every logged RAM region away from it, is
+    refused."""
+    vub = vhost_user_blk()
+    if not vub:
+        print('SKIP vhost: no vhost-user-blk (build QEMU\'s '
+              'contrib/vhost-user-blk, or set KVMX_VHOST_USER_BLK)')
+        return
+    img = os.path.join(work, 'vub.img')
+    with open(img, 'wb') as f:
+        f.truncate(1 << 20)
+    sock = os.path.join(work, 'vub.sock')
+    backend = subprocess.Popen([vub, '-s', sock, '-b', img],
+                               stdout=subprocess.DEVNULL,
+                               stderr=open(os.path.join(work, 'vub.log'),
+                                           'wb'))
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        extra = ['-object', 'memory-backend-memfd,id=mem,size=64M,share=on',
+                 '-machine', 'memory-backend=mem',
+                 '-chardev', f'socket,id=vub,path={sock}',
+                 '-device', 'vhost-user-blk-pci,chardev=vub,id=blk0',
+                 '-device', 'kvmx-chan,id=chan0']
+        with start_vm(qemu, elf, work, 'vhost', extra) as vm:
+            vm.start()
+            g, chan = attach(vm)
+            i = info(vm)
+            print(f'vhost: extents-free {i.get("extents-free")} '
+                  f'({i.get("extents-limit")})')
+            st, _ = chan.request(OP_TRACK_START, 100,
+                                 extents=[(TRACK, PAGE)])
+            check(st == -95 and info(vm)['entries'] == [],
+                  f'vhost: TRACK_START with a vhost backend: {st} '
+                  f'(want -EOPNOTSUPP)')
+            # More one-page extents than the backend has regions left.
+            n = 600
+            ext = [(PROT + 2 * k * PAGE, PAGE) for k in range(n)]
+            st, _ = chan.request(OP_PROTECT, 101, ACCESS_RO, DENY, ext)
+            i2 = info(vm)       # counts the backend's regions again
+            err = vm.stderr_text()
+            check(st == -28 and i.get('extents-limit') == 'vhost-regions',
+                  f'vhost: PROTECT of {n} extents: {st} (want -ENOSPC, set '
+                  f'by the vhost backend\'s regions: '
+                  f'{i.get("extents-limit")})')
+            check('exceed the device limit' not in err and
+                  i2.get('extents-free') == i.get('extents-free'),
+                  f'vhost: the backend\'s regions never overflowed '
+                  f'(extents-free {i.get("extents-free")} -> '
+                  f'{i2.get("extents-free")}): {err.strip()[-300:]}')
+            if st == 0:
+                chan.request(OP_UNPROTECT, 101)
+            # What fits is accepted.
+            m = max(1, min(i.get('extents-free') or 1, 100))
+            st, _ = chan.request(OP_PROTECT, 102, ACCESS_RO, DENY, ext[:m])
+            check(st == 0, f'vhost: PROTECT of {m} extents that fit: {st}')
+            chan.request(OP_UNPROTECT, 102)
+    finally:
+        backend.terminate()
+        backend.wait(10)
+
+
 def test_migrate_events(qemu, elf, work):
     path = os.path.join(work, 'mig.bin')
     extra = ['-device', 'kvmx-chan,id=chan0']
@@ -421,6 +504,8 @@ def main():
             test_kill_vm(vm, g, chan)
     if want('extents'):
         test_extents_free(qemu, elf, work)
+    if want('vhost'):
+        test_vhost(qemu, elf, work)
     if want('trackread'):
         test_track_read(qemu, elf, work)
     if want('migrate'):

@@ -51,11 +51,18 @@
  *    user's total is bounded by KVMX_USER_MAX_ENTRIES entries of at most
  *    RLIMIT_MEMLOCK each); events are one ring per guest and the device
  *    rate-limits them per guest, so one user's violations can push
- *    another's events out of the rings (the seq gap shows it); ranges
- *    must be writable mappings (FOLL_WRITE), and writable shared file
- *    mappings cannot be pinned long-term (EFAULT).  Pinning happens
- *    without kvmx_lock, so a slow fault (userfaultfd, FUSE) delays only
- *    its own request (a fatal signal ends it).
+ *    another's events out of the rings (the seq gap shows it).
+ *  - Only private anonymous memory is protected or tracked (EOPNOTSUPP
+ *    otherwise: shared anonymous, memfd/tmpfs, SysV shm, hugetlb, files,
+ *    special mappings), checked under the mmap_lock that the pinning
+ *    holds: a protection acts on frames and must not reach a frame another
+ *    process maps.  Ranges must be writable (FOLL_WRITE, else EFAULT).
+ *    Pinning happens without kvmx_lock, so a slow fault (userfaultfd,
+ *    FUSE) delays only its own request (a fatal signal ends it).
+ *  - The device rate-limits PROTECT and TRACK_START per guest, and bounds
+ *    the share of time TRACK_READ takes (EAGAIN): the driver then drops
+ *    kvmx_lock, sleeps KVMX_THROTTLE_MS and tries again, until a signal
+ *    (EINTR).
  *
  * Locking: kvmx_lock (a mutex) guards the device's request buffer, the
  * entry list and the bound device pointer; it is taken by ioctls, the IRQ
@@ -73,9 +80,11 @@
 #include <linux/bitmap.h>
 #include <linux/capability.h>
 #include <linux/cred.h>
+#include <linux/delay.h>
 #include <linux/dma-mapping.h>
 #include <linux/err.h>
 #include <linux/file.h>
+#include <linux/hugetlb.h>
 #include <linux/fs.h>
 #include <linux/interrupt.h>
 #include <linux/kref.h>
@@ -108,6 +117,8 @@
 #define KVMX_REQ_CAP      (KVMX_REQ_HDR + \
 			   KVMX_MAX_EXTENTS * sizeof(struct kvmx_chan_extent))
 #define KVMX_STATUS_PENDING 1                   /* never a device status */
+#define KVMX_THROTTLE_MS  20                    /* retry after the device's
+						   EAGAIN (rate limit) */
 
 /* Live entries one euid may create without CAP_SYS_ADMIN. */
 #define KVMX_USER_MAX_ENTRIES (KVMX_MAX_PROTECTIONS / 4)
@@ -378,6 +389,35 @@ static bool kvmx_sees(const struct kvmx_viewer *v, kuid_t owner)
 	return v->all || (uid_valid(owner) && uid_eq(owner, v->euid));
 }
 
+/*
+ * Is [addr, addr + len) all private anonymous memory of mm (mmap_lock
+ * held)?  A protection acts on frames, so it must never reach a frame that
+ * another process maps too: shared anonymous memory, memfd, SysV shm,
+ * tmpfs and other files are shared by design, hugetlbfs pages are shared
+ * or reserved pool pages, special mappings belong to the kernel.  Private
+ * anonymous pages are the target's own once FOLL_WRITE has broken COW,
+ * KSM and zero-page sharing, and a fork copies pinned ones.  Holes are
+ * EFAULT (as the pinning would say), anything else EOPNOTSUPP.
+ */
+static int kvmx_check_vmas(struct mm_struct *mm, u64 addr, u64 len)
+{
+	struct vm_area_struct *vma;
+	u64 end = addr + len;
+
+	mmap_assert_locked(mm);
+	while (addr < end) {
+		vma = vma_lookup(mm, addr);
+		if (!vma)
+			return -EFAULT;
+		if (!vma_is_anonymous(vma) || (vma->vm_flags & VM_SHARED) ||
+		    is_vm_hugetlb_page(vma) ||
+		    (vma->vm_flags & (VM_IO | VM_PFNMAP | VM_MIXEDMAP)))
+			return -EOPNOTSUPP;
+		addr = vma->vm_end;
+	}
+	return 0;
+}
+
 /* Pin the range of e in mm (mm_users held by the caller). */
 static int kvmx_pin(struct kvmx_entry *e, struct mm_struct *mm)
 {
@@ -392,7 +432,10 @@ static int kvmx_pin(struct kvmx_entry *e, struct mm_struct *mm)
 		ret = -EINTR;
 		goto fail;
 	}
-	while (done < e->npages) {
+	/* Under the same mmap_lock as the pinning: no mapping can change in
+	 * between (pin_user_pages_remote without `locked` never drops it). */
+	ret = kvmx_check_vmas(mm, e->addr, e->len);
+	while (!ret && done < e->npages) {
 		/* FOLL_WRITE: break COW and zero-page sharing, so the frames
 		 * are the target's own; FOLL_LONGTERM: keep them where they
 		 * are (no ZONE_MOVABLE/CMA frames). */
@@ -706,6 +749,7 @@ static int kvmx_add(struct kvmx_file *kf, struct kvmx_target *t, u32 kind,
 	if (ret)
 		goto free;
 
+retry:
 	mutex_lock(&kvmx_lock);
 	/* Again: others may have added entries meanwhile. */
 	ret = kvmx_may_add(kf, t->mm, kind, addr, len, creator, &admin);
@@ -724,6 +768,19 @@ static int kvmx_add(struct kvmx_file *kf, struct kvmx_target *t, u32 kind,
 	r->pid = pid_nr(t->pid);
 	r->vaddr = addr;
 	ret = kvmx_submit(d, e->next);
+	if (ret == -EAGAIN) {
+		/* The device rate-limits changes of the guest's memory map
+		 * (per guest): wait for a token without kvmx_lock. */
+		mutex_unlock(&kvmx_lock);
+		kvfree(e->ext);
+		e->ext = NULL;
+		if (msleep_interruptible(KVMX_THROTTLE_MS) ||
+		    signal_pending(current)) {
+			ret = -EINTR;
+			goto free;
+		}
+		goto retry;
+	}
 	if (ret)
 		goto unlock;
 	e->pid = get_pid(t->pid);
@@ -886,6 +943,7 @@ static long kvmx_ioc_track_dirty(struct kvmx_file *kf,
 		goto out;
 	}
 
+retry:
 	mutex_lock(&kvmx_lock);
 	d = kvmx_live(kf);
 	e = d ? kvmx_find(t.mm, KVMX_KIND_TRACK, r.addr, r.len) : NULL;
@@ -909,6 +967,15 @@ static long kvmx_ioc_track_dirty(struct kvmx_file *kf,
 	dma_free_coherent(&d->pdev->dev, need, buf, dma);
 unlock:
 	mutex_unlock(&kvmx_lock);
+	if (ret == -EAGAIN) {
+		/* The device bounds the time reads take (per guest). */
+		if (msleep_interruptible(KVMX_THROTTLE_MS) ||
+		    signal_pending(current)) {
+			ret = -EINTR;
+			goto out;
+		}
+		goto retry;
+	}
 	if (ret)
 		goto out;
 

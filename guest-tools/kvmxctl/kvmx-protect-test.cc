@@ -26,6 +26,15 @@
 //  bad     every bad argument gets its errno and nothing is left behind;
 //          the ENOSPC and E2BIG limits; the kernel is not tainted by a
 //          warning.
+//  shared  a protection acts on guest frames, so only private anonymous
+//          memory may be protected or tracked: MAP_SHARED anonymous
+//          memory, a memfd (shared and private), SysV shm and hugetlb
+//          pages (when the guest has any) get EOPNOTSUPP from PROTECT and
+//          TRACK_START, while a second process maps the same memory and
+//          can still write it; private anonymous memory still works.
+//  rate    60 PROTECT/UNPROTECT pairs of one page as fast as possible:
+//          every one succeeds (the driver waits out the device's rate
+//          limit of 20 a second, burst 20), so they take at least 1.5 s.
 //  user    (run last by all) root protects a page of its own (log), then a
 //          child drops to uid/gid 65534 and checks: (a) it opens /dev/kvmx
 //          and protects its own page ro+signal (SIGSEGV, page unchanged,
@@ -53,6 +62,7 @@
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/shm.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -703,6 +713,169 @@ unsigned long read_taint()
         std::fclose(f);
     }
     return v;
+}
+
+// Refused: memory some other process may map.  For each kind, a child
+// maps the same memory and writes it after the attempt: had the protection
+// been made, that write would have been dropped.
+void test_shared()
+{
+    const std::string t = "shared";
+    int fd = open_dev();
+    if (fd < 0)
+        return;
+    const size_t baseline = list(fd, 0).size();
+    auto sharer_writes = [&](const std::string& name, uint8_t* m) {
+        // Another process (a fork shares MAP_SHARED memory) writes it.
+        m[0] = 0;
+        pid_t c = fork();
+        if (c == 0) {
+            m[0] = 0x5a;
+            _exit(0);
+        }
+        int st = 0;
+        waitpid(c, &st, 0);
+        check(m[0] == 0x5a, t + "." + name + ".sharer-writes",
+              "the other process's write %s", m[0] == 0x5a ? "landed" : "was lost");
+    };
+    // shared: a second process maps it; its write must land, which it
+    // would not while a protection made by the first stood.
+    auto try_kind = [&](const std::string& name, uint8_t* m, size_t len,
+                        bool shared = false) {
+        uint64_t id = 0;
+        int e = protect(fd, m, len, KVMX_ACCESS_RO, KVMX_ACTION_DENY, &id);
+        if (shared)
+            sharer_writes(name, m);
+        if (!e)
+            unprotect(fd, m, len);
+        expect(t + "." + name + ".protect", e, {EOPNOTSUPP});
+        int te = range_op(fd, KVMX_G_TRACK_START, addr_of(m), len);
+        if (!te)
+            range_op(fd, KVMX_G_TRACK_STOP, addr_of(m), len);
+        expect(t + "." + name + ".track", te, {EOPNOTSUPP});
+    };
+    void* m = mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+        failf(t + ".anon-shared", "mmap: %s", std::strerror(errno));
+    } else {
+        std::memset(m, kPattern, kPage);
+        try_kind("anon-shared", static_cast<uint8_t*>(m), kPage, true);
+        munmap(m, kPage);
+    }
+
+    int mfd = memfd_create("kvmx-prottest", MFD_CLOEXEC);
+    if (mfd < 0 || ftruncate(mfd, kPage) < 0) {
+        failf(t + ".memfd", "memfd_create: %s", std::strerror(errno));
+    } else {
+        m = mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+        if (m != MAP_FAILED) {
+            std::memset(m, kPattern, kPage);
+            try_kind("memfd-shared", static_cast<uint8_t*>(m), kPage, true);
+            munmap(m, kPage);
+        } else {
+            failf(t + ".memfd-shared", "mmap: %s", std::strerror(errno));
+        }
+        // Private, but a file's: refused too (only anonymous memory).
+        m = mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE, mfd, 0);
+        if (m != MAP_FAILED) {
+            static_cast<uint8_t*>(m)[0] = 1;
+            try_kind("memfd-private", static_cast<uint8_t*>(m), kPage);
+            munmap(m, kPage);
+        } else {
+            failf(t + ".memfd-private", "mmap: %s", std::strerror(errno));
+        }
+    }
+    if (mfd >= 0)
+        close(mfd);
+
+    int shmid = shmget(IPC_PRIVATE, kPage, IPC_CREAT | 0600);
+    void* sm = shmid >= 0 ? shmat(shmid, nullptr, 0) : reinterpret_cast<void*>(-1);
+    if (shmid >= 0)
+        shmctl(shmid, IPC_RMID, nullptr);     // gone with the last detach
+    if (sm == reinterpret_cast<void*>(-1)) {
+        std::printf("SKIP %s.sysv no SysV shm: %s\n", t.c_str(), std::strerror(errno));
+    } else {
+        std::memset(sm, kPattern, kPage);
+        try_kind("sysv", static_cast<uint8_t*>(sm), kPage, true);
+        shmdt(sm);
+    }
+
+    // hugetlb: reserve two pages for the check if the guest has none.
+    {
+        const size_t huge = 2u << 20;
+        int nr = open("/proc/sys/vm/nr_hugepages", O_RDWR | O_CLOEXEC);
+        char old[32] = "";
+        ssize_t n = nr >= 0 ? pread(nr, old, sizeof(old) - 1, 0) : -1;
+        if (n > 0 && std::atoi(old) < 2)
+            (void)!pwrite(nr, "2\n", 2, 0);
+        m = mmap(nullptr, huge, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+        if (m == MAP_FAILED) {
+            std::printf("SKIP %s.hugetlb no huge pages: %s\n", t.c_str(), std::strerror(errno));
+        } else {
+            static_cast<uint8_t*>(m)[0] = 1;
+            try_kind("hugetlb", static_cast<uint8_t*>(m), huge);
+            munmap(m, huge);
+        }
+        if (n > 0 && std::atoi(old) < 2)
+            (void)!pwrite(nr, old, size_t(n), 0);
+        if (nr >= 0)
+            close(nr);
+    }
+
+    // A range that starts private anonymous and runs into shared memory.
+    {
+        auto* a = static_cast<uint8_t*>(mmap(nullptr, 2 * kPage, PROT_READ | PROT_WRITE,
+                                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+        void* b = a == MAP_FAILED ? MAP_FAILED :
+            mmap(a + kPage, kPage, PROT_READ | PROT_WRITE,
+                 MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        if (b == MAP_FAILED) {
+            failf(t + ".mixed", "mmap: %s", std::strerror(errno));
+        } else {
+            std::memset(a, kPattern, 2 * kPage);
+            try_kind("mixed", a, 2 * kPage);
+            // The private half alone is fine.
+            int e = protect(fd, a, kPage, KVMX_ACCESS_RO, KVMX_ACTION_DENY);
+            check(e == 0, t + ".private-ok", "private anonymous page: errno %s",
+                  errname(e).c_str());
+            if (!e)
+                expect(t + ".private-unprotect", unprotect(fd, a, kPage), {0});
+        }
+        if (a != MAP_FAILED)
+            munmap(a, 2 * kPage);
+    }
+    check(list(fd, 0).size() == baseline, t + ".nothing-left", "entries left behind");
+    close(fd);
+}
+
+// The device allows about 20 changes a second; the driver retries.
+void test_rate()
+{
+    const std::string t = "rate";
+    constexpr int kPairs = 60;
+    int fd = open_dev();
+    if (fd < 0)
+        return;
+    uint8_t* p = map_pages(1);
+    int bad = 0, first_err = 0;
+    uint64_t t0 = now_ms();
+    for (int i = 0; i < kPairs; i++) {
+        int e = protect(fd, p, kPage, KVMX_ACCESS_RO, KVMX_ACTION_DENY);
+        int u = e ? 0 : unprotect(fd, p, kPage);
+        if (e || u) {
+            bad++;
+            first_err = first_err ? first_err : (e ? e : u);
+        }
+    }
+    uint64_t ms = now_ms() - t0;
+    std::printf("INFO %s %d pairs in %" PRIu64 " ms\n", t.c_str(), kPairs, ms);
+    check(!bad, t + ".all-succeed", "%d of %d failed, first errno %s", bad, kPairs,
+          errname(first_err).c_str());
+    check(ms >= 1500, t + ".limited", "%d protections in %" PRIu64 " ms: the device's "
+          "limit (20/s, burst 20) should make it take >= 1500 ms", kPairs, ms);
+    munmap(p, kPage);
+    close(fd);
 }
 
 void test_bad()
@@ -1401,6 +1574,8 @@ int main(int argc, char** argv)
         {"track", test_track},
         {"exit", test_exit},
         {"bad", test_bad},
+    {"shared", test_shared},
+    {"rate", test_rate},
         {"user", test_user},    // last: it changes uids in a child
     };
     std::string which = argc == 2 ? argv[1] : "";
@@ -1415,7 +1590,7 @@ int main(int argc, char** argv)
             fn();
         }
     if (!found) {
-        std::fprintf(stderr, "usage: kvmx-prottest signal|deny|log|none|track|exit|bad|user|all\n"
+        std::fprintf(stderr, "usage: kvmx-prottest signal|deny|log|none|track|exit|bad|shared|rate|user|all\n"
                              "       kvmx-prottest hold PAGES\n"
                              "       kvmx-prottest --as-user UID -- COMMAND [ARG...]\n");
         return 2;

@@ -9,8 +9,12 @@ In the guest:
     gets SIGSEGV/SEGV_ACCERR at the written address and the page is
     unchanged; unprotect and the write sticks; deny/log/none semantics;
     dirty tracking reports exactly the pages written; a process's exit
-    releases its protections; every bad argument gets its errno; an
-    unprivileged child (uid 65534) protects its own page, not root's, sees
+    releases its protections; every bad argument gets its errno; shared
+    memory (MAP_SHARED anonymous, memfd, SysV shm, hugetlb) is refused
+    with EOPNOTSUPP while another process still writes it; 60 protections
+    in a burst all succeed but take >= 1.5 s (the device's rate limit,
+    which the driver waits out; query-kvmx-chan counts them as
+    throttled); an unprivileged child (uid 65534) protects its own page, not root's, sees
     neither root's entries nor its events, and meets the per-user entry
     limit and the RLIMIT_MEMLOCK byte limit.
   - kvmxctl protects another process's page (as root), lists it with
@@ -179,6 +183,10 @@ def main():
               f'device counted the malformed requests: {dev.get("rejected")}')
         check(dev.get('violations', 0) >= 3,
               f'device counted violations: {dev.get("violations")}')
+        check(dev.get('throttled', 0) >= 1,
+              f'the device rate-limited the guest\'s burst of protections '
+              f'(kvmx-prottest rate), and the driver waited it out: '
+              f'throttled {dev.get("throttled")}')
 
         v = hostd.violations('prot1')
         check(len(v) >= 3, f'hostd recorded the violations: {len(v)}')

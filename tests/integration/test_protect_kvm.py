@@ -18,7 +18,8 @@ stat mmio_exits) and query-kvmx-chan:
                 read, twice in a row, then nothing
   bad requests  short, outside RAM, overlapping, unknown op: negative
                 errno in STATUS, counted in `rejected`, the device goes on
-  kill-vm       a violating write shuts the VM down (cause guest-panic)
+  kill-vm       a violating write stops the VM (STOP event, run state
+                guest-panicked); QEMU stays up
 
 Exits 77 where /dev/kvm cannot run a VM."""
 import os
@@ -212,15 +213,21 @@ def main():
         # ---- kill-vm ----------------------------------------------------
         st, _ = chan.request(OP_PROTECT, 30, ACCESS_RO, KILL_VM, [(PROT, PAGE)])
         check(st == 0, f'PROTECT ro+kill-vm: status {st}')
+        vm.qmp.events()
         try:
             g.command(f'w {PROT:#x} 1', timeout=10)
-        except Exception:   # the VM is gone before it answers
+        except Exception:   # the vCPU stops before it answers
             pass
         try:
-            rc = vm.wait(30)
+            stop = vm.qmp.wait_event('STOP', timeout=30)
         except Exception:
-            rc = None
-        check(rc is not None, f'kill-vm: QEMU ended after the write (rc {rc})')
+            stop = None
+        alive = vm.returncode is None
+        status = vm.qmp.cmd('query-status') if alive else {}
+        check(stop is not None and alive and
+              status.get('status') == 'guest-panicked',
+              f'kill-vm: the VM stops (STOP event, guest-panicked) and QEMU '
+              f'stays up for management: {status}')
         check('kill-vm' in vm.stderr_text(),
               'kill-vm: QEMU said why it stopped the VM')
     return check.finish(work)

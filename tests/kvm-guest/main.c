@@ -8,7 +8,7 @@
 #include "guest.h"
 
 #define LINE_LEN        128
-#define MAX_ARGS        4
+#define MAX_ARGS        8
 #define DEBUG_EXIT_PORT 0xf4    /* isa-debug-exit,iobase=0xf4,iosize=4 */
 #define DEBUG_EXIT_DFLT 0x501   /* isa-debug-exit with default properties */
 
@@ -262,6 +262,150 @@ static void cmd_out(int argc, char **argv)
     reply_ok("o");
 }
 
+/*
+ * db BAR REQ LEN N: ring kvmx-chan's doorbell N times with the request of
+ * LEN bytes at REQ, as the guest driver does (REQ_LO, REQ_HI, DOORBELL,
+ * then read STATUS; the header's count, which the device overwrites, is
+ * restored before each ring); db2 BAR REQ1 LEN1 REQ2 LEN2 N alternates two
+ * requests
+ * (e.g. PROTECT and UNPROTECT).  Replies "ok db ok=<statuses 0>
+ * again=<statuses -EAGAIN> last=<last status, hex> cycles=<TSC>", db2 with
+ * those fields for each request (ok1= again1= last1= ok2= ...).
+ */
+#define CHAN_REQ_LO   0x08
+#define CHAN_REQ_HI   0x0c
+#define CHAN_DOORBELL 0x10
+#define CHAN_STATUS   0x14
+#define CHAN_EAGAIN   ((uint32_t)-11)
+
+/* The device writes the header's count back: restore it (as the driver
+ * rebuilds its request) before each ring, only if it changed. */
+static uint32_t chan_ring(uintptr_t bar, uint64_t req, uint32_t len,
+                          uint32_t count)
+{
+    volatile uint32_t *cnt = (volatile uint32_t *)(uintptr_t)(req + 12);
+
+    if (*cnt != count) {
+        *cnt = count;
+    }
+    *(volatile uint32_t *)(bar + CHAN_REQ_LO) = (uint32_t)req;
+    *(volatile uint32_t *)(bar + CHAN_REQ_HI) = (uint32_t)(req >> 32);
+    *(volatile uint32_t *)(bar + CHAN_DOORBELL) = len;
+    return *(volatile uint32_t *)(bar + CHAN_STATUS);
+}
+
+static void put_field(const char *name, uint64_t v, bool hex)
+{
+    serial_puts(" ");
+    serial_puts(name);
+    serial_puts("=");
+    if (hex) {
+        serial_put_hex(v);
+    } else {
+        serial_put_dec(v);
+    }
+}
+
+static void cmd_doorbell(int argc, char **argv, bool two)
+{
+    uint64_t bar, req[2] = { 0, 0 }, len[2] = { 0, 0 }, n, t0, t1;
+    uint64_t ok[2] = { 0, 0 }, again[2] = { 0, 0 };
+    uint32_t last[2] = { 0, 0 }, count[2] = { 0, 0 };
+    int k = two ? 2 : 1;
+    const char *err;
+
+    if (argc != (two ? 7 : 5) || !parse_u64(argv[1], &bar) ||
+        !parse_u64(argv[2], &req[0]) || !parse_u64(argv[3], &len[0]) ||
+        (two && (!parse_u64(argv[4], &req[1]) ||
+                 !parse_u64(argv[5], &len[1]))) ||
+        !parse_u64(argv[argc - 1], &n) || (bar & 0xfff) ||
+        len[0] > UINT32_MAX || len[1] > UINT32_MAX) {
+        reply_err("usage: db BAR REQ LEN N | db2 BAR REQ1 LEN1 REQ2 LEN2 N");
+        return;
+    }
+    err = paging_map(bar);
+    for (int j = 0; j < k && !err; j++) {
+        err = paging_map(req[j]);
+        if (!err && req[j] + 16 > (uintptr_t)__image_start &&
+            req[j] < (uintptr_t)__image_end) {
+            err = "request inside the guest image";
+        }
+        if (!err && (req[j] & 7)) {
+            err = "request not 8-byte aligned";
+        }
+        if (!err) {
+            count[j] = *(volatile uint32_t *)(uintptr_t)(req[j] + 12);
+        }
+    }
+    if (err) {
+        reply_err(err);
+        return;
+    }
+    t0 = tsc_open();
+    for (uint64_t i = 0; i < n; i++) {
+        for (int j = 0; j < k; j++) {
+            last[j] = chan_ring((uintptr_t)bar, req[j], (uint32_t)len[j],
+                                count[j]);
+            ok[j] += last[j] == 0;
+            again[j] += last[j] == CHAN_EAGAIN;
+        }
+    }
+    t1 = tsc_close(cpu.rdtscp);
+    serial_puts(two ? "ok db2" : "ok db");
+    for (int j = 0; j < k; j++) {
+        static const char *const names[2][3] = {
+            { "ok", "again", "last" }, { "ok2", "again2", "last2" } };
+        static const char *const names1[3] = { "ok1", "again1", "last1" };
+        const char *const *nm = !two ? names[0] : j ? names[1] : names1;
+
+        put_field(nm[0], ok[j], false);
+        put_field(nm[1], again[j], false);
+        put_field(nm[2], last[j], true);
+    }
+    put_field("cycles", t1 - t0, false);
+    serial_puts("\n");
+}
+
+/*
+ * xsave ADDR: one XSAVE of the x87 and SSE state (XCR0 = 3) to ADDR
+ * (64-byte aligned): a store KVM's instruction emulator cannot perform,
+ * as Linux does when it builds a signal frame on a user's stack.  Turns
+ * on CR4.OSXSAVE first.  "ok xsave", or "err no xsave".
+ */
+static void cmd_xsave(int argc, char **argv)
+{
+    uint64_t addr, cr4;
+    uint32_t r[4];
+    const char *err;
+
+    if (argc != 2 || !parse_u64(argv[1], &addr) || (addr & 63)) {
+        reply_err("usage: xsave ADDR (64-byte aligned)");
+        return;
+    }
+    if (addr + 576 > (uintptr_t)__image_start &&
+        addr < (uintptr_t)__image_end) {
+        reply_err("address inside the guest image");
+        return;
+    }
+    cpuid(1, 0, r);
+    if (!(r[2] & (1u << 26))) {
+        reply_err("no xsave");
+        return;
+    }
+    err = paging_map(addr);
+    if (err) {
+        reply_err(err);
+        return;
+    }
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    cr4 |= 1u << 18;                            /* OSXSAVE */
+    __asm__ volatile("mov %0, %%cr4" : : "r"(cr4) : "memory");
+    __asm__ volatile("xsetbv" : : "c"(0), "a"(3), "d"(0) : "memory");
+    __asm__ volatile("xsave64 (%0)" : : "r"(addr), "a"(3), "d"(0)
+                     : "memory");
+    reply_ok("xsave");
+}
+
 enum timed_op { TIMED_NONE, TIMED_LOAD, TIMED_STORE };
 
 /*
@@ -390,6 +534,12 @@ static void dispatch(int argc, char **argv)
         cmd_poke(argc, argv, false);
     } else if (streq(c, "o")) {
         cmd_out(argc, argv);
+    } else if (streq(c, "db")) {
+        cmd_doorbell(argc, argv, false);
+    } else if (streq(c, "db2")) {
+        cmd_doorbell(argc, argv, true);
+    } else if (streq(c, "xsave")) {
+        cmd_xsave(argc, argv);
     } else if (streq(c, "tsc")) {
         cmd_tsc(argc, argv);
     } else if (streq(c, "q")) {

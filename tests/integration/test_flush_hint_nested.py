@@ -36,10 +36,7 @@ check = kvmxtest.Checks()
 
 # Shared by both L1 scripts: the outer NVDIMM as DAX ext4 on /mnt, and
 # waitfor FILE PATTERN SECONDS, which gives up if L2's QEMU ($qpid) dies.
-L1_COMMON = r'''
-. /usr/lib/kvmx/pmem-fsdax.sh
-dev=$(pmem_fsdax)
-mkfs.ext4 -q -F -b 4096 "$dev" && mount -t ext4 -o dax "$dev" /mnt || exit 3
+L1_HELPERS = r'''
 waitfor() {  # waitfor FILE PATTERN SECONDS
   i=0
   while ! grep -q "$2" "$1"; do
@@ -58,20 +55,24 @@ quit_l2() {  # through L2's monitor, not its serial input; bounded
   wait $qpid 2>/dev/null
 }
 '''
+L1_COMMON = r'''
+. /usr/lib/kvmx/pmem-fsdax.sh
+dev=$(pmem_fsdax)
+mkfs.ext4 -q -F -b 4096 "$dev" && mount -t ext4 -o dax "$dev" /mnt || exit 3
+''' + L1_HELPERS
 
 
 # Runs in L1.  L2's serial port and monitor are FIFOs (QEMU's pipe:
 # chardev); the script waits for L2, learns its flush hint address from
 # "info nvdimm-flush", and has L2 write it M times when the host says go.
 L1_SCRIPT = r'''
-__L1_COMMON__echo "L1-DEEP-FLUSH $(cat /sys/bus/nd/devices/region0/deep_flush)"
-dd if=/dev/zero of=/mnt/l2.img bs=1M count=32 conv=fsync 2>/dev/null
+__L1_SETUP__echo "L1-DEEP-FLUSH $(cat /sys/bus/nd/devices/region0/deep_flush)"
 mkfifo /tmp/ser.in /tmp/ser.out /tmp/mon.in /tmp/mon.out
 /opt/kvmx/qemu-system-x86_64 -accel tcg -machine q35,nvdimm=on \
   -m 128M,slots=2,maxmem=1G -nodefaults -display none -no-reboot \
   -kernel /opt/kvmx/kvmx-testguest.elf \
   -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
-  -object memory-backend-file,id=m,share=on,mem-path=/mnt/l2.img,size=32M__PMEM__ \
+  -object memory-backend-file,id=m,share=on,__BACKEND__ \
   -device nvdimm,id=l2nv,memdev=m,flush-hint=auto \
   -serial pipe:/tmp/ser -monitor pipe:/tmp/mon 2>/tmp/qemu.err &
 qpid=$!
@@ -94,6 +95,23 @@ echo "L2-WRITES-DONE"; read ack
 quit_l2
 echo "L1-DONE"
 '''
+
+
+# L1's backend for L2 in the 'wpq' and 'no-wpq' cases: a file on DAX ext4.
+L1_FSDAX_SETUP = r'''
+__L1_COMMON__dd if=/dev/zero of=/mnt/l2.img bs=1M count=32 conv=fsync 2>/dev/null
+'''
+FSDAX_BACKEND = 'mem-path=/mnt/l2.img,size=32M'
+
+# ... in the 'devdax' case: the outer NVDIMM made device DAX with ndctl.
+L1_DEVDAX_SETUP = r'''
+modprobe device_dax 2>/dev/null
+ndctl create-namespace -f -e namespace0.0 -m devdax -a 2M >/tmp/ndctl.out 2>&1 ||
+  { echo "L1-NDCTL-FAILED"; cat /tmp/ndctl.out; exit 3; }
+echo "L1-NDCTL $(tr -d ' \n' < /tmp/ndctl.out)"
+[ -c /dev/dax0.0 ] || { echo "L1-NO-DEVDAX"; ls /dev; exit 3; }
+''' + L1_HELPERS
+DEVDAX_BACKEND = 'mem-path=/dev/dax0.0,size=32M,align=2M'
 
 
 # Runs in L1 for the 'kernel' case: the inner QEMU under KVM, twice.
@@ -278,13 +296,18 @@ def run_kernel(work):
 
 def run(case, work):
     img = kvmxtest.backing_file(work, f'{case}.img', SIZE)
-    outer = 'on' if case == 'wpq' else 'off'
+    outer = 'on' if case in ('wpq', 'devdax') else 'off'
     args = kvmxtest.nvdimm_args(img, SIZE,
                                 f'nvdimm,id=nv0,memdev=mem1,flush-hint={outer}',
                                 mem='1536M,slots=2,maxmem=4G')
-    script = (L1_SCRIPT.replace('__L1_COMMON__', L1_COMMON)
-              .replace('__M__', str(M))
-              .replace('__PMEM__', ',pmem=on' if case == 'no-wpq' else ''))
+    if case == 'devdax':
+        setup, backend = L1_DEVDAX_SETUP, DEVDAX_BACKEND
+    else:
+        setup = L1_FSDAX_SETUP.replace('__L1_COMMON__', L1_COMMON)
+        backend = FSDAX_BACKEND + (',pmem=on' if case == 'no-wpq' else '')
+    script = (L1_SCRIPT.replace('__L1_SETUP__', setup)
+              .replace('__BACKEND__', backend)
+              .replace('__M__', str(M)))
     nested = os.path.join(kvmxvm.REPO_ROOT, 'build', 'guest-nested')
     os.environ['KVMX_GUEST_DIR'] = nested
     with kvmxvm.start_guest(kvmxvm.patched_qemu(), script, args, work, case,
@@ -306,7 +329,20 @@ def run(case, work):
           f'guest flushes {before} -> {after}')
     check(rc == 0 and 'L1-L2-EXIT-TIMEOUT' not in text,
           f'[{case}] L1 script finished ({rc}), inner QEMU quit')
-    if case == 'wpq':
+    if case == 'devdax':
+        check(l1_df == '1' and 'L1-NDCTL' in text and '"mode":"devdax"' in text,
+              '[devdax] ndctl made the outer NVDIMM (deep_flush 1) device DAX')
+        # Device DAX has no page cache (fdatasync fails there); under TCG
+        # L1's QEMU writes back its caches itself, then deep-flushes.
+        check(l1_mode.groups() == ('trap', 'deep-flush'),
+              "[devdax] L1's QEMU: mode trap, host flush deep-flush "
+              f"({l1_mode.groups()})")
+        check(int(l1_flushes[1]) == M and 'host flush errors: 0' in mon_after,
+              f'[devdax] L1 QEMU trapped all {M} L2 flushes, no host flush '
+              'error')
+        check(after - before >= M, f'[devdax] every L2 flush reached the '
+                                   f'outer host ({after - before} >= {M})')
+    elif case == 'wpq':
         check(l1_df == '1', '[wpq] L1 region0/deep_flush reads 1')
         check(l1_mode.groups() == ('trap', 'deep-flush'),
               "[wpq] L1's QEMU found a host NVDIMM region with WPQ "
@@ -332,7 +368,7 @@ def main():
     if not os.path.isfile(os.path.join(nested, 'initramfs.cpio.gz')):
         kvmxvm.skip(f'{nested} missing (run scripts/mkguest --nested)')
     work = kvmxtest.workdir('nested-')
-    cases = sys.argv[1:] or ['wpq', 'no-wpq', 'kernel']
+    cases = sys.argv[1:] or ['wpq', 'no-wpq', 'devdax', 'kernel']
     for case in cases:
         if case == 'kernel':
             run_kernel(work)

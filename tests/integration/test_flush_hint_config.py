@@ -134,7 +134,13 @@ def main():
     expect_mode('auto, memfd', memfd, 'nvdimm,id=nv0,memdev=m,flush-hint=auto',
                 'no-trap', 'none')
     expect_mode('on, memfd', memfd, 'nvdimm,id=nv0,memdev=m,flush-hint=on',
-                'trap', 'none', warning='nothing can make it durable')
+                'trap', 'none', warning='cannot be made durable')
+    dirbe = (f'memory-backend-file,id=m,share=on,mem-path={tmp},size=64M')
+    expect_mode('on, directory mem-path (an unlinked file)', dirbe,
+                'nvdimm,id=nv0,memdev=m,flush-hint=on', 'trap', 'none',
+                warning='unlinked')
+    expect_mode('auto, directory mem-path', dirbe,
+                'nvdimm,id=nv0,memdev=m,flush-hint=auto', 'no-trap', 'none')
     shm = f'memory-backend-file,id=m,share=on,mem-path={shmfile},size=64M'
     expect_mode('auto, file on tmpfs', shm,
                 'nvdimm,id=nv0,memdev=m,flush-hint=auto', 'no-trap', 'none')

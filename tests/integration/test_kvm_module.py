@@ -27,7 +27,9 @@ flush, time per flush, their ratio); no time bound is asserted.
 
 Exits 77 (skip) if L1 has no SVM or /dev/kvm, or kvmx.ko was not built.
 """
+import glob
 import hashlib
+import lzma
 import os
 import re
 import shutil
@@ -38,11 +40,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 import kvmxvm  # noqa: E402
 
 M = int(os.environ.get('KVMX_MODTEST_M', '50'))
+# KVMX_MODTEST_ONLY="stall flusherr": run only these kvmx-modtest tests
+# (one run, the other runs and their checks left out): for development.
+ONLY = os.environ.get('KVMX_MODTEST_ONLY', '').split()
 PMEM_SIZE = 256 << 20
 failures = []
 ALL_TESTS = ['api', 'errors', 'ram', 'kernel', 'user', 'deep', 'detach',
              'memslot', 'limits', 'concurrent', 'multivcpu', 'vmclose',
-             'rmmod', 'sigkill']
+             'stall', 'rmmod', 'sigkill']
+# Kernel modules L1 needs beyond the nested image's (scripts/mkguest
+# MODULES), in load order: null_blk gives the block devices whose writes
+# are slow (mbps) or fail (badblocks).  Taken from the same kernel package
+# mkguest unpacked and handed to L1 through fw_cfg, unless L1 already has
+# them (then modprobe finds them).
+EXTRA_MODULES = [('configfs', 'fs/configfs/configfs.ko'),
+                 ('null_blk', 'drivers/block/null_blk/null_blk.ko')]
 
 
 def check(cond, what):
@@ -72,9 +84,41 @@ echo 0 > /proc/sys/vm/dirty_writeback_centisecs
 echo 360000 > /proc/sys/vm/dirty_expire_centisecs
 df=/sys/bus/nd/devices/region0/deep_flush
 echo "L1-DEEP-FLUSH $(cat $df)"
+
+# Two memory-backed null_blk devices: "slow" writes 2 MiB/s (a host flush
+# that takes seconds), "err" fails I/O to the sectors kvmx-modtest lists
+# in its badblocks file (a host flush that fails, and later works again).
+for m in configfs null_blk; do
+  if ! modprobe $m 2>/dev/null; then
+    f=/sys/firmware/qemu_fw_cfg/by_name/opt/kvmx/$m.ko/raw
+    [ -r $f ] && cat $f > /tmp/$m.ko && insmod /tmp/$m.ko $([ $m = null_blk ] && echo nr_devices=0)
+  fi
+done
+grep -q configfs /proc/mounts || mount -t configfs configfs /sys/kernel/config
+nb=/sys/kernel/config/nullb
+mknb() {  # mknb NAME MBPS -> prints /dev/nullbN
+  mkdir $nb/$1 && echo 1 > $nb/$1/memory_backed && echo 16 > $nb/$1/size &&
+  echo 4096 > $nb/$1/blocksize && echo $2 > $nb/$1/mbps && echo 1 > $nb/$1/power &&
+  echo /dev/nullb$(cat $nb/$1/index)
+}
+if [ -d $nb ] && slow=$(mknb kvmxslow 2) && errdev=$(mknb kvmxerr 0); then
+  echo "L1-NULLBLK $slow $errdev"
+  NB="-S $slow -E $nb/kvmxerr"
+else
+  echo "L1-NO-NULLBLK (modules: $(lsmod | cut -d' ' -f1 | tr '\n' ' '))"
+  NB=
+fi
 echo "L1-READY"; read ack
 
-kvmx-modtest -m __M__ -d /mnt -D $df all
+if [ -n "__ONLY__" ]; then
+  kvmx-modtest -m __M__ -d /mnt -D $df $NB -k /opt/kvmx/kvmx.ko __ONLY__
+  echo "L1-MODTEST-RC $?"
+  dmesg > /tmp/dmesg.txt
+  grep -E 'WARNING|BUG|Oops|Call Trace|general protection|RIP: |kvmx:' /tmp/dmesg.txt | sed 's/^/L1-DMESG /'
+  echo "L1-DONE"; read ack
+  exit 0
+fi
+kvmx-modtest -m __M__ -d /mnt -D $df $NB all
 echo "L1-MODTEST-RC $?"
 kvmx-modtest -m __M__ -d /mnt -k /opt/kvmx/kvmx.ko rmmod sigkill
 echo "L1-MODTEST2-RC $?"
@@ -127,7 +171,8 @@ def main():
             '-object', f'memory-backend-file,id=mem1,share=on,mem-path={img},'
                        f'size={PMEM_SIZE}',
             '-device', 'nvdimm,id=nv0,memdev=mem1,flush-hint=on']
-    script = L1_SCRIPT.replace('__M__', str(M))
+    script = L1_SCRIPT.replace('__M__', str(M)).replace('__ONLY__', ' '.join(ONLY))
+    args += extra_modules(nested, work)
     append = 'kvmx.modules=kvm,kvm_amd kvmx.timeout=1700'
     with kvmxvm.start_guest(qemu, script, args, work, 'l1', mem='1536M',
                             append_extra=append) as vm:
@@ -173,6 +218,18 @@ def main():
         check(False, f'kvmx-modtest: {f}')
     n_ok = len(re.findall(r'KVMX-CHECK ok ', text))
     ends = dict(re.findall(r'KVMX-TEST-END (\S+) (\S+)', text))
+    for line in re.findall(r'KVMX-STALL (.*)', text):
+        print(f'STALL {line}', flush=True)
+    if ONLY:
+        for t in ONLY:
+            check(ends.get(t) == 'PASS', f'kvmx-modtest {t}: {ends.get(t, "did not run")}')
+        mm = re.search(r'L1-MODTEST-RC (\d+)', text)
+        check(mm is not None and mm.group(1) == '0', 'L1-MODTEST-RC')
+        bad = [ln for ln in re.findall(r'L1-DMESG (.*)', text) if BAD_DMESG.search(ln)]
+        check(not bad, 'dmesg has no WARNING/BUG/Oops' + (': ' + ' | '.join(bad[:5]) if bad else ''))
+        return finish(work)
+    check('L1-NULLBLK' in text, 'L1 made its null_blk devices (slow, failing)')
+    check(re.search(r'KVMX-STALL ', text) is not None, 'the slow-flush test ran')
     for t in ALL_TESTS:
         check(ends.get(t) == 'PASS', f'kvmx-modtest {t}: {ends.get(t, "did not run")}')
     results = re.findall(r'KVMX-MODTEST-RESULT passed=(\d+) failed=(\d+)', text)
@@ -219,6 +276,36 @@ def main():
     if coal:
         print(f'COALESCE {coal.group(1)}')
     return finish(work)
+
+
+def extra_modules(nested, work):
+    """-fw_cfg arguments handing EXTRA_MODULES to L1 (decompressed), from
+    the kernel package scripts/mkguest unpacked for the nested image."""
+    try:
+        with open(os.path.join(nested, 'kernel.release')) as f:
+            rel = f.read().strip()
+    except OSError:
+        return []
+    trees = glob.glob(os.path.join(kvmxvm.REPO_ROOT, 'build', 'cache', 'guest-kernel',
+                                   '*', 'lib', 'modules', rel))
+    args = []
+    for name, rel_path in EXTRA_MODULES:
+        for tree in trees:
+            src = os.path.join(tree, 'kernel', rel_path)
+            dst = os.path.join(work, name + '.ko')
+            if os.path.isfile(src + '.xz'):
+                with lzma.open(src + '.xz') as fi, open(dst, 'wb') as fo:
+                    shutil.copyfileobj(fi, fo)
+            elif os.path.isfile(src):
+                shutil.copyfile(src, dst)
+            else:
+                continue
+            args += ['-fw_cfg', f'name=opt/kvmx/{name}.ko,file={dst}']
+            break
+        else:
+            print(f'note: {rel_path} not found for {rel}: L1 has no {name} '
+                  f'unless the image does', flush=True)
+    return args
 
 
 def finish(work):

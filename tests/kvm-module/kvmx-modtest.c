@@ -97,6 +97,9 @@ static const char *sysdir = "/sys/class/misc/kvmx";
 static const char *backing_dir = "/tmp";
 static const char *deep_path;
 static const char *ko_path;
+static const char *slow_dev;	/* -S: a block device whose writes are slow */
+static const char *err_dir;	/* -E: null_blk configfs dir of a device we fail */
+static const char *pmem_dev;	/* vm_new maps this device instead of a new file */
 static unsigned int M = 50;
 static const char *cur_test = "-";
 static int n_pass, n_fail;
@@ -289,6 +292,7 @@ struct vm {
 	int ram_fd, pmem_fd, fha_fd, extra_fd;
 	uint8_t *ram, *pmem, *fha, *extra;
 	char pmem_path[512];
+	bool pmem_is_dev;		/* a block device: not ours to unlink */
 	int nvcpu;
 	struct vcpu vcpu[MAX_VCPUS];
 };
@@ -406,6 +410,20 @@ static void backing_create(struct vm *vm)
 	uint8_t *zero;
 	struct statfs sf;
 
+	if (pmem_dev) {
+		/* A block device: its page cache is the backing, as a file's. */
+		snprintf(vm->pmem_path, sizeof(vm->pmem_path), "%s", pmem_dev);
+		vm->pmem_is_dev = true;
+		vm->pmem_fd = open(pmem_dev, O_RDWR | O_CLOEXEC);
+		if (vm->pmem_fd < 0)
+			die("open %s", pmem_dev);
+		vm->pmem = mmap(NULL, PMEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
+				vm->pmem_fd, 0);
+		if (vm->pmem == MAP_FAILED)
+			die("mmap %s", pmem_dev);
+		backing_is_tmpfs = false;
+		return;
+	}
 	if (seq_pid != getpid()) {
 		seq_pid = getpid();
 		seq = 0;
@@ -490,7 +508,8 @@ static void vm_free(struct vm *vm)
 	close(vm->fha_fd);
 	close(vm->extra_fd);
 	close(vm->pmem_fd);
-	unlink(vm->pmem_path);
+	if (!vm->pmem_is_dev)
+		unlink(vm->pmem_path);
 	free(vm);
 }
 
@@ -1474,6 +1493,164 @@ static void test_vmclose(void)
 	      module_refcnt(vendor));
 }
 
+/* ---- a slow host flush ----------------------------------------------- */
+
+static struct cs_stat range_cache(int fd, uint64_t off, uint64_t len)
+{
+	struct cs_range r = { off, len };
+	struct cs_stat cs;
+
+	memset(&cs, 0, sizeof(cs));
+	if (syscall(__NR_cachestat, fd, &r, &cs, 0) != 0)
+		die("cachestat");
+	return cs;
+}
+
+static double ms_since(uint64_t t0)
+{
+	return (now_ns() - t0) / 1e6;
+}
+
+/* Create and delete a one-page memslot; returns the two times in ms. */
+static void time_memslot_update(struct vm *vm, double *create_ms, double *delete_ms)
+{
+	uint64_t t0 = now_ns();
+
+	set_slot(vm, 5, 0xb00000, PAGE, vm->extra, 0);
+	*create_ms = ms_since(t0);
+	t0 = now_ns();
+	set_slot(vm, 5, 0xb00000, 0, vm->extra, 0);
+	*delete_ms = ms_since(t0);
+}
+
+struct stall_vcpu {
+	struct vcpu *v;
+	struct run_args ra;
+	int r;
+	volatile int done;
+	uint64_t t0, t1;
+};
+
+static void *stall_run(void *p)
+{
+	struct stall_vcpu *s = p;
+
+	s->t0 = now_ns();
+	s->r = vcpu_run_loop(s->v, &s->ra);
+	s->t1 = now_ns();
+	s->done = 1;
+	return NULL;
+}
+
+/*
+ * A host flush that takes seconds (the backing is a null_blk device
+ * throttled to a few MiB/s, -S) must not hold up the VM's memslot
+ * updates: KVM_SET_USER_MEMORY_REGION waits (synchronize_srcu) for every
+ * vCPU inside kvm->srcu, and QEMU makes such updates under its big lock.
+ * And the guest must still not run on before its flush is done: its store
+ * after the flush hint write (the "marker") must not become visible while
+ * the pages dirtied before the write are still dirty or under writeback.
+ */
+static void test_stall(void)
+{
+	struct stall_vcpu s;
+	struct vm *vm;
+	struct kvmx_fha_attach a;
+	struct kvmx_fha_stats st;
+	const uint64_t marker_off = PMEM_SIZE - PAGE;
+	volatile uint32_t *marker;
+	double base_c, base_d, c_ms = -1, d_ms = -1, flush_ms;
+	long long marker_unflushed = -1;
+	struct cs_stat cs;
+	pthread_t th;
+	uint32_t h;
+	int kfd, i;
+
+	if (!slow_dev) {
+		info("no slow device (-S): not run");
+		return;
+	}
+	pmem_dev = slow_dev;
+	vm = vm_new(1, false);
+	pmem_dev = NULL;
+	kfd = kvmx_open();
+	marker = (volatile uint32_t *)(vm->pmem + marker_off);
+
+	/* What a memslot update costs here when nothing flushes. */
+	time_memslot_update(vm, &base_c, &base_d);
+	a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	h = kvmx_attach(kfd, &a);
+	if (!check(h != 0, "attach with %s as the backing", slow_dev))
+		goto out;
+
+	/* Dirty all of it (the marker page zeroed), so the flush is slow. */
+	if (fdatasync(vm->pmem_fd) != 0)
+		die("fdatasync %s", slow_dev);
+	for (i = 0; i < (int)(PMEM_SIZE / PAGE); i++)
+		memset(vm->pmem + i * PAGE, 0x5a ^ i, PAGE);
+	*marker = 0;
+	cs = range_cache(vm->pmem_fd, 0, PMEM_SIZE);
+	info("%llu dirty pages before the flush hint write",
+	     (unsigned long long)cs.nr_dirty);
+
+	/* data store to page 0, flush hint; then the marker store, flush hint */
+	memset(&s, 0, sizeof(s));
+	s.v = &vm->vcpu[0];
+	s.ra = (struct run_args){ PMEM_GPA, marker_off, FHA_GPA, 2, 0, -1 };
+	pthread_create(&th, NULL, stall_run, &s);
+
+	/* Wait for the host flush to be under way. */
+	for (i = 0; i < 10000 && !s.done; i++) {
+		cs = range_cache(vm->pmem_fd, 0, marker_off);
+		if (cs.nr_writeback > 0)
+			break;
+		usleep(1000);
+	}
+	check(!s.done && cs.nr_writeback > 0,
+	      "the host flush is under way (%llu pages under writeback, %llu dirty)",
+	      (unsigned long long)cs.nr_writeback, (unsigned long long)cs.nr_dirty);
+	if (!s.done)
+		time_memslot_update(vm, &c_ms, &d_ms);
+
+	/* Watch for the marker until the vCPU is done. */
+	while (!s.done) {
+		if (marker_unflushed < 0 && *marker == 0x4b564d58) {
+			cs = range_cache(vm->pmem_fd, 0, marker_off);
+			marker_unflushed = cs.nr_dirty + cs.nr_writeback;
+		}
+		usleep(500);
+	}
+	pthread_join(th, NULL);
+	st = kvmx_stats(kfd, h);
+	flush_ms = st.latency_max_ns / 1e6;
+
+	check(s.r == 0, "the vCPU ran its 2 flush hint writes to HLT");
+	check(st.guest_flushes == 2 && st.host_flushes == 2 && st.host_flush_errors == 0,
+	      "2 guest flushes, 2 host flushes (%llu, %llu, errors %llu)",
+	      (unsigned long long)st.guest_flushes, (unsigned long long)st.host_flushes,
+	      (unsigned long long)st.host_flush_errors);
+	check(flush_ms >= 500, "the first flush was slow: %.0f ms", flush_ms);
+	check(marker_unflushed <= 0,
+	      "the guest's next store was not seen before its flush finished (%s)",
+	      marker_unflushed < 0 ? "seen only after the vCPU finished"
+				   : "seen with 0 unflushed pages");
+	if (marker_unflushed > 0)
+		info("marker seen while %lld pages were unflushed", marker_unflushed);
+	cs = range_cache(vm->pmem_fd, 0, PMEM_SIZE);
+	check(cs.nr_dirty == 0 && cs.nr_writeback == 0, "all clean at the end (%llu dirty)",
+	      (unsigned long long)cs.nr_dirty);
+	printf("KVMX-STALL flush_ms=%.1f slot_create_ms=%.1f slot_delete_ms=%.1f "
+	       "idle_create_ms=%.1f idle_delete_ms=%.1f vcpu_run_ms=%.1f\n", flush_ms, c_ms,
+	       d_ms, base_c, base_d, (s.t1 - s.t0) / 1e6);
+	check(c_ms >= 0 && c_ms + d_ms < flush_ms / 4,
+	      "memslot create + delete during the flush took %.1f + %.1f ms "
+	      "(idle: %.1f + %.1f), the flush %.0f ms", c_ms, d_ms, base_c, base_d, flush_ms);
+	check(kvmx_detach(kfd, h) == 0, "detach");
+out:
+	close(kfd);
+	vm_free(vm);
+}
+
 /* ---- module unload --------------------------------------------------- */
 
 static int mod_delete(void)
@@ -1623,6 +1800,7 @@ static const struct {
 	{ "concurrent", test_concurrent, true },
 	{ "multivcpu", test_multivcpu, true },
 	{ "vmclose", test_vmclose, true },
+	{ "stall", test_stall, true },
 	{ "rmmod", test_rmmod, false },
 	{ "sigkill", test_sigkill, false },
 };
@@ -1648,7 +1826,7 @@ int main(int argc, char **argv)
 	int opt, a;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	while ((opt = getopt(argc, argv, "m:d:D:k:")) != -1) {
+	while ((opt = getopt(argc, argv, "m:d:D:k:S:E:")) != -1) {
 		switch (opt) {
 		case 'm':
 			M = strtoul(optarg, NULL, 0);
@@ -1666,8 +1844,14 @@ int main(int argc, char **argv)
 		case 'k':
 			ko_path = optarg;
 			break;
+		case 'S':
+			slow_dev = optarg;
+			break;
+		case 'E':
+			err_dir = optarg;
+			break;
 		default:
-			fprintf(stderr, "usage: %s [-m N] [-d DIR] [-D PATH] [-k KO] TEST...\n",
+			fprintf(stderr, "usage: %s [-m N] [-d DIR] [-D PATH] [-k KO] [-S DEV] [-E DIR] TEST...\n",
 				argv[0]);
 			return 2;
 		}

@@ -21,7 +21,7 @@ which makes its own small VMs (L2) through the raw KVM API:
   * detach, memslot deletion/move, per-file limits, concurrent
     attach/detach while vCPUs flush, several vCPUs (group commit), every
     malformed argument with its error code;
-  * stall: a host flush that takes seconds (null_blk at 2 MiB/s) does not
+  * stall: a host flush that takes seconds (null_blk at 1 MiB/s) does not
     hold up memslot updates (it runs outside kvm->srcu), yet the guest
     runs nothing after its write before the flush is done;
   * flusherr: writes to the backing fail (null_blk badblocks): with
@@ -57,10 +57,11 @@ M = int(os.environ.get('KVMX_MODTEST_M', '50'))
 # (one run, the other runs and their checks left out): for development.
 ONLY = os.environ.get('KVMX_MODTEST_ONLY', '').split()
 PMEM_SIZE = 256 << 20
+DAX_SIZE = 64 << 20     # the second NVDIMM, device DAX in L1
 failures = []
 ALL_TESTS = ['api', 'errors', 'ram', 'kernel', 'user', 'deep', 'detach',
              'memslot', 'limits', 'concurrent', 'multivcpu', 'vmclose',
-             'stall', 'flusherr', 'abi', 'perms', 'rmmod', 'sigkill']
+             'stall', 'flusherr', 'abi', 'perms', 'devdax', 'rmmod', 'sigkill']
 # Kernel modules L1 needs beyond the nested image's (scripts/mkguest
 # MODULES), in load order: null_blk gives the block devices whose writes
 # are slow (mbps) or fail (badblocks).  Taken from the same kernel package
@@ -98,7 +99,7 @@ echo 360000 > /proc/sys/vm/dirty_expire_centisecs
 df=/sys/bus/nd/devices/region0/deep_flush
 echo "L1-DEEP-FLUSH $(cat $df)"
 
-# Two memory-backed null_blk devices: "slow" writes 2 MiB/s (a host flush
+# Two memory-backed null_blk devices: "slow" writes 1 MiB/s (a host flush
 # that takes seconds), "err" fails I/O to the sectors kvmx-modtest lists
 # in its badblocks file (a host flush that fails, and later works again).
 for m in configfs null_blk; do
@@ -119,24 +120,36 @@ mknb() {  # mknb NAME MBPS -> prints /dev/NAME (null_blk names it after the dir)
   i=0 && while [ ! -b /dev/$1 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done &&
   [ -b /dev/$1 ] && echo /dev/$1
 }
-if [ -d $nb ] && slow=$(mknb kvmxslow 2) && errdev=$(mknb kvmxerr 0); then
+if [ -d $nb ] && slow=$(mknb kvmxslow 1) && errdev=$(mknb kvmxerr 0); then
   echo "L1-NULLBLK $slow $errdev"
   NB="-S $slow -E $nb/kvmxerr"
 else
   echo "L1-NO-NULLBLK (modules: $(lsmod | cut -d' ' -f1 | tr '\n' ' '))"
   NB=
 fi
+# The second NVDIMM (flush hints too) as device DAX, as ndctl would make it.
+. /usr/lib/kvmx/pmem-fsdax.sh
+r0=$(readlink -f /sys/block/pmem0/device | grep -o 'region[0-9]*' | tail -n1)
+DAX=
+for r in /sys/bus/nd/devices/region*; do
+  [ "$(basename $r)" = "$r0" ] && continue
+  if d=$(pmem_devdax $(basename $r)) && [ -c "$d" ]; then
+    echo "L1-DEVDAX $d $(basename $r) deep_flush=$(cat $r/deep_flush)"
+    DAX="-X $d,$r/deep_flush"
+  fi
+done
+[ -n "$DAX" ] || echo "L1-NO-DEVDAX"
 echo "L1-READY"; read ack
 
 if [ -n "__ONLY__" ]; then
-  kvmx-modtest -m __M__ -d /mnt -D $df $NB -k /opt/kvmx/kvmx.ko __ONLY__
+  kvmx-modtest -m __M__ -d /mnt -D $df $NB $DAX -k /opt/kvmx/kvmx.ko __ONLY__
   echo "L1-MODTEST-RC $?"
   dmesg > /tmp/dmesg.txt
   grep -E 'WARNING|BUG|Oops|Call Trace|general protection|RIP: |kvmx:' /tmp/dmesg.txt | sed 's/^/L1-DMESG /'
   echo "L1-DONE"; read ack
   exit 0
 fi
-kvmx-modtest -m __M__ -d /mnt -D $df $NB all
+kvmx-modtest -m __M__ -d /mnt -D $df $NB $DAX all
 echo "L1-MODTEST-RC $?"
 kvmx-modtest -m __M__ -d /mnt -k /opt/kvmx/kvmx.ko rmmod sigkill
 echo "L1-MODTEST2-RC $?"
@@ -184,11 +197,17 @@ def main():
     img = os.path.join(work, 'outer-pmem.img')
     with open(img, 'wb') as f:
         f.truncate(PMEM_SIZE)
+    img2 = os.path.join(work, 'outer-dax.img')
+    with open(img2, 'wb') as f:
+        f.truncate(DAX_SIZE)
     args = ['-smp', '2',
             '-machine', 'q35,nvdimm=on', '-m', '1536M,slots=2,maxmem=4G',
             '-object', f'memory-backend-file,id=mem1,share=on,mem-path={img},'
                        f'size={PMEM_SIZE}',
-            '-device', 'nvdimm,id=nv0,memdev=mem1,flush-hint=on']
+            '-device', 'nvdimm,id=nv0,memdev=mem1,flush-hint=on',
+            '-object', f'memory-backend-file,id=mem2,share=on,mem-path={img2},'
+                       f'size={DAX_SIZE}',
+            '-device', 'nvdimm,id=nv1,memdev=mem2,flush-hint=on']
     script = L1_SCRIPT.replace('__M__', str(M)).replace('__ONLY__', ' '.join(ONLY))
     args += extra_modules(nested, work)
     append = 'kvmx.modules=kvm,kvm_amd kvmx.timeout=1700'
@@ -202,7 +221,7 @@ def main():
             print(vm.console_text()[-5000:])
             check(False, 'L1 got ready (insmod, mkfs)')
             return finish(work)
-        outer0 = vm.qmp.cmd('query-nvdimm-flush')[0]['guest-flushes']
+        outer0 = outer_flushes(vm)
         vm.send_serial(b'go\n')
         try:
             vm.wait_console(r'L1-DONE\n', 1500)
@@ -212,7 +231,7 @@ def main():
             print(e)
             check(False, 'L1 ran kvmx-modtest to the end (see the console above)')
             return finish(work)
-        outer1 = vm.qmp.cmd('query-nvdimm-flush')[0]['guest-flushes']
+        outer1 = outer_flushes(vm)
         vm.send_serial(b'go\n')
         rc = kvmxvm.wait_guest_exit(vm, 300)
         text = vm.console_text()
@@ -274,9 +293,16 @@ def main():
 
     deep = re.search(r'KVMX-DEEP host_flushes=(\d+)', text)
     if deep and 'L1-DEEP-FLUSH 1' in text:
-        check(outer1 - outer0 >= int(deep.group(1)),
+        check(outer1['nv0'] - outer0['nv0'] >= int(deep.group(1)),
               f'every deep flush reached the outer NVDIMM flush hint '
-              f'(outer guest flushes +{outer1 - outer0} >= {deep.group(1)})')
+              f"(outer guest flushes +{outer1['nv0'] - outer0['nv0']} >= {deep.group(1)})")
+    check('L1-DEVDAX ' in text, 'L1 made a device DAX of its second NVDIMM')
+    dax = re.search(r'KVMX-DEVDAX host_flushes=(\d+)', text)
+    check(dax is not None and int(dax.group(1)) == min(M, 10) and
+          outer1['nv1'] - outer0['nv1'] >= int(dax.group(1)),
+          f'device DAX: every deep flush reached the outer flush hint of nv1 '
+          f"({dax.group(1) if dax else 'not run'}; "
+          f"outer +{outer1['nv1'] - outer0['nv1']})")
 
     # One line per backing: disk (ext4 on L1's NVDIMM: the real flush) and
     # tmpfs (no-op flush: the cost of the path alone).  Numbers only.
@@ -300,6 +326,11 @@ def main():
     if coal:
         print(f'COALESCE {coal.group(1)}')
     return finish(work)
+
+
+def outer_flushes(vm):
+    """The outer QEMU's guest flush count per NVDIMM id."""
+    return {d['id']: d['guest-flushes'] for d in vm.qmp.cmd('query-nvdimm-flush')}
 
 
 def extra_modules(nested, work):

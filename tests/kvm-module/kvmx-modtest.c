@@ -17,11 +17,13 @@
  *     -S DEV        a slow block device (null_blk with mbps) for "stall"
  *     -E DIR        configfs dir of a memory-backed null_blk device whose
  *                   sectors "flusherr" marks bad (its writes then fail)
+ *     -X DAX,DF     a device DAX (/dev/daxR.N) and its region's deep_flush,
+ *                   for "devdax"
  *     -k PATH       kvmx.ko, for the tests that unload and reload it
  *   TESTS: api errors ram kernel user deep detach memslot limits
- *          concurrent multivcpu vmclose stall flusherr abi perms rmmod
- *          sigkill, or "all" (all but rmmod and sigkill, which unload the
- *          module); stall and flusherr do nothing without -S / -E
+ *          concurrent multivcpu vmclose stall flusherr abi perms devdax
+ *          rmmod sigkill, or "all" (all but rmmod and sigkill, which unload
+ *          the module); stall, flusherr, devdax do nothing without -S/-E/-X
  *
  * Output, one fact a line, for the harness:
  *   KVMX-CHECK ok|FAIL <test>: <what>
@@ -103,6 +105,7 @@ static const char *deep_path;
 static const char *ko_path;
 static const char *slow_dev;	/* -S: a block device whose writes are slow */
 static const char *err_dir;	/* -E: null_blk configfs dir of a device we fail */
+static const char *dax_spec;	/* -X: DAXDEV,DEEP_FLUSH of a device DAX */
 static const char *pmem_dev;	/* vm_new maps this device instead of a new file */
 static unsigned int M = 50;
 static const char *cur_test = "-";
@@ -2309,6 +2312,74 @@ out:
 	vm_free(vm);
 }
 
+/*
+ * A device DAX backend (-X /dev/daxR.N,/sys/.../regionR/deep_flush): no
+ * page cache, so FDATASYNC of it is refused and the region's deep flush
+ * alone makes the guest's stores durable.
+ */
+static void test_devdax(void)
+{
+	char dev[256], *comma;
+	struct vm *vm;
+	struct vcpu *v;
+	struct kvmx_fha_attach a;
+	struct kvmx_fha_stats st;
+	unsigned int k = M < 10 ? M : 10, i, seen = 0;
+	uint32_t h;
+	int kfd, dfd;
+
+	if (!dax_spec) {
+		info("no device DAX (-X): not run");
+		return;
+	}
+	snprintf(dev, sizeof(dev), "%s", dax_spec);
+	comma = strchr(dev, ',');
+	if (!comma)
+		die("-X wants DAXDEV,DEEP_FLUSH");
+	*comma = 0;
+	pmem_dev = dev;
+	vm = vm_new(1, false);
+	pmem_dev = NULL;
+	v = &vm->vcpu[0];
+	kfd = kvmx_open();
+	memset(vm->pmem, 0, k * PAGE);
+
+	a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EOPNOTSUPP, "FDATASYNC of the device DAX");
+	a.flags = KVMX_FLUSH_ALL;
+	dfd = open(comma + 1, O_WRONLY | O_CLOEXEC);
+	if (dfd < 0)
+		die("open %s", comma + 1);
+	a.deep_flush_fd = dfd;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EOPNOTSUPP,
+		     "FDATASYNC|DEEP of the device DAX");
+	a = attach_args(vm->fd, -1, FHA_GPA);
+	a.flags = KVMX_FLUSH_DEEP;
+	a.deep_flush_fd = dfd;
+	h = kvmx_attach(kfd, &a);
+	if (!check(h != 0, "DEEP alone on %s, deep flush %s", dev, comma + 1))
+		goto out;
+	{
+		struct run_args ra = { PMEM_GPA, PAGE, FHA_GPA, k, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "%u data + flush hint writes to the device DAX", k);
+	}
+	for (i = 0; i < k; i++)
+		seen += *(volatile uint32_t *)(vm->pmem + i * PAGE) == 0x4b564d58;
+	check(seen == k, "the stores are in the device DAX mapping (%u of %u)", seen, k);
+	st = kvmx_stats(kfd, h);
+	check(st.guest_flushes == k && st.host_flushes == k && st.host_flush_errors == 0 &&
+	      st.error == 0 && st.failed_flushes == 0,
+	      "%llu guest flushes, %llu deep flushes, no error",
+	      (unsigned long long)st.guest_flushes, (unsigned long long)st.host_flushes);
+	printf("KVMX-DEVDAX host_flushes=%llu dev=%s\n", (unsigned long long)st.host_flushes, dev);
+	check(kvmx_detach(kfd, h) == 0, "detach");
+out:
+	close(dfd);
+	close(kfd);
+	vm_free(vm);
+}
+
 /* ---- module unload --------------------------------------------------- */
 
 static int mod_delete(void)
@@ -2462,6 +2533,7 @@ static const struct {
 	{ "flusherr", test_flusherr, true },
 	{ "abi", test_abi, true },
 	{ "perms", test_perms, true },
+	{ "devdax", test_devdax, true },
 	{ "rmmod", test_rmmod, false },
 	{ "sigkill", test_sigkill, false },
 };
@@ -2487,7 +2559,7 @@ int main(int argc, char **argv)
 	int opt, a;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	while ((opt = getopt(argc, argv, "m:d:D:k:S:E:")) != -1) {
+	while ((opt = getopt(argc, argv, "m:d:D:k:S:E:X:")) != -1) {
 		switch (opt) {
 		case 'm':
 			M = strtoul(optarg, NULL, 0);
@@ -2511,8 +2583,11 @@ int main(int argc, char **argv)
 		case 'E':
 			err_dir = optarg;
 			break;
+		case 'X':
+			dax_spec = optarg;
+			break;
 		default:
-			fprintf(stderr, "usage: %s [-m N] [-d DIR] [-D PATH] [-k KO] [-S DEV] [-E DIR] TEST...\n",
+			fprintf(stderr, "usage: %s [-m N] [-d DIR] [-D PATH] [-k KO] [-S DEV] [-E DIR] [-X DAX,DF] TEST...\n",
 				argv[0]);
 			return 2;
 		}

@@ -143,6 +143,7 @@ struct kvmx_counters {
 	atomic64_t host_flushes;
 	atomic64_t host_flush_errors;
 	atomic64_t inline_flushes;	/* run in the notifier (fallback) */
+	atomic64_t rejected;		/* ioctls that failed (bad or hostile arguments) */
 };
 extern struct kvmx_counters kvmx_counters;
 

@@ -45,7 +45,7 @@ static int kvmx_release(struct inode *inode, struct file *file)
 	return 0;
 }
 
-static long kvmx_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+static long kvmx_ioctl_do(struct file *file, unsigned int cmd, unsigned long arg)
 {
 	struct kvmx_file *kf = file->private_data;
 	void __user *uarg = (void __user *)arg;
@@ -67,6 +67,15 @@ static long kvmx_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	default:
 		return -ENOTTY;
 	}
+}
+
+static long kvmx_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	long r = kvmx_ioctl_do(file, cmd, arg);
+
+	if (r < 0)
+		atomic64_inc(&kvmx_counters.rejected);
+	return r;
 }
 
 static const struct file_operations kvmx_fops = {
@@ -101,6 +110,7 @@ KVMX_COUNTER_ATTR(host_flushes, atomic64_read);
 KVMX_COUNTER_ATTR(host_flush_errors, atomic64_read);
 KVMX_COUNTER_ATTR(failed_flushes, atomic64_read);
 KVMX_COUNTER_ATTR(inline_flushes, atomic64_read);
+KVMX_COUNTER_ATTR(rejected, atomic64_read);
 
 static ssize_t api_version_show(struct device *dev,
 				struct device_attribute *attr, char *buf)
@@ -119,6 +129,7 @@ static struct attribute *kvmx_attrs[] = {
 	&dev_attr_host_flush_errors.attr,
 	&dev_attr_failed_flushes.attr,
 	&dev_attr_inline_flushes.attr,
+	&dev_attr_rejected.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(kvmx);

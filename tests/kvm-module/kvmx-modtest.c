@@ -110,6 +110,7 @@ static const char *pmem_dev;	/* vm_new maps this device instead of a new file */
 static unsigned int M = 50;
 static const char *cur_test = "-";
 static int n_pass, n_fail;
+static unsigned int n_expect_errno;	/* expect_errno() calls so far */
 static bool backing_is_tmpfs;
 
 /* Filled by the "kernel" and "user" tests for the KVMX-BENCH line. */
@@ -171,6 +172,7 @@ static bool expect_errno(long r, int want, const char *what)
 {
 	int e = errno;
 
+	n_expect_errno++;
 	if (r != -1)
 		return check(false, "%s: expected %s, got success (%ld)",
 			     what, strerrorname_np(want), r);
@@ -655,7 +657,8 @@ static void test_errors(void)
 {
 	struct vm *vm = vm_new(1, false);
 	int kfd = kvmx_open();
-	long long att0 = counter("attachments");
+	long long att0 = counter("attachments"), rej0 = counter("rejected");
+	unsigned int exp0 = n_expect_errno;
 	struct kvmx_fha_attach a, base = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
 	int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
 	int pipefd[2], efd, rofd, closed_fd;
@@ -855,6 +858,10 @@ static void test_errors(void)
 
 	check(counter("attachments") == att0, "no attachment left behind (%lld)",
 	      counter("attachments"));
+	/* every refused ioctl counted: those above and the child's EPERM */
+	check(counter("rejected") - rej0 == n_expect_errno - exp0 + 1,
+	      "sysfs rejected +%lld == %u refused ioctls", counter("rejected") - rej0,
+	      n_expect_errno - exp0 + 1);
 	close(pipefd[0]);
 	close(pipefd[1]);
 	close(efd);
@@ -1887,7 +1894,7 @@ static void test_perms(void)
 {
 	static const char *const ctrs[] = {
 		"attachments", "tracked", "vms", "guest_flushes", "failed_flushes",
-		"host_flushes", "host_flush_errors", "inline_flushes",
+		"host_flushes", "host_flush_errors", "inline_flushes", "rejected",
 	};
 	char path[256];
 	struct stat sb;

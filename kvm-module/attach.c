@@ -28,10 +28,13 @@
  *       unlinks the node and synchronize_srcu()s: no callback of it runs
  *       afterwards; drops the reference taken at register.
  */
+#include <linux/eventfd.h>
 #include <linux/file.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
 #include <linux/module.h>
 #include <linux/rculist.h>
+#include <linux/signal.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 
@@ -41,7 +44,9 @@
 
 /*
  * A guest wrote to a write-tracked gfn of this VM and KVM has emulated the
- * write.  If the gfn is one of ours, flush before the vCPU resumes.
+ * write.  If the gfn is one of ours, have it flushed before the vCPU runs
+ * guest code again (flush.c: the flush itself runs after KVM drops
+ * kvm->srcu, from a task_work of this thread).
  *
  * Why this may sleep (Linux 6.12, arch/x86/kvm): the only callers are
  * emulator_write_phys() and emulator_cmpxchg_emulated() (x86.c), i.e. the
@@ -51,10 +56,10 @@
  * and preemption after the VM exit; what the thread holds is the vCPU
  * mutex, kvm->srcu (read) and the notifier list's track_srcu (read), and
  * SRCU read-side sections may block.  No spinlock (mmu_lock included) is
- * held across the call.  Sleeping here stalls only this vCPU, exactly as
- * QEMU's fdatasync() in its MMIO handler does today; a memslot update
- * waits for it in synchronize_srcu(&kvm->srcu), as it waits for any vCPU
- * busy in the kernel.
+ * held across the call.  It sleeps only to allocate, and, in the fallback
+ * of kvmx_guest_flush(), to flush; a memslot update waits for that in
+ * synchronize_srcu(&kvm->srcu), which is why the flush normally runs
+ * later.
  */
 static void kvmx_track_write(gpa_t gpa, const u8 *new, int bytes,
 			     struct kvm_page_track_notifier_node *node)
@@ -74,7 +79,7 @@ static void kvmx_track_write(gpa_t gpa, const u8 *new, int bytes,
 	if (!hit)
 		return;
 
-	kvmx_guest_flush(hit);
+	kvmx_guest_flush(hit, vm->kf);
 	kvmx_att_put(hit);
 }
 
@@ -122,6 +127,8 @@ static void kvmx_att_free(struct kref *ref)
 		fput(att->backing);
 	if (att->deep_flush)
 		fput(att->deep_flush);
+	if (att->error_ev)
+		eventfd_ctx_put(att->error_ev);
 	atomic_dec(&kvmx_counters.attachments);
 	/* The notifier may still be walking past it under rcu_read_lock(). */
 	kfree_rcu(att, rcu);
@@ -132,20 +139,48 @@ void kvmx_att_put(struct kvmx_att *att)
 	kref_put(&att->ref, kvmx_att_free);
 }
 
+/*
+ * The user's struct, whatever its size (copy_struct_from_user(): see the
+ * header): at least the version-0 size, at most a page (a bound on what
+ * we read), fields we do not know 0.
+ */
+static int kvmx_copy_sized(void *dst, size_t ksize, const void __user *usrc,
+			   size_t min_size)
+{
+	u32 usize;
+
+	if (get_user(usize, (const u32 __user *)usrc))
+		return -EFAULT;
+	if (usize < min_size)
+		return -EINVAL;
+	if (usize > PAGE_SIZE)
+		return -E2BIG;
+	return copy_struct_from_user(dst, ksize, usrc, usize);
+}
+
 /* Checks of struct kvmx_fha_attach that need no lookups. */
 static int kvmx_attach_args_ok(const struct kvmx_fha_attach *a)
 {
 	int i;
 
-	if (a->size != sizeof(*a))
-		return -EINVAL;
 	if (a->pad || a->pad2)
 		return -EINVAL;
 	for (i = 0; i < ARRAY_SIZE(a->reserved); i++)
 		if (a->reserved[i])
 			return -EINVAL;
-	if (!a->flags || (a->flags & ~KVMX_FLUSH_ALL))
+	/* Something to flush, and no flag we do not know. */
+	if (!(a->flags & KVMX_FLUSH_ALL) || (a->flags & ~KVMX_ATTACH_FLAGS))
 		return -EINVAL;
+	if (a->flags & KVMX_ATTACH_ERROR_NOTIFY) {
+		/* A signal that reaches the thread and can be handled. */
+		if (a->error_signal <= 0 || !valid_signal(a->error_signal) ||
+		    a->error_signal == SIGKILL || a->error_signal == SIGSTOP)
+			return -EINVAL;
+		if (a->error_eventfd < -1)
+			return -EBADF;
+	} else if (a->error_eventfd || a->error_signal) {
+		return -EINVAL;		/* was reserved: must be 0 */
+	}
 	if (a->gpa & ~PAGE_MASK)
 		return -EINVAL;
 	/* An fd is given exactly when its flag asks for it. */
@@ -154,6 +189,35 @@ static int kvmx_attach_args_ok(const struct kvmx_fha_attach *a)
 	if (!(a->flags & KVMX_FLUSH_DEEP) && a->deep_flush_fd != -1)
 		return -EINVAL;
 	return 0;
+}
+
+/*
+ * The file an nd region's deep flush is requested through: the sysfs
+ * attribute .../regionN/deep_flush (drivers/nvdimm/region_devs.c).  A
+ * write to it flushes the region's write-pending queues and returns.  Any
+ * other writable file could block a vCPU in KVM_RUN for ever (a full
+ * pipe, a FIFO nobody reads, a FUSE file).
+ */
+static bool kvmx_is_deep_flush_attr(struct file *f)
+{
+	struct dentry *d = f->f_path.dentry, *parent;
+	unsigned int n;
+	bool ok;
+
+	if (file_inode(f)->i_sb->s_magic != SYSFS_MAGIC ||
+	    !S_ISREG(file_inode(f)->i_mode))
+		return false;
+	spin_lock(&d->d_lock);
+	ok = !strcmp(d->d_name.name, "deep_flush");
+	spin_unlock(&d->d_lock);
+	if (!ok)
+		return false;
+	parent = dget_parent(d);
+	spin_lock(&parent->d_lock);
+	ok = sscanf(parent->d_name.name, "region%u", &n) == 1;
+	spin_unlock(&parent->d_lock);
+	dput(parent);
+	return ok;
 }
 
 /* A new attachment holding its files; not yet tracked or visible. */
@@ -177,6 +241,14 @@ static struct kvmx_att *kvmx_att_new(const struct kvmx_fha_attach *a)
 		att->backing = fget(a->backing_fd);
 		if (!att->backing)
 			goto fail;
+		/*
+		 * A character device (device DAX, /dev/zero, ...) has no page
+		 * cache to write back: for device DAX the region's deep flush
+		 * (KVMX_FLUSH_DEEP alone) is what makes it durable.
+		 */
+		r = -EOPNOTSUPP;
+		if (S_ISCHR(file_inode(att->backing)->i_mode))
+			goto fail;
 		/* What vfs_fsync_range() would refuse anyway, refused now. */
 		r = -EINVAL;
 		if (!att->backing->f_op->fsync)
@@ -189,11 +261,24 @@ static struct kvmx_att *kvmx_att_new(const struct kvmx_fha_attach *a)
 			goto fail;
 		if (!(att->deep_flush->f_mode & FMODE_WRITE))
 			goto fail;	/* as write(2) on a read-only fd */
-		/* kernel_write() needs ->write_iter (sysfs files have it). */
 		r = -EINVAL;
+		if (!kvmx_is_deep_flush_attr(att->deep_flush))
+			goto fail;
+		/* kernel_write() needs ->write_iter (sysfs files have it). */
 		if (!att->deep_flush->f_op->write_iter)
 			goto fail;
 	}
+	if ((a->flags & KVMX_ATTACH_ERROR_NOTIFY) && a->error_eventfd != -1) {
+		/* EBADF: not an open fd; EINVAL: not an eventfd */
+		att->error_ev = eventfd_ctx_fdget(a->error_eventfd);
+		if (IS_ERR(att->error_ev)) {
+			r = PTR_ERR(att->error_ev);
+			att->error_ev = NULL;
+			goto fail;
+		}
+	}
+	if (a->flags & KVMX_ATTACH_ERROR_NOTIFY)
+		att->error_signal = a->error_signal;
 	return att;
 
 fail:
@@ -230,6 +315,7 @@ static struct kvmx_vm *kvmx_vm_get(struct kvmx_file *kf, struct file *vm_file)
 	spin_lock_init(&vm->lock);
 	INIT_LIST_HEAD(&vm->tracked);
 	vm->kvm = kvm;
+	vm->kf = kf;
 	vm->node.track_write = kvmx_track_write;
 	vm->node.track_remove_region = kvmx_track_remove_region;
 
@@ -373,8 +459,9 @@ long kvmx_attach(struct kvmx_file *kf, struct kvmx_fha_attach __user *uarg)
 	u32 handle;
 	long r;
 
-	if (copy_from_user(&a, uarg, sizeof(a)))
-		return -EFAULT;
+	r = kvmx_copy_sized(&a, sizeof(a), uarg, KVMX_FHA_ATTACH_SIZE_VER0);
+	if (r)
+		return r;
 	r = kvmx_attach_args_ok(&a);
 	if (r)
 		return r;
@@ -454,19 +541,27 @@ long kvmx_detach(struct kvmx_file *kf, u32 __user *uhandle)
 	return r;
 }
 
+/*
+ * Only size and handle are read (the rest is output): a size from the
+ * version-0 size to a page; min(size, ours) bytes written, a larger
+ * struct's tail zeroed.
+ */
 long kvmx_stats(struct kvmx_file *kf, struct kvmx_fha_stats __user *uarg)
 {
 	struct kvmx_fha_stats st;
 	struct kvmx_att *att;
-	u32 size, handle;
+	u32 size, handle, n;
 
 	if (get_user(size, &uarg->size) || get_user(handle, &uarg->handle))
 		return -EFAULT;
-	if (size != sizeof(st))
+	if (size < KVMX_FHA_STATS_SIZE_VER0)
 		return -EINVAL;
+	if (size > PAGE_SIZE)
+		return -E2BIG;
+	n = min_t(u32, size, sizeof(st));
 
 	memset(&st, 0, sizeof(st));
-	st.size = sizeof(st);
+	st.size = n;
 	st.handle = handle;
 	mutex_lock(&kf->lock);
 	att = xa_load(&kf->handles, handle);
@@ -475,9 +570,29 @@ long kvmx_stats(struct kvmx_file *kf, struct kvmx_fha_stats __user *uarg)
 	mutex_unlock(&kf->lock);
 	if (!att)
 		return -ENOENT;
-	if (copy_to_user(uarg, &st, sizeof(st)))
+	if (copy_to_user(uarg, &st, n))
+		return -EFAULT;
+	if (size > n && clear_user((u8 __user *)uarg + n, size - n))
 		return -EFAULT;
 	return 0;
+}
+
+long kvmx_clear_error(struct kvmx_file *kf, u32 __user *uhandle)
+{
+	struct kvmx_att *att;
+	u32 handle;
+	long r = 0;
+
+	if (get_user(handle, uhandle))
+		return -EFAULT;
+	mutex_lock(&kf->lock);
+	att = xa_load(&kf->handles, handle);
+	if (att)
+		kvmx_flusher_clear_error(&att->fl);
+	else
+		r = -ENOENT;
+	mutex_unlock(&kf->lock);
+	return r;
 }
 
 /* Close of the file (or death of its last user): detach everything. */

@@ -21,6 +21,7 @@ static int kvmx_open(struct inode *inode, struct file *file)
 	kf = kzalloc(sizeof(*kf), GFP_KERNEL_ACCOUNT);
 	if (!kf)
 		return -ENOMEM;
+	kf->file = file;
 	mutex_init(&kf->lock);
 	xa_init_flags(&kf->handles, XA_FLAGS_ALLOC1);
 	INIT_LIST_HEAD(&kf->vms);
@@ -44,7 +45,7 @@ static int kvmx_release(struct inode *inode, struct file *file)
 	return 0;
 }
 
-static long kvmx_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+static long kvmx_ioctl_do(struct file *file, unsigned int cmd, unsigned long arg)
 {
 	struct kvmx_file *kf = file->private_data;
 	void __user *uarg = (void __user *)arg;
@@ -58,9 +59,23 @@ static long kvmx_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return kvmx_detach(kf, uarg);
 	case KVMX_FHA_STATS:
 		return kvmx_stats(kf, uarg);
+	case KVMX_FHA_CLEAR_ERROR:
+		return kvmx_clear_error(kf, uarg);
+	case KVMX_GET_FEATURES:
+		return KVMX_FEATURE_ERROR_NOTIFY | KVMX_FEATURE_FLUSH_OUTSIDE_SRCU |
+		       KVMX_FEATURE_SIZED_STRUCTS | KVMX_FEATURE_DEEP_ONLY;
 	default:
 		return -ENOTTY;
 	}
+}
+
+static long kvmx_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	long r = kvmx_ioctl_do(file, cmd, arg);
+
+	if (r < 0)
+		atomic64_inc(&kvmx_counters.rejected);
+	return r;
 }
 
 static const struct file_operations kvmx_fops = {
@@ -74,14 +89,18 @@ static const struct file_operations kvmx_fops = {
 	.llseek = noop_llseek,
 };
 
-/* Module-wide counters: /sys/class/misc/kvmx/{attachments,...} */
+/*
+ * Module-wide counters: /sys/class/misc/kvmx/{attachments,...}.  They add
+ * up every user's VMs (one tenant could watch another's flush rate), so
+ * only root reads them (0400); api_version stays world-readable.
+ */
 #define KVMX_COUNTER_ATTR(name, read)					\
 static ssize_t name##_show(struct device *dev,				\
 			   struct device_attribute *attr, char *buf)	\
 {									\
 	return sysfs_emit(buf, "%lld\n", (long long)read(&kvmx_counters.name)); \
 }									\
-static DEVICE_ATTR_RO(name)
+static DEVICE_ATTR_ADMIN_RO(name)
 
 KVMX_COUNTER_ATTR(attachments, atomic_read);
 KVMX_COUNTER_ATTR(tracked, atomic_read);
@@ -89,6 +108,9 @@ KVMX_COUNTER_ATTR(vms, atomic_read);
 KVMX_COUNTER_ATTR(guest_flushes, atomic64_read);
 KVMX_COUNTER_ATTR(host_flushes, atomic64_read);
 KVMX_COUNTER_ATTR(host_flush_errors, atomic64_read);
+KVMX_COUNTER_ATTR(failed_flushes, atomic64_read);
+KVMX_COUNTER_ATTR(inline_flushes, atomic64_read);
+KVMX_COUNTER_ATTR(rejected, atomic64_read);
 
 static ssize_t api_version_show(struct device *dev,
 				struct device_attribute *attr, char *buf)
@@ -105,6 +127,9 @@ static struct attribute *kvmx_attrs[] = {
 	&dev_attr_guest_flushes.attr,
 	&dev_attr_host_flushes.attr,
 	&dev_attr_host_flush_errors.attr,
+	&dev_attr_failed_flushes.attr,
+	&dev_attr_inline_flushes.attr,
+	&dev_attr_rejected.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(kvmx);

@@ -12,12 +12,18 @@
  *     -m N          guest flushes per measured run (default 50)
  *     -d DIR        directory for the backing files (default /tmp); use a
  *                   disk filesystem (not tmpfs) so fdatasync has work to do
- *     -D PATH       file the DEEP flush writes "1" to (default: a file in
- *                   /tmp); e.g. /sys/bus/nd/devices/region0/deep_flush
+ *     -D PATH       an nd region's deep_flush attribute for the DEEP flushes
+ *                   (e.g. /sys/bus/nd/devices/region0/deep_flush)
+ *     -S DEV        a slow block device (null_blk with mbps) for "stall"
+ *     -E DIR        configfs dir of a memory-backed null_blk device whose
+ *                   sectors "flusherr" marks bad (its writes then fail)
+ *     -X DAX,DF     a device DAX (/dev/daxR.N) and its region's deep_flush,
+ *                   for "devdax"
  *     -k PATH       kvmx.ko, for the tests that unload and reload it
  *   TESTS: api errors ram kernel user deep detach memslot limits
- *          concurrent multivcpu vmclose rmmod sigkill, or "all" (all but
- *          rmmod and sigkill, which unload the module)
+ *          concurrent multivcpu vmclose stall flusherr abi perms devdax
+ *          rmmod sigkill, or "all" (all but rmmod and sigkill, which unload
+ *          the module); stall, flusherr, devdax do nothing without -S/-E/-X
  *
  * Output, one fact a line, for the harness:
  *   KVMX-CHECK ok|FAIL <test>: <what>
@@ -97,9 +103,14 @@ static const char *sysdir = "/sys/class/misc/kvmx";
 static const char *backing_dir = "/tmp";
 static const char *deep_path;
 static const char *ko_path;
+static const char *slow_dev;	/* -S: a block device whose writes are slow */
+static const char *err_dir;	/* -E: null_blk configfs dir of a device we fail */
+static const char *dax_spec;	/* -X: DAXDEV,DEEP_FLUSH of a device DAX */
+static const char *pmem_dev;	/* vm_new maps this device instead of a new file */
 static unsigned int M = 50;
 static const char *cur_test = "-";
 static int n_pass, n_fail;
+static unsigned int n_expect_errno;	/* expect_errno() calls so far */
 static bool backing_is_tmpfs;
 
 /* Filled by the "kernel" and "user" tests for the KVMX-BENCH line. */
@@ -161,6 +172,7 @@ static bool expect_errno(long r, int want, const char *what)
 {
 	int e = errno;
 
+	n_expect_errno++;
 	if (r != -1)
 		return check(false, "%s: expected %s, got success (%ld)",
 			     what, strerrorname_np(want), r);
@@ -289,6 +301,7 @@ struct vm {
 	int ram_fd, pmem_fd, fha_fd, extra_fd;
 	uint8_t *ram, *pmem, *fha, *extra;
 	char pmem_path[512];
+	bool pmem_is_dev;		/* a block device: not ours to unlink */
 	int nvcpu;
 	struct vcpu vcpu[MAX_VCPUS];
 };
@@ -406,6 +419,20 @@ static void backing_create(struct vm *vm)
 	uint8_t *zero;
 	struct statfs sf;
 
+	if (pmem_dev) {
+		/* A block device: its page cache is the backing, as a file's. */
+		snprintf(vm->pmem_path, sizeof(vm->pmem_path), "%s", pmem_dev);
+		vm->pmem_is_dev = true;
+		vm->pmem_fd = open(pmem_dev, O_RDWR | O_CLOEXEC);
+		if (vm->pmem_fd < 0)
+			die("open %s", pmem_dev);
+		vm->pmem = mmap(NULL, PMEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
+				vm->pmem_fd, 0);
+		if (vm->pmem == MAP_FAILED)
+			die("mmap %s", pmem_dev);
+		backing_is_tmpfs = false;
+		return;
+	}
 	if (seq_pid != getpid()) {
 		seq_pid = getpid();
 		seq = 0;
@@ -490,7 +517,8 @@ static void vm_free(struct vm *vm)
 	close(vm->fha_fd);
 	close(vm->extra_fd);
 	close(vm->pmem_fd);
-	unlink(vm->pmem_path);
+	if (!vm->pmem_is_dev)
+		unlink(vm->pmem_path);
 	free(vm);
 }
 
@@ -629,7 +657,8 @@ static void test_errors(void)
 {
 	struct vm *vm = vm_new(1, false);
 	int kfd = kvmx_open();
-	long long att0 = counter("attachments");
+	long long att0 = counter("attachments"), rej0 = counter("rejected");
+	unsigned int exp0 = n_expect_errno;
 	struct kvmx_fha_attach a, base = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
 	int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
 	int pipefd[2], efd, rofd, closed_fd;
@@ -676,19 +705,22 @@ static void test_errors(void)
 
 	/* size, pads, reserved, flags */
 	{
-		static const uint32_t sizes[] = { 0, 4, 64, 71, 73, 80, 4096, 0xffffffff };
+		/* below the version-0 size; the larger ones are in "abi" */
+		static const uint32_t sizes[] = { 0, 4, 64, 71 };
 
 		for (i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
 			snprintf(tmp, sizeof(tmp), "size %u", sizes[i]);
 			a = base; a.size = sizes[i];
 			expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, tmp);
 		}
+		a = base; a.size = 0xffffffff;
+		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), E2BIG, "size 0xffffffff");
 	}
 	a = base; a.pad = 1;
 	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "pad nonzero");
 	a = base; a.pad2 = 0x80000000u;
 	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "pad2 nonzero");
-	for (i = 0; i < 4; i++) {
+	for (i = 0; i < 3; i++) {
 		snprintf(tmp, sizeof(tmp), "reserved[%u] nonzero", i);
 		a = base; a.reserved[i] = 1ull << (i * 16);
 		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, tmp);
@@ -728,7 +760,7 @@ static void test_errors(void)
 
 		a = base; a.flags = KVMX_FLUSH_ALL; a.deep_flush_fd = full;
 		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL,
-			     "DEEP with /dev/full (no write_iter, kernel_write cannot use it)");
+			     "DEEP with /dev/full (not a region's deep_flush)");
 		close(full);
 	}
 
@@ -774,7 +806,8 @@ static void test_errors(void)
 		struct kvmx_fha_stats st = kvmx_stats(kfd, h);
 
 		check(st.size == sizeof(st) && st.handle == h && st.guest_flushes == 0 &&
-		      st.host_flushes == 0 && !st.reserved[0] && !st.reserved[3],
+		      st.host_flushes == 0 && st.error == 0 && st.failed_flushes == 0 &&
+		      !st.reserved[0] && !st.reserved[1],
 		      "STATS of a fresh attachment: all zero");
 	}
 	check(kvmx_detach(kfd, h) == 0, "DETACH %u", h);
@@ -825,6 +858,10 @@ static void test_errors(void)
 
 	check(counter("attachments") == att0, "no attachment left behind (%lld)",
 	      counter("attachments"));
+	/* every refused ioctl counted: those above and the child's EPERM */
+	check(counter("rejected") - rej0 == n_expect_errno - exp0 + 1,
+	      "sysfs rejected +%lld == %u refused ioctls", counter("rejected") - rej0,
+	      n_expect_errno - exp0 + 1);
 	close(pipefd[0]);
 	close(pipefd[1]);
 	close(efd);
@@ -1004,31 +1041,92 @@ static void print_bench(void)
 	fflush(stdout);
 }
 
-/* FDATASYNC | DEEP: the deep flush file gets "1" per host flush. */
+/*
+ * The deep flush file must be an nd region's sysfs deep_flush attribute:
+ * anything else writable could block a vCPU in KVM_RUN (a full pipe).
+ * Needs -D (e.g. /sys/bus/nd/devices/region0/deep_flush) for the flushes.
+ */
 static void test_deep(void)
 {
 	struct vm *vm = vm_new(1, false);
 	struct vcpu *v = &vm->vcpu[0];
 	int kfd = kvmx_open();
-	char own[512] = "";
-	const char *path = deep_path;
 	struct kvmx_fha_attach a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
 	struct kvmx_fha_stats st;
 	unsigned int k = M < 10 ? M : 10;
-	int dfd;
+	char tmp[600], own[512];
+	int dfd = -1, p[2], fd;
 	uint32_t h;
 
-	if (!path) {
-		snprintf(own, sizeof(own), "/tmp/kvmx-modtest-deep-%d", getpid());
-		path = own;
+	/* Writable files that are not a deep_flush attribute: refused. */
+	if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
+		die("pipe");
+	while (write(p[1], tmp, sizeof(tmp)) > 0)
+		;	/* full: a write to it would block */
+	a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	a.flags = KVMX_FLUSH_ALL; a.deep_flush_fd = p[1];
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "DEEP to a full pipe");
+	close(p[0]);
+	close(p[1]);
+	snprintf(own, sizeof(own), "/tmp/kvmx-modtest-deep-%d", getpid());
+	fd = open(own, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	a.deep_flush_fd = fd;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL,
+		     "DEEP to a regular file (even one named like it)");
+	close(fd);
+	unlink(own);
+	fd = memfd_create("deep_flush", MFD_CLOEXEC);
+	a.deep_flush_fd = fd;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, "DEEP to a memfd named deep_flush");
+	close(fd);
+	if (deep_path) {
+		/* a writable sysfs file of the same region, not deep_flush */
+		char *dir = strdup(deep_path), *slash = strrchr(dir, '/');
+
+		if (slash)
+			*slash = 0;
+		snprintf(tmp, sizeof(tmp), "%s/read_only", dir);
+		free(dir);
+		fd = open(tmp, O_WRONLY | O_CLOEXEC);
+		if (fd >= 0) {
+			a.deep_flush_fd = fd;
+			expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL,
+				     "DEEP to the region's sysfs read_only attribute");
+			close(fd);
+		} else {
+			info("no %s: sysfs-but-not-deep_flush case not run", tmp);
+		}
 	}
-	dfd = open(path, O_WRONLY | O_CLOEXEC | (own[0] ? O_CREAT | O_TRUNC : 0), 0600);
+
+	/*
+	 * Device DAX has no page cache: FDATASYNC on a character device is
+	 * refused (EOPNOTSUPP); the region's deep flush alone is accepted.
+	 */
+	{
+		static const char *const chr[] = { "/dev/zero", "/dev/null", "/dev/kvmx" };
+		unsigned int i;
+
+		for (i = 0; i < 3; i++) {
+			fd = open(chr[i], O_RDWR | O_CLOEXEC);
+			a = attach_args(vm->fd, fd, FHA_GPA);
+			snprintf(tmp, sizeof(tmp), "FDATASYNC of the character device %s", chr[i]);
+			expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EOPNOTSUPP, tmp);
+			close(fd);
+		}
+	}
+
+	if (!deep_path) {
+		info("no -D deep_flush file: the flushes are not run");
+		goto out;
+	}
+	dfd = open(deep_path, O_WRONLY | O_CLOEXEC);
 	if (dfd < 0)
-		die("open %s", path);
+		die("open %s", deep_path);
+	a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
 	a.flags = KVMX_FLUSH_ALL;
 	a.deep_flush_fd = dfd;
 	h = kvmx_attach(kfd, &a);
-	if (!check(h != 0, "attach with FDATASYNC|DEEP, deep flush to %s", path))
+	if (!check(h != 0, "attach with FDATASYNC|DEEP, deep flush to %s", deep_path))
 		goto out;
 	{
 		struct run_args ra = { PMEM_GPA, PAGE, FHA_GPA, k, 0, -1 };
@@ -1036,54 +1134,38 @@ static void test_deep(void)
 		check(vcpu_run_loop(v, &ra) == 0, "%u data + flush hint writes", k);
 	}
 	st = kvmx_stats(kfd, h);
-	check(st.guest_flushes == k && st.host_flushes >= 1 && st.host_flush_errors == 0,
+	check(st.guest_flushes == k && st.host_flushes >= 1 && st.host_flush_errors == 0 &&
+	      st.error == 0 && st.failed_flushes == 0,
 	      "guest flushes %llu, host flushes %llu, errors %llu",
 	      (unsigned long long)st.guest_flushes, (unsigned long long)st.host_flushes,
 	      (unsigned long long)st.host_flush_errors);
-	printf("KVMX-DEEP host_flushes=%llu path=%s\n", (unsigned long long)st.host_flushes, path);
-	if (own[0]) {
-		char buf[8] = "";
-		int rfd = open(own, O_RDONLY | O_CLOEXEC);
-
-		check(rfd >= 0 && read(rfd, buf, sizeof(buf)) == 1 && buf[0] == '1',
-		      "the deep flush file reads \"1\"");
-		if (rfd >= 0)
-			close(rfd);
-	}
+	printf("KVMX-DEEP host_flushes=%llu path=%s\n", (unsigned long long)st.host_flushes,
+	       deep_path);
 	check_clean(vm, "at the end");
 	check(kvmx_detach(kfd, h) == 0, "detach");
 
-	/*
-	 * A deep flush that fails is counted, not fatal: a memfd sealed
-	 * against writes (F_SEAL_WRITE: EPERM) as the deep flush file.
-	 */
+	/* DEEP alone, no backing file (device DAX): only the deep flush. */
 	{
-		int full = memfd_create("kvmx-sealed", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-		long long e0 = counter("host_flush_errors");
+		struct run_args ra = { PMEM_GPA, 0, SCRATCH_GPA, 3, 0, -1 };
 
-		if (full < 0 || fcntl(full, F_ADD_SEALS, F_SEAL_WRITE) != 0)
-			die("sealed memfd");
-		struct run_args ra = { PMEM_GPA, 0, SCRATCH_GPA, 2, 0, -1 };
-
-		a = attach_args(vm->fd, vm->pmem_fd, SCRATCH_GPA);
-		a.flags = KVMX_FLUSH_ALL;
-		a.deep_flush_fd = full;
+		a = attach_args(vm->fd, -1, SCRATCH_GPA);
+		a.flags = KVMX_FLUSH_DEEP;
+		a.deep_flush_fd = dfd;
 		h = kvmx_attach(kfd, &a);
-		check(h != 0 && vcpu_run_loop(v, &ra) == 0,
-		      "2 flush hint writes with a write-sealed memfd as the deep flush file");
+		check(h != 0, "attach with DEEP alone, backing_fd -1 (%s)",
+		      h ? "ok" : strerror(errno));
+		check(vcpu_run_loop(v, &ra) == 0, "3 flush hint writes");
 		st = kvmx_stats(kfd, h);
-		check(st.guest_flushes == 2 && st.host_flushes == 2 && st.host_flush_errors == 2 &&
-		      counter("host_flush_errors") - e0 == 2,
-		      "2 guest flushes, 2 host flushes, 2 errors (got %llu, %llu, %llu)",
+		check(st.guest_flushes == 3 && st.host_flushes == 3 && st.host_flush_errors == 0,
+		      "3 guest flushes, 3 deep flushes, no error (%llu, %llu, %llu)",
 		      (unsigned long long)st.guest_flushes, (unsigned long long)st.host_flushes,
 		      (unsigned long long)st.host_flush_errors);
+		printf("KVMX-DEEP-ONLY host_flushes=%llu\n", (unsigned long long)st.host_flushes);
 		check(kvmx_detach(kfd, h) == 0, "detach");
-		close(full);
 	}
 out:
-	close(dfd);
-	if (own[0])
-		unlink(own);
+	if (dfd >= 0)
+		close(dfd);
 	close(kfd);
 	vm_free(vm);
 }
@@ -1474,6 +1556,837 @@ static void test_vmclose(void)
 	      module_refcnt(vendor));
 }
 
+/* ---- a slow host flush ----------------------------------------------- */
+
+static struct cs_stat range_cache(int fd, uint64_t off, uint64_t len)
+{
+	struct cs_range r = { off, len };
+	struct cs_stat cs;
+
+	memset(&cs, 0, sizeof(cs));
+	if (syscall(__NR_cachestat, fd, &r, &cs, 0) != 0)
+		die("cachestat");
+	return cs;
+}
+
+static double ms_since(uint64_t t0)
+{
+	return (now_ns() - t0) / 1e6;
+}
+
+/* Create and delete a one-page memslot; returns the two times in ms. */
+static void time_memslot_update(struct vm *vm, double *create_ms, double *delete_ms)
+{
+	uint64_t t0 = now_ns();
+
+	set_slot(vm, 5, 0xb00000, PAGE, vm->extra, 0);
+	*create_ms = ms_since(t0);
+	t0 = now_ns();
+	set_slot(vm, 5, 0xb00000, 0, vm->extra, 0);
+	*delete_ms = ms_since(t0);
+}
+
+struct stall_vcpu {
+	struct vcpu *v;
+	struct run_args ra;
+	int r;
+	volatile int done;
+	uint64_t t0, t1;
+};
+
+static void *stall_run(void *p)
+{
+	struct stall_vcpu *s = p;
+
+	s->t0 = now_ns();
+	s->r = vcpu_run_loop(s->v, &s->ra);
+	s->t1 = now_ns();
+	s->done = 1;
+	return NULL;
+}
+
+/*
+ * A host flush that takes seconds (the backing is a null_blk device
+ * throttled to a few MiB/s, -S) must not hold up the VM's memslot
+ * updates: KVM_SET_USER_MEMORY_REGION waits (synchronize_srcu) for every
+ * vCPU inside kvm->srcu, and QEMU makes such updates under its big lock.
+ * And the guest must still not run on before its flush is done: its store
+ * after the flush hint write (the "marker") must not become visible while
+ * the pages dirtied before the write are still dirty or under writeback.
+ */
+static void test_stall(void)
+{
+	struct stall_vcpu s;
+	struct vm *vm;
+	struct kvmx_fha_attach a;
+	struct kvmx_fha_stats st;
+	const uint64_t marker_off = PMEM_SIZE - PAGE;
+	volatile uint32_t *marker;
+	double base_c, base_d, c_ms = -1, d_ms = -1, flush_ms;
+	long long marker_unflushed = -1;
+	struct cs_stat cs;
+	pthread_t th;
+	uint32_t h;
+	int kfd, i;
+
+	if (!slow_dev) {
+		info("no slow device (-S): not run");
+		return;
+	}
+	pmem_dev = slow_dev;
+	vm = vm_new(1, false);
+	pmem_dev = NULL;
+	kfd = kvmx_open();
+	marker = (volatile uint32_t *)(vm->pmem + marker_off);
+
+	/* What a memslot update costs here when nothing flushes. */
+	time_memslot_update(vm, &base_c, &base_d);
+	a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	h = kvmx_attach(kfd, &a);
+	if (!check(h != 0, "attach with %s as the backing", slow_dev))
+		goto out;
+
+	/* Dirty all of it (the marker page zeroed), so the flush is slow. */
+	if (fdatasync(vm->pmem_fd) != 0)
+		die("fdatasync %s", slow_dev);
+	for (i = 0; i < (int)(PMEM_SIZE / PAGE); i++)
+		memset(vm->pmem + i * PAGE, 0x5a ^ i, PAGE);
+	*marker = 0;
+	cs = range_cache(vm->pmem_fd, 0, PMEM_SIZE);
+	info("%llu dirty pages before the flush hint write",
+	     (unsigned long long)cs.nr_dirty);
+
+	/* data store to page 0, flush hint; then the marker store, flush hint */
+	memset(&s, 0, sizeof(s));
+	s.v = &vm->vcpu[0];
+	s.ra = (struct run_args){ PMEM_GPA, marker_off, FHA_GPA, 2, 0, -1 };
+	pthread_create(&th, NULL, stall_run, &s);
+
+	/* Wait for the host flush to be under way. */
+	for (i = 0; i < 10000 && !s.done; i++) {
+		cs = range_cache(vm->pmem_fd, 0, marker_off);
+		if (cs.nr_writeback > 0)
+			break;
+		usleep(1000);
+	}
+	check(!s.done && cs.nr_writeback > 0,
+	      "the host flush is under way (%llu pages under writeback, %llu dirty)",
+	      (unsigned long long)cs.nr_writeback, (unsigned long long)cs.nr_dirty);
+	if (!s.done)
+		time_memslot_update(vm, &c_ms, &d_ms);
+
+	/* Watch for the marker until the vCPU is done. */
+	while (!s.done) {
+		if (marker_unflushed < 0 && *marker == 0x4b564d58) {
+			cs = range_cache(vm->pmem_fd, 0, marker_off);
+			marker_unflushed = cs.nr_dirty + cs.nr_writeback;
+		}
+		usleep(500);
+	}
+	pthread_join(th, NULL);
+	st = kvmx_stats(kfd, h);
+	flush_ms = st.latency_max_ns / 1e6;
+
+	check(s.r == 0, "the vCPU ran its 2 flush hint writes to HLT");
+	check(st.guest_flushes == 2 && st.host_flushes == 2 && st.host_flush_errors == 0,
+	      "2 guest flushes, 2 host flushes (%llu, %llu, errors %llu)",
+	      (unsigned long long)st.guest_flushes, (unsigned long long)st.host_flushes,
+	      (unsigned long long)st.host_flush_errors);
+	check(flush_ms >= 500, "the first flush was slow: %.0f ms", flush_ms);
+	check(marker_unflushed <= 0,
+	      "the guest's next store was not seen before its flush finished (%s)",
+	      marker_unflushed < 0 ? "seen only after the vCPU finished"
+				   : "seen with 0 unflushed pages");
+	if (marker_unflushed > 0)
+		info("marker seen while %lld pages were unflushed", marker_unflushed);
+	cs = range_cache(vm->pmem_fd, 0, PMEM_SIZE);
+	check(cs.nr_dirty == 0 && cs.nr_writeback == 0, "all clean at the end (%llu dirty)",
+	      (unsigned long long)cs.nr_dirty);
+	printf("KVMX-STALL flush_ms=%.1f slot_create_ms=%.1f slot_delete_ms=%.1f "
+	       "idle_create_ms=%.1f idle_delete_ms=%.1f vcpu_run_ms=%.1f\n", flush_ms, c_ms,
+	       d_ms, base_c, base_d, (s.t1 - s.t0) / 1e6);
+	check(c_ms >= 0 && c_ms + d_ms < flush_ms / 4,
+	      "memslot create + delete during the flush took %.1f + %.1f ms "
+	      "(idle: %.1f + %.1f), the flush %.0f ms", c_ms, d_ms, base_c, base_d, flush_ms);
+	check(kvmx_detach(kfd, h) == 0, "detach");
+out:
+	close(kfd);
+	vm_free(vm);
+}
+
+/* ---- ABI versioning, features, permissions --------------------------- */
+
+/*
+ * Struct sizes work like copy_struct_from_user(): the version-0 size (an
+ * old user) as before, a larger struct (a newer user) if what we do not
+ * know is 0, E2BIG otherwise; STATS writes what it has and zeroes the rest.
+ */
+static void test_abi(void)
+{
+	struct vm *vm = vm_new(0, false);
+	int kfd = kvmx_open();
+	long feat = ioctl(kfd, KVMX_GET_FEATURES, 0);
+	const long want = KVMX_FEATURE_ERROR_NOTIFY | KVMX_FEATURE_FLUSH_OUTSIDE_SRCU |
+			  KVMX_FEATURE_SIZED_STRUCTS | KVMX_FEATURE_DEEP_ONLY;
+	static uint8_t big[8192] __attribute__((aligned(8)));
+	struct kvmx_fha_attach base = attach_args(vm->fd, vm->pmem_fd, FHA_GPA), *bp;
+	struct kvmx_fha_stats *sp;
+	char what[200];
+	uint32_t h;
+	unsigned int i;
+	int devnull = open("/dev/null", O_RDWR | O_CLOEXEC), closed_fd, efd;
+
+	check(feat == want, "KVMX_GET_FEATURES = 0x%lx (want 0x%lx)", feat, want);
+	check(ioctl(kfd, KVMX_GET_API_VERSION, 0) == 1, "major still 1");
+
+	/* An old (version-0) user: 72 bytes, no new flag, error fields 0. */
+	{
+		struct kvmx_fha_attach a = base;
+
+		check(a.size == KVMX_FHA_ATTACH_SIZE_VER0 && sizeof(a) == 72,
+		      "version-0 size is 72");
+		h = kvmx_attach(kfd, &a);
+		check(h != 0, "a version-0 attach (72 bytes) works");
+		check(kvmx_detach(kfd, h) == 0, "detach");
+	}
+	/* A newer user: larger structs, unknown bytes 0: accepted. */
+	{
+		static const uint32_t sizes[] = { 73, 80, 128, 4096 };
+
+		for (i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+			memset(big, 0, sizeof(big));
+			bp = (void *)big;
+			*bp = base;
+			bp->size = sizes[i];
+			h = 0;
+			if (ioctl(kfd, KVMX_FHA_ATTACH, bp) == 0)
+				h = bp->handle;
+			check(h != 0, "attach with size %u, tail zero: accepted (%s)", sizes[i],
+			      h ? "ok" : strerrorname_np(errno));
+			if (h)
+				kvmx_detach(kfd, h);
+		}
+	}
+	/* ... and with a byte we do not know set: E2BIG. */
+	{
+		static const uint32_t at[][2] = { { 73, 72 }, { 80, 79 }, { 4096, 4095 } };
+
+		for (i = 0; i < 3; i++) {
+			memset(big, 0, sizeof(big));
+			bp = (void *)big;
+			*bp = base;
+			bp->size = at[i][0];
+			big[at[i][1]] = 1;
+			snprintf(what, sizeof(what), "size %u with byte %u nonzero", at[i][0], at[i][1]);
+			expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, bp), E2BIG, what);
+		}
+		memset(big, 0, sizeof(big));
+		bp = (void *)big;
+		*bp = base;
+		bp->size = 4097;
+		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, bp), E2BIG, "size 4097 (more than a page)");
+	}
+	/* A larger struct that runs off the end of readable memory. */
+	{
+		uint8_t *m = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE,
+				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		if (m == MAP_FAILED || munmap(m + PAGE, PAGE) != 0)
+			die("mmap");
+		bp = (void *)(m + PAGE - sizeof(*bp));
+		*bp = base;
+		bp->size = sizeof(*bp) + 16;
+		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, bp), EFAULT,
+			     "size 88 whose tail is not mapped");
+		munmap(m, PAGE);
+	}
+
+	/* The error fields: 0 without the flag, checked with it. */
+	{
+		struct kvmx_fha_attach a;
+
+		a = base; a.error_eventfd = devnull;
+		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL,
+			     "error_eventfd set without ERROR_NOTIFY");
+		a = base; a.error_signal = SIGUSR1;
+		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL,
+			     "error_signal set without ERROR_NOTIFY");
+		a = base; a.flags = KVMX_ATTACH_ERROR_NOTIFY; a.backing_fd = -1;
+		a.error_eventfd = -1; a.error_signal = SIGUSR1;
+		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL,
+			     "ERROR_NOTIFY alone (nothing to flush)");
+		{
+			static const int sigs[] = { 0, -1, SIGKILL, SIGSTOP, 65, 1000 };
+
+			for (i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++) {
+				a = base; a.flags |= KVMX_ATTACH_ERROR_NOTIFY;
+				a.error_eventfd = -1; a.error_signal = sigs[i];
+				snprintf(what, sizeof(what), "ERROR_NOTIFY with signal %d", sigs[i]);
+				expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL, what);
+			}
+		}
+		closed_fd = dup(devnull);
+		close(closed_fd);
+		a = base; a.flags |= KVMX_ATTACH_ERROR_NOTIFY; a.error_signal = SIGUSR1;
+		a.error_eventfd = devnull;
+		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EINVAL,
+			     "error_eventfd /dev/null (not an eventfd)");
+		a.error_eventfd = closed_fd;
+		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EBADF, "error_eventfd closed");
+		a.error_eventfd = -2;
+		expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EBADF, "error_eventfd -2");
+		a.error_eventfd = -1;
+		h = kvmx_attach(kfd, &a);
+		check(h != 0, "ERROR_NOTIFY, SIGUSR1, no eventfd (-1): accepted");
+		kvmx_detach(kfd, h);
+		efd = eventfd(0, EFD_CLOEXEC);
+		a.error_eventfd = efd;
+		h = kvmx_attach(kfd, &a);
+		check(h != 0, "ERROR_NOTIFY, SIGUSR1, an eventfd: accepted");
+		close(efd);	/* the attachment holds the eventfd */
+		{
+			struct kvmx_fha_stats st = kvmx_stats(kfd, h);
+
+			check(st.error == 0 && st.failed_flushes == 0, "fresh: no error");
+		}
+		check(ioctl(kfd, KVMX_FHA_CLEAR_ERROR, &h) == 0, "CLEAR_ERROR with no error: 0");
+		kvmx_detach(kfd, h);
+		expect_errno(ioctl(kfd, KVMX_FHA_CLEAR_ERROR, &h), ENOENT,
+			     "CLEAR_ERROR of a detached handle");
+		expect_errno(ioctl(kfd, KVMX_FHA_CLEAR_ERROR, NULL), EFAULT,
+			     "CLEAR_ERROR with a NULL argument");
+	}
+
+	/* STATS: sizes */
+	{
+		struct kvmx_fha_attach a = base;
+
+		h = kvmx_attach(kfd, &a);
+		memset(big, 0xff, sizeof(big));
+		sp = (void *)big;
+		sp->size = 120;
+		sp->handle = h;
+		check(ioctl(kfd, KVMX_FHA_STATS, sp) == 0, "STATS with size 120");
+		for (i = 88; i < 120 && big[i] == 0; i++)
+			;
+		check(sp->size == 88 && i == 120 && big[120] == 0xff,
+		      "... answers size 88, zeroes bytes 88..119 and no further");
+		sp->size = 4096;
+		sp->handle = h;
+		check(ioctl(kfd, KVMX_FHA_STATS, sp) == 0, "STATS with size 4096");
+		sp->size = 4097;
+		sp->handle = h;
+		expect_errno(ioctl(kfd, KVMX_FHA_STATS, sp), E2BIG, "STATS size 4097");
+		sp->size = 87;
+		expect_errno(ioctl(kfd, KVMX_FHA_STATS, sp), EINVAL, "STATS size 87");
+		kvmx_detach(kfd, h);
+	}
+	close(devnull);
+	close(kfd);
+	vm_free(vm);
+}
+
+/*
+ * /dev/kvmx and the module-wide counters are root's: a flush rate says
+ * something about other tenants.  api_version stays readable.
+ */
+static void test_perms(void)
+{
+	static const char *const ctrs[] = {
+		"attachments", "tracked", "vms", "guest_flushes", "failed_flushes",
+		"host_flushes", "host_flush_errors", "inline_flushes", "rejected",
+	};
+	char path[256];
+	struct stat sb;
+	unsigned int i, ok = 0;
+	pid_t pid;
+	int st;
+
+	for (i = 0; i < sizeof(ctrs) / sizeof(ctrs[0]); i++) {
+		snprintf(path, sizeof(path), "%s/%s", sysdir, ctrs[i]);
+		if (stat(path, &sb) == 0 && (sb.st_mode & 0777) == 0400)
+			ok++;
+		else
+			info("%s: mode %o", path, stat(path, &sb) ? 0 : sb.st_mode & 0777);
+	}
+	check(ok == sizeof(ctrs) / sizeof(ctrs[0]), "%u of %zu counters are mode 0400", ok,
+	      sizeof(ctrs) / sizeof(ctrs[0]));
+	snprintf(path, sizeof(path), "%s/api_version", sysdir);
+	check(stat(path, &sb) == 0 && (sb.st_mode & 0777) == 0444, "api_version is 0444");
+
+	/* As nobody (setresuid drops the capabilities). */
+	pid = fork();
+	if (pid == 0) {
+		int bad = 0, fd;
+
+		if (setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534))
+			_exit(100);
+		for (i = 0; i < sizeof(ctrs) / sizeof(ctrs[0]); i++) {
+			snprintf(path, sizeof(path), "%s/%s", sysdir, ctrs[i]);
+			fd = open(path, O_RDONLY);
+			if (fd >= 0 || errno != EACCES)
+				bad |= 1;
+			if (fd >= 0)
+				close(fd);
+		}
+		snprintf(path, sizeof(path), "%s/api_version", sysdir);
+		fd = open(path, O_RDONLY);
+		if (fd < 0)
+			bad |= 2;
+		else
+			close(fd);
+		fd = open(kvmx_dev, O_RDWR);
+		if (fd >= 0 || errno != EACCES)
+			bad |= 4;
+		_exit(bad);
+	}
+	waitpid(pid, &st, 0);
+	check(WIFEXITED(st) && WEXITSTATUS(st) != 100, "child became uid 65534");
+	check(WIFEXITED(st) && !(WEXITSTATUS(st) & 1), "uid 65534: every counter -> EACCES");
+	check(WIFEXITED(st) && !(WEXITSTATUS(st) & 2), "uid 65534: api_version readable");
+	check(WIFEXITED(st) && !(WEXITSTATUS(st) & 4), "uid 65534: /dev/kvmx -> EACCES");
+}
+
+/* ---- failed host flushes --------------------------------------------- */
+
+/* The null_blk device behind -E (named after its configfs dir). */
+static void err_dev(char *dev, size_t n)
+{
+	const char *slash = strrchr(err_dir, '/');
+
+	snprintf(dev, n, "/dev/%s", slash ? slash + 1 : err_dir);
+}
+
+static bool err_badblocks(const char *op)
+{
+	char path[512];
+	int fd, r;
+
+	snprintf(path, sizeof(path), "%s/badblocks", err_dir);
+	fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		die("open %s", path);
+	r = write(fd, op, strlen(op));
+	close(fd);
+	return check(r == (int)strlen(op), "badblocks %s", op);
+}
+
+/* What QEMU does for SIG_IPI: blocked in the thread, open in KVM_RUN. */
+static void vcpu_sigmask_open(struct vcpu *v, int sig)
+{
+	union {
+		struct kvm_signal_mask m;
+		uint8_t raw[sizeof(struct kvm_signal_mask) + 8];
+	} km;
+	sigset_t cur;
+
+	pthread_sigmask(SIG_BLOCK, NULL, &cur);
+	sigdelset(&cur, sig);
+	km.m.len = 8;	/* the kernel's sigset_t */
+	memcpy(km.m.sigset, &cur, 8);
+	if (ioctl(v->fd, KVM_SET_SIGNAL_MASK, &km) != 0)
+		die("KVM_SET_SIGNAL_MASK");
+}
+
+static bool sig_take(int sig)
+{
+	struct timespec zero = { 0, 0 };
+	sigset_t set;
+
+	sigemptyset(&set);
+	sigaddset(&set, sig);
+	return sigtimedwait(&set, NULL, &zero) == sig;
+}
+
+static uint64_t efd_take(int efd)
+{
+	uint64_t n = 0;
+
+	if (read(efd, &n, sizeof(n)) != sizeof(n))
+		return 0;
+	return n;
+}
+
+static void vcpu_set_regs(struct vcpu *v, const struct run_args *ra)
+{
+	struct kvm_regs regs;
+
+	memset(&regs, 0, sizeof(regs));
+	regs.rip = CODE_GPA;
+	regs.rflags = 0x2;
+	regs.rax = 0x4b564d58;	/* "KVMX" */
+	regs.rsi = ra->data;
+	regs.rbp = ra->stride;
+	regs.rdi = ra->fha;
+	regs.rcx = ra->count;
+	if (ioctl(v->fd, KVM_SET_REGS, &regs) != 0)
+		die("KVM_SET_REGS");
+}
+
+/* KVM_RUN from where the vCPU is: 0 at HLT, EINTR, -1 anything else. */
+static int vcpu_run_stop(struct vcpu *v)
+{
+	for (;;) {
+		if (ioctl(v->fd, KVM_RUN, 0) != 0) {
+			if (errno == EINTR)
+				return v->run->exit_reason == KVM_EXIT_INTR ? EINTR : -1;
+			if (errno == EAGAIN)
+				continue;
+			return -1;
+		}
+		if (v->run->exit_reason == KVM_EXIT_HLT)
+			return 0;
+		if (v->run->exit_reason != KVM_EXIT_INTR)
+			return -1;
+	}
+}
+
+struct fe_vcpu {
+	struct vcpu *v;
+	const struct run_args *ra;	/* NULL: go on from where it is */
+	int r;
+	bool sig;
+	struct kvm_regs regs;
+};
+
+static void fe_run1(struct fe_vcpu *f)
+{
+	if (f->ra)
+		vcpu_set_regs(f->v, f->ra);
+	f->r = vcpu_run_stop(f->v);
+	if (ioctl(f->v->fd, KVM_GET_REGS, &f->regs) != 0)
+		die("KVM_GET_REGS");
+	f->sig = sig_take(SIGUSR1);
+}
+
+static void *fe_thread(void *p)
+{
+	fe_run1(p);
+	return NULL;
+}
+
+static void sig_noop(int sig)
+{
+	(void)sig;
+}
+
+/* Where the guest loop is right after its store to the flush hint page. */
+#define AFTER_FHA_STORE (CODE_GPA + 10)
+
+/*
+ * A backing whose writes fail (-E: a null_blk device, its sectors marked
+ * bad).  With KVMX_ATTACH_ERROR_NOTIFY a failed flush is never done: the
+ * vCPU leaves KVM_RUN with EINTR right after its flush hint write, the
+ * eventfd counts, later flushes fail at once, CLEAR_ERROR flushes again.
+ * Without it (version 1) the guest goes on, but STATS shows the error.
+ */
+static void test_flusherr(void)
+{
+	struct vm *vm;
+	struct vcpu *v0, *v1;
+	struct kvmx_fha_attach a;
+	struct kvmx_fha_stats st;
+	struct fe_vcpu f, g;
+	struct sigaction sa;
+	sigset_t block, old;
+	char dev[64], *bounce;
+	long long gf0 = counter("failed_flushes"), in0 = counter("inline_flushes");
+	volatile uint32_t *page;
+	uint64_t t0, fail_us, fast_us, n;
+	unsigned long long legacy_failed = 0;
+	uint32_t h, h2;
+	int kfd, efd;
+
+	if (!err_dir) {
+		info("no failing device (-E): not run");
+		return;
+	}
+	err_dev(dev, sizeof(dev));
+	pmem_dev = dev;
+	vm = vm_new(2, false);
+	pmem_dev = NULL;
+	v0 = &vm->vcpu[0];
+	v1 = &vm->vcpu[1];
+	page = (volatile uint32_t *)vm->pmem;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = sig_noop;
+	sigaction(SIGUSR1, &sa, NULL);
+	sigemptyset(&block);
+	sigaddset(&block, SIGUSR1);
+	pthread_sigmask(SIG_BLOCK, &block, &old);
+	while (sig_take(SIGUSR1))
+		;
+	vcpu_sigmask_open(v0, SIGUSR1);
+	vcpu_sigmask_open(v1, SIGUSR1);
+
+	efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	kfd = kvmx_open();
+	a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	a.flags |= KVMX_ATTACH_ERROR_NOTIFY;
+	a.error_eventfd = efd;
+	a.error_signal = SIGUSR1;
+	h = kvmx_attach(kfd, &a);
+	if (!check(h != 0, "attach %s with ERROR_NOTIFY, an eventfd and SIGUSR1", dev))
+		goto out;
+	err_badblocks("-0-32767");
+	if (fdatasync(vm->pmem_fd) != 0)
+		die("fdatasync %s", dev);
+	/*
+	 * Read every page into the page cache now: bad sectors fail reads
+	 * too, and a guest store to a page not yet read would fault (EFAULT
+	 * from KVM_RUN), not flush.
+	 */
+	{
+		volatile uint8_t *p = vm->pmem;
+		unsigned long i, sum = 0;
+
+		for (i = 0; i < PMEM_SIZE; i += PAGE)
+			sum += p[i];
+		(void)sum;
+	}
+
+	/* 1. the device works: a flush as always */
+	{
+		struct run_args ra = { PMEM_GPA, PAGE, FHA_GPA, 1, 0, -1 };
+
+		f = (struct fe_vcpu){ .v = v0, .ra = &ra };
+		fe_run1(&f);
+	}
+	st = kvmx_stats(kfd, h);
+	check(f.r == 0 && !f.sig && efd_take(efd) == 0 && st.error == 0 &&
+	      st.failed_flushes == 0 && st.host_flushes == 1,
+	      "working device: to HLT, no signal, no error (host flushes %llu)",
+	      (unsigned long long)st.host_flushes);
+
+	/* 2. writes to it fail from now on */
+	page[2 * PAGE / 4] = 0;		/* the guest's next store goes here */
+	err_badblocks("+0-8191");
+	{
+		struct run_args ra = { PMEM_GPA + PAGE, PAGE, FHA_GPA, 3, 0, -1 };
+
+		f = (struct fe_vcpu){ .v = v0, .ra = &ra };
+		t0 = now_ns();
+		fe_run1(&f);
+		fail_us = (now_ns() - t0) / 1000;
+	}
+	check(f.r == EINTR, "KVM_RUN -> EINTR, exit reason KVM_EXIT_INTR (%s, reason %u)",
+	      f.r == EINTR ? "EINTR" : f.r == 0 ? "ran to HLT" : "other", v0->run->exit_reason);
+	check(f.regs.rip == AFTER_FHA_STORE && f.regs.rcx == 3,
+	      "stopped right after the flush hint store (rip 0x%llx, want 0x%lx; rcx %llu, want 3)",
+	      (unsigned long long)f.regs.rip, AFTER_FHA_STORE, (unsigned long long)f.regs.rcx);
+	check(page[2 * PAGE / 4] == 0, "the guest's next store did not happen");
+	check(f.sig, "SIGUSR1 pending on the vCPU thread");
+	n = efd_take(efd);
+	check(n == 1, "eventfd +%llu (want 1)", (unsigned long long)n);
+	st = kvmx_stats(kfd, h);
+	check(st.error == -EIO && st.failed_flushes == 1 && st.host_flush_errors == 1 &&
+	      st.host_flushes == 2 && st.guest_flushes == 2,
+	      "STATS: error %d (want -EIO), failed %llu, host flush errors %llu, "
+	      "host flushes %llu, guest flushes %llu", st.error,
+	      (unsigned long long)st.failed_flushes, (unsigned long long)st.host_flush_errors,
+	      (unsigned long long)st.host_flushes, (unsigned long long)st.guest_flushes);
+
+	/* 3. while failed: the next flush fails at once, no host flush */
+	f = (struct fe_vcpu){ .v = v0, .ra = NULL };
+	t0 = now_ns();
+	fe_run1(&f);
+	fast_us = (now_ns() - t0) / 1000;
+	check(f.r == EINTR && f.regs.rip == AFTER_FHA_STORE && f.regs.rcx == 2 && f.sig,
+	      "resumed: its next flush hint write stops it again (rcx %llu, signal %d)",
+	      (unsigned long long)f.regs.rcx, f.sig);
+	check(page[2 * PAGE / 4] == 0x4b564d58, "... after the store that had not happened");
+	n = efd_take(efd);
+	st = kvmx_stats(kfd, h);
+	check(n == 1 && st.failed_flushes == 2 && st.host_flushes == 2 &&
+	      st.host_flush_errors == 1 && st.error == -EIO,
+	      "no host flush tried: host flushes %llu, failed %llu, eventfd +%llu",
+	      (unsigned long long)st.host_flushes, (unsigned long long)st.failed_flushes,
+	      (unsigned long long)n);
+
+	/* 4. two vCPUs at once: each is stopped, each thread gets its signal */
+	{
+		struct run_args rb = { PMEM_GPA + 64 * PAGE, PAGE, FHA_GPA, 2, 0, -1 };
+		pthread_t t1, t2;
+
+		f = (struct fe_vcpu){ .v = v0, .ra = NULL };
+		g = (struct fe_vcpu){ .v = v1, .ra = &rb };
+		pthread_create(&t1, NULL, fe_thread, &f);
+		pthread_create(&t2, NULL, fe_thread, &g);
+		pthread_join(t1, NULL);
+		pthread_join(t2, NULL);
+	}
+	n = efd_take(efd);
+	st = kvmx_stats(kfd, h);
+	check(f.r == EINTR && g.r == EINTR && f.regs.rip == AFTER_FHA_STORE &&
+	      g.regs.rip == AFTER_FHA_STORE && f.sig && g.sig,
+	      "2 vCPUs flushing together: both stopped after their store, both signalled");
+	check(n == 2 && st.failed_flushes == 4 && st.host_flushes == 2,
+	      "eventfd +%llu, failed %llu, host flushes %llu", (unsigned long long)n,
+	      (unsigned long long)st.failed_flushes, (unsigned long long)st.host_flushes);
+
+	/*
+	 * 5. the user repairs: device back; one fdatasync whose result does
+	 * not count (it reports writeback errors since the module's last
+	 * check: background writeback of the pages dirtied while failed may
+	 * have failed too); data rewritten and fdatasync'd (this result
+	 * counts); CLEAR_ERROR.
+	 */
+	err_badblocks("-0-8191");
+	{
+		int r1 = fdatasync(vm->pmem_fd), e1 = r1 ? errno : 0;
+
+		info("first fdatasync after the repair: %s (errors not yet reported)",
+		     r1 ? strerrorname_np(e1) : "0");
+	}
+	bounce = malloc(PMEM_SIZE);
+	memcpy(bounce, vm->pmem, PMEM_SIZE);
+	check(pwrite(vm->pmem_fd, bounce, PMEM_SIZE, 0) == (ssize_t)PMEM_SIZE,
+	      "user space rewrote the data");
+	check(fdatasync(vm->pmem_fd) == 0, "... and fdatasync'd it (%s)", strerror(errno));
+	{
+		/* what the device now holds, past the page cache */
+		int dfd = open(dev, O_RDONLY | O_DIRECT | O_CLOEXEC);
+		void *buf;
+		bool ok = false;
+
+		if (dfd >= 0 && posix_memalign(&buf, PAGE, 3 * PAGE) == 0) {
+			ok = pread(dfd, buf, 3 * PAGE, 0) == 3 * PAGE &&
+			     ((uint32_t *)buf)[PAGE / 4] == 0x4b564d58 &&
+			     ((uint32_t *)buf)[2 * PAGE / 4] == 0x4b564d58;
+			free(buf);
+		}
+		if (dfd >= 0)
+			close(dfd);
+		check(ok, "the device holds the guest's stores (O_DIRECT read)");
+	}
+	free(bounce);
+	check(ioctl(kfd, KVMX_FHA_CLEAR_ERROR, &h) == 0, "CLEAR_ERROR");
+	st = kvmx_stats(kfd, h);
+	check(st.error == 0 && st.failed_flushes == 4, "error cleared, failed_flushes kept (%llu)",
+	      (unsigned long long)st.failed_flushes);
+	{
+		struct run_args ra = { PMEM_GPA + 8 * PAGE, PAGE, FHA_GPA, 2, 0, -1 };
+
+		f = (struct fe_vcpu){ .v = v0, .ra = &ra };
+		fe_run1(&f);
+	}
+	n = efd_take(efd);
+	st = kvmx_stats(kfd, h);
+	check(f.r == 0 && !f.sig && n == 0, "2 flush hint writes run to HLT, no signal");
+	check(st.host_flushes == 4 && st.error == 0 && st.failed_flushes == 4 &&
+	      st.host_flush_errors == 1, "flushing again: host flushes %llu (want 4), error %d",
+	      (unsigned long long)st.host_flushes, st.error);
+	{
+		struct cs_stat cs = range_cache(vm->pmem_fd, 0, PMEM_SIZE);
+
+		check(cs.nr_dirty == 0 && cs.nr_writeback == 0, "backing clean (%llu dirty)",
+		      (unsigned long long)cs.nr_dirty);
+	}
+	check(kvmx_detach(kfd, h) == 0, "detach");
+
+	/* 6. version-1 user (no ERROR_NOTIFY): the guest goes on, STATS tells */
+	a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	h2 = kvmx_attach(kfd, &a);
+	check(h2 != 0, "attach without ERROR_NOTIFY");
+	err_badblocks("+0-8191");
+	{
+		struct run_args ra = { PMEM_GPA + 16 * PAGE, PAGE, FHA_GPA, 2, 0, -1 };
+
+		f = (struct fe_vcpu){ .v = v0, .ra = &ra };
+		fe_run1(&f);
+	}
+	st = kvmx_stats(kfd, h2);
+	legacy_failed = st.failed_flushes;
+	check(f.r == 0 && !f.sig && efd_take(efd) == 0, "the guest ran on to HLT, no signal");
+	check(st.error == -EIO && st.failed_flushes >= 1 && st.host_flush_errors >= 1 &&
+	      st.host_flushes == 2, "STATS: error %d, failed %llu, host flushes %llu (tried both)",
+	      st.error, (unsigned long long)st.failed_flushes,
+	      (unsigned long long)st.host_flushes);
+	err_badblocks("-0-8191");
+	check(kvmx_detach(kfd, h2) == 0, "detach");
+	check(counter("failed_flushes") - gf0 == 4 + (long long)legacy_failed,
+	      "sysfs failed_flushes +%lld", counter("failed_flushes") - gf0);
+	check(counter("inline_flushes") == in0, "no flush ran inside the notifier");
+	printf("KVMX-FLUSHERR fail_us=%llu failfast_us=%llu legacy_failed=%llu\n",
+	       (unsigned long long)fail_us, (unsigned long long)fast_us, legacy_failed);
+out:
+	close(kfd);
+	close(efd);
+	while (sig_take(SIGUSR1))
+		;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	vm_free(vm);
+}
+
+/*
+ * A device DAX backend (-X /dev/daxR.N,/sys/.../regionR/deep_flush): no
+ * page cache, so FDATASYNC of it is refused and the region's deep flush
+ * alone makes the guest's stores durable.
+ */
+static void test_devdax(void)
+{
+	char dev[256], *comma;
+	struct vm *vm;
+	struct vcpu *v;
+	struct kvmx_fha_attach a;
+	struct kvmx_fha_stats st;
+	unsigned int k = M < 10 ? M : 10, i, seen = 0;
+	uint32_t h;
+	int kfd, dfd;
+
+	if (!dax_spec) {
+		info("no device DAX (-X): not run");
+		return;
+	}
+	snprintf(dev, sizeof(dev), "%s", dax_spec);
+	comma = strchr(dev, ',');
+	if (!comma)
+		die("-X wants DAXDEV,DEEP_FLUSH");
+	*comma = 0;
+	pmem_dev = dev;
+	vm = vm_new(1, false);
+	pmem_dev = NULL;
+	v = &vm->vcpu[0];
+	kfd = kvmx_open();
+	memset(vm->pmem, 0, k * PAGE);
+
+	a = attach_args(vm->fd, vm->pmem_fd, FHA_GPA);
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EOPNOTSUPP, "FDATASYNC of the device DAX");
+	a.flags = KVMX_FLUSH_ALL;
+	dfd = open(comma + 1, O_WRONLY | O_CLOEXEC);
+	if (dfd < 0)
+		die("open %s", comma + 1);
+	a.deep_flush_fd = dfd;
+	expect_errno(ioctl(kfd, KVMX_FHA_ATTACH, &a), EOPNOTSUPP,
+		     "FDATASYNC|DEEP of the device DAX");
+	a = attach_args(vm->fd, -1, FHA_GPA);
+	a.flags = KVMX_FLUSH_DEEP;
+	a.deep_flush_fd = dfd;
+	h = kvmx_attach(kfd, &a);
+	if (!check(h != 0, "DEEP alone on %s, deep flush %s", dev, comma + 1))
+		goto out;
+	{
+		struct run_args ra = { PMEM_GPA, PAGE, FHA_GPA, k, 0, -1 };
+
+		check(vcpu_run_loop(v, &ra) == 0, "%u data + flush hint writes to the device DAX", k);
+	}
+	for (i = 0; i < k; i++)
+		seen += *(volatile uint32_t *)(vm->pmem + i * PAGE) == 0x4b564d58;
+	check(seen == k, "the stores are in the device DAX mapping (%u of %u)", seen, k);
+	st = kvmx_stats(kfd, h);
+	check(st.guest_flushes == k && st.host_flushes == k && st.host_flush_errors == 0 &&
+	      st.error == 0 && st.failed_flushes == 0,
+	      "%llu guest flushes, %llu deep flushes, no error",
+	      (unsigned long long)st.guest_flushes, (unsigned long long)st.host_flushes);
+	printf("KVMX-DEVDAX host_flushes=%llu dev=%s\n", (unsigned long long)st.host_flushes, dev);
+	check(kvmx_detach(kfd, h) == 0, "detach");
+out:
+	close(dfd);
+	close(kfd);
+	vm_free(vm);
+}
+
 /* ---- module unload --------------------------------------------------- */
 
 static int mod_delete(void)
@@ -1623,6 +2536,11 @@ static const struct {
 	{ "concurrent", test_concurrent, true },
 	{ "multivcpu", test_multivcpu, true },
 	{ "vmclose", test_vmclose, true },
+	{ "stall", test_stall, true },
+	{ "flusherr", test_flusherr, true },
+	{ "abi", test_abi, true },
+	{ "perms", test_perms, true },
+	{ "devdax", test_devdax, true },
 	{ "rmmod", test_rmmod, false },
 	{ "sigkill", test_sigkill, false },
 };
@@ -1648,7 +2566,7 @@ int main(int argc, char **argv)
 	int opt, a;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	while ((opt = getopt(argc, argv, "m:d:D:k:")) != -1) {
+	while ((opt = getopt(argc, argv, "m:d:D:k:S:E:X:")) != -1) {
 		switch (opt) {
 		case 'm':
 			M = strtoul(optarg, NULL, 0);
@@ -1666,8 +2584,17 @@ int main(int argc, char **argv)
 		case 'k':
 			ko_path = optarg;
 			break;
+		case 'S':
+			slow_dev = optarg;
+			break;
+		case 'E':
+			err_dir = optarg;
+			break;
+		case 'X':
+			dax_spec = optarg;
+			break;
 		default:
-			fprintf(stderr, "usage: %s [-m N] [-d DIR] [-D PATH] [-k KO] TEST...\n",
+			fprintf(stderr, "usage: %s [-m N] [-d DIR] [-D PATH] [-k KO] [-S DEV] [-E DIR] [-X DAX,DF] TEST...\n",
 				argv[0]);
 			return 2;
 		}

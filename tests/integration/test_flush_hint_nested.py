@@ -172,8 +172,82 @@ run_l2() {  # run_l2 LABEL ACCEL
   exec 3>&- 4>&-
   kill $cpid1 $cpid2 2>/dev/null
 }
+# A failed flush on the kernel path stops the VM (flush-hint-error=stop):
+# L2's NVDIMM file is on a null_blk device whose writes fail (badblocks);
+# L2 dirties its PMEM, then flushes.  kvmx.ko's flush fails, the vCPU is
+# stopped with SIG_IPI, L1's QEMU stops the VM (io-error); once writes
+# work again, 'cont' redoes the flush and L2's write completes.
+run_err() {
+  modprobe configfs 2>/dev/null; modprobe null_blk nr_devices=0 2>/dev/null
+  grep -q configfs /proc/mounts || mount -t configfs configfs /sys/kernel/config
+  nb=/sys/kernel/config/nullb/kvmxerr
+  { mkdir $nb && echo 1 > $nb/memory_backed && echo 64 > $nb/size &&
+    echo 4096 > $nb/blocksize && echo 1 > $nb/power; } 2>/dev/null ||
+    { echo "L1-ERR-RESULT skip=no-null_blk"; return; }
+  i=0; while [ ! -b /dev/kvmxerr ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  mkfs.ext4 -q -F -O ^has_journal -b 4096 /dev/kvmxerr && mkdir -p /err &&
+    mount -t ext4 /dev/kvmxerr /err || { echo "L1-ERR-RESULT skip=mkfs"; return; }
+  dd if=/dev/zero of=/err/l2.img bs=1M count=32 conv=fsync 2>/dev/null
+  : > /tmp/ser.log; : > /tmp/mon.log
+  /opt/kvmx/qemu-system-x86_64 -accel kvm -cpu host -machine q35,nvdimm=on \
+    -m 128M,slots=2,maxmem=1G -nodefaults -display none -no-reboot \
+    -kernel /opt/kvmx/kvmx-testguest.elf \
+    -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+    -object memory-backend-file,id=m,share=on,mem-path=/err/l2.img,size=32M \
+    -device nvdimm,id=l2nv,memdev=m,flush-hint=on \
+    -serial pipe:/tmp/ser -monitor pipe:/tmp/mon 2>/tmp/qemu.err &
+  qpid=$!
+  cat /tmp/ser.out >> /tmp/ser.log &
+  cpid1=$!
+  cat /tmp/mon.out >> /tmp/mon.log &
+  cpid2=$!
+  exec 3>/tmp/ser.in 4>/tmp/mon.in
+  waitfor /tmp/ser.log "kvmx-testguest ready" 600
+  echo "info nvdimm-flush" >&4
+  waitfor /tmp/mon.log "flush hint address" 60
+  sleep 1
+  fha=$(sed -n 's/.*flush hint address: \(0x[0-9a-f]*\).*/\1/p' /tmp/mon.log | head -n1)
+  path=$(tr -d '\r' < /tmp/mon.log | sed -n 's/.*, path \([a-z]*\).*/\1/p' | head -n1)
+  pmem=$(printf '0x%x' $((fha - 0x2000000)))
+  echo "w $pmem 1" >&3
+  waitfor /tmp/ser.log "ok w" 600
+  echo "+0-131071" > $nb/badblocks
+  : > /tmp/ser.log; : > /tmp/mon.log
+  echo "w $fha 1" >&3
+  sleep 5
+  echo "info status" >&4
+  waitfor /tmp/mon.log "VM status" 60
+  sleep 1
+  st1=$(tr -d '\r' < /tmp/mon.log | sed -n 's/.*VM status: \(.*\)/\1/p' | head -n1 | tr ' ' _)
+  done1=$(grep -c "ok w" /tmp/ser.log)
+  : > /tmp/mon.log
+  echo "cont" >&4
+  sleep 3
+  echo "info status" >&4
+  waitfor /tmp/mon.log "VM status" 60
+  sleep 1
+  st2=$(tr -d '\r' < /tmp/mon.log | sed -n 's/.*VM status: \(.*\)/\1/p' | head -n1 | tr ' ' _)
+  echo "-0-131071" > $nb/badblocks
+  : > /tmp/mon.log
+  echo "cont" >&4
+  waitfor /tmp/ser.log "ok w" 120
+  echo "info status" >&4
+  waitfor /tmp/mon.log "VM status" 60
+  echo "info nvdimm-flush" >&4
+  waitfor /tmp/mon.log "on error" 60
+  sleep 1
+  st3=$(tr -d '\r' < /tmp/mon.log | sed -n 's/.*VM status: \(.*\)/\1/p' | head -n1 | tr ' ' _)
+  failed=$(tr -d '\r' < /tmp/mon.log | sed -n 's/.*failed guest flushes: \([0-9]*\).*/\1/p' | head -n1)
+  echo "L1-ERR-RESULT path=$path stopped=$st1 done_while_failing=$done1 cont_while_failing=$st2 after_fix=$st3 failed=$failed"
+  grep -E "NVDIMM|flush" /tmp/qemu.err | sed "s/^/L1-ERR-LOG /"
+  quit_l2
+  exec 3>&- 4>&-
+  kill $cpid1 $cpid2 2>/dev/null
+  umount /err
+}
 run_l2 AUTO auto
 run_l2 USER user
+run_err
 rmmod kvmx || echo "L1-RMMOD-FAILED"
 run_l2 NOMOD auto
 dmesg | grep -E "WARNING|BUG|Oops" && echo "L1-DMESG-BAD"
@@ -283,6 +357,24 @@ def run_kernel(work):
               f'host saw {outer[label]} flushes')
     for line in re.findall(r'L1-\w+-LOG (.*)', text):
         print(f'[kernel] L1 QEMU said: {line.strip()}')
+    err = re.search(r'L1-ERR-RESULT (.*)', text)
+    err = dict(kv.split('=', 1) for kv in err[1].split()) if err else {}
+    print(f'[kernel] failed flush on the kernel path: {err}')
+    if err.get('skip'):
+        print(f"[kernel] SKIPPED the failed-flush run: {err['skip']}")
+    else:
+        check(err.get('path') == 'kernel' and
+              err.get('stopped', '').startswith('paused_(io-error)') and
+              err.get('done_while_failing') == '0',
+              '[kernel] a failed kernel-path flush stops the VM (io-error) '
+              f'and the guest write does not complete ({err})')
+        check(err.get('cont_while_failing', '').startswith(
+                  'paused_(io-error)'),
+              "[kernel] 'cont' while writes still fail keeps it stopped")
+        check(err.get('after_fix') == 'running' and
+              int(err.get('failed') or 0) >= 1,
+              "[kernel] once writes work, 'cont' redoes the flush, the "
+              'guest write completes, the VM runs')
     check(rc == 0 and 'L1-DMESG-BAD' not in text and
           'L1-L2-EXIT-TIMEOUT' not in text,
           f'[kernel] L1 script finished ({rc}), no WARNING/BUG in L1 dmesg')

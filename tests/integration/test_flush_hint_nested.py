@@ -134,13 +134,13 @@ mmio() {  # total mmio_exits of the inner VM's vCPUs
   tr -d '\r' < /tmp/mon.log | sed -n 's/.*mmio_exits[^0-9]*\([0-9][0-9]*\).*/\1/p' |
     awk '{ s += $1 } END { print s + 0 }'
 }
-run_l2() {  # run_l2 LABEL ACCEL
+start_l2() {  # start_l2 IMAGE ACCEL: L2 under KVM; sets qpid fha path
   : > /tmp/ser.log; : > /tmp/mon.log
   /opt/kvmx/qemu-system-x86_64 -accel kvm -cpu host -machine q35,nvdimm=on \
     -m 128M,slots=2,maxmem=1G -nodefaults -display none -no-reboot \
     -kernel /opt/kvmx/kvmx-testguest.elf \
     -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
-    -object memory-backend-file,id=m,share=on,mem-path=/mnt/l2.img,size=32M \
+    -object memory-backend-file,id=m,share=on,mem-path=$1,size=32M \
     -device nvdimm,id=l2nv,memdev=m,flush-hint=on,flush-hint-accel=$2 \
     -serial pipe:/tmp/ser -monitor pipe:/tmp/mon 2>/tmp/qemu.err &
   qpid=$!
@@ -155,6 +155,14 @@ run_l2() {  # run_l2 LABEL ACCEL
   sleep 1
   fha=$(sed -n 's/.*flush hint address: \(0x[0-9a-f]*\).*/\1/p' /tmp/mon.log | head -n1)
   path=$(tr -d '\r' < /tmp/mon.log | sed -n 's/.*, path \([a-z]*\).*/\1/p' | head -n1)
+}
+stop_l2() {
+  quit_l2
+  exec 3>&- 4>&-
+  kill $cpid1 $cpid2 2>/dev/null
+}
+run_l2() {  # run_l2 LABEL ACCEL
+  start_l2 /mnt/l2.img $2
   m0=$(mmio)
   echo "L1-$1-READY $fha"; read ack
   echo "w $fha __M__" >&3
@@ -168,9 +176,7 @@ run_l2() {  # run_l2 LABEL ACCEL
   echo "L1-$1-RESULT path=$path mmio=$((m1 - m0)) flushes=$gf"
   grep "info:" /tmp/qemu.err | sed "s/^/L1-$1-LOG /"
   read ack
-  quit_l2
-  exec 3>&- 4>&-
-  kill $cpid1 $cpid2 2>/dev/null
+  stop_l2
 }
 # A failed flush on the kernel path stops the VM (flush-hint-error=stop):
 # L2's NVDIMM file is on a null_blk device whose writes fail (badblocks);
@@ -188,26 +194,7 @@ run_err() {
   mkfs.ext4 -q -F -O ^has_journal -b 4096 /dev/kvmxerr && mkdir -p /err &&
     mount -t ext4 /dev/kvmxerr /err || { echo "L1-ERR-RESULT skip=mkfs"; return; }
   dd if=/dev/zero of=/err/l2.img bs=1M count=32 conv=fsync 2>/dev/null
-  : > /tmp/ser.log; : > /tmp/mon.log
-  /opt/kvmx/qemu-system-x86_64 -accel kvm -cpu host -machine q35,nvdimm=on \
-    -m 128M,slots=2,maxmem=1G -nodefaults -display none -no-reboot \
-    -kernel /opt/kvmx/kvmx-testguest.elf \
-    -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
-    -object memory-backend-file,id=m,share=on,mem-path=/err/l2.img,size=32M \
-    -device nvdimm,id=l2nv,memdev=m,flush-hint=on \
-    -serial pipe:/tmp/ser -monitor pipe:/tmp/mon 2>/tmp/qemu.err &
-  qpid=$!
-  cat /tmp/ser.out >> /tmp/ser.log &
-  cpid1=$!
-  cat /tmp/mon.out >> /tmp/mon.log &
-  cpid2=$!
-  exec 3>/tmp/ser.in 4>/tmp/mon.in
-  waitfor /tmp/ser.log "kvmx-testguest ready" 600
-  echo "info nvdimm-flush" >&4
-  waitfor /tmp/mon.log "flush hint address" 60
-  sleep 1
-  fha=$(sed -n 's/.*flush hint address: \(0x[0-9a-f]*\).*/\1/p' /tmp/mon.log | head -n1)
-  path=$(tr -d '\r' < /tmp/mon.log | sed -n 's/.*, path \([a-z]*\).*/\1/p' | head -n1)
+  start_l2 /err/l2.img auto
   pmem=$(printf '0x%x' $((fha - 0x2000000)))
   echo "w $pmem 1" >&3
   waitfor /tmp/ser.log "ok w" 600
@@ -240,9 +227,7 @@ run_err() {
   failed=$(tr -d '\r' < /tmp/mon.log | sed -n 's/.*failed guest flushes: \([0-9]*\).*/\1/p' | head -n1)
   echo "L1-ERR-RESULT path=$path stopped=$st1 done_while_failing=$done1 cont_while_failing=$st2 after_fix=$st3 failed=$failed"
   grep -E "NVDIMM|flush" /tmp/qemu.err | sed "s/^/L1-ERR-LOG /"
-  quit_l2
-  exec 3>&- 4>&-
-  kill $cpid1 $cpid2 2>/dev/null
+  stop_l2
   umount /err
 }
 run_l2 AUTO auto

@@ -3,8 +3,9 @@
  * kvmx.ko ioctl ABI: flush hint address (FHA) pages handled inside KVM.
  *
  * Declared once, shared by the kernel module (kvm-module/), the QEMU patch
- * that uses it (hw/mem/nvdimm-flush-hint.c carries a copy with the same
- * layout; its size asserts must match these) and the tests.
+ * that uses it (QEMU's series carries a layout-identical QEMU-style copy
+ * as include/hw/mem/kvmx-fha.h, checked by unit test abi-copy) and the
+ * tests.
  *
  * A user (QEMU) opens /dev/kvmx and attaches FHA pages of one of its VMs.
  * Every attachment belongs to that open file: closing it (or the process

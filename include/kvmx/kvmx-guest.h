@@ -6,8 +6,8 @@
  *  1. The guest driver's ioctls on the guest's /dev/kvmx (kvmx_guest.ko),
  *     used by kvmxctl and by any guest program.
  *  2. The kvmx-chan PCI device's request/response format (guest driver <->
- *     QEMU); QEMU's patch series carries a byte-identical copy as
- *     include/standard-headers/linux/kvmx-guest.h (unit test abi-copy).
+ *     QEMU); QEMU's patch series carries a layout-identical QEMU-style
+ *     copy as include/hw/misc/kvmx-guest.h, checked by unit test abi-copy.
  *
  * hostd sees none of these: it talks QMP to QEMU (docs/specs/kvmx-chan.md
  * names the commands and events).  Sizes are asserted at the end; every

@@ -403,6 +403,50 @@ def test_vhost(qemu, elf, work):
             dt = time.monotonic() - t0
             check(st == 0 and info(vm)['entries'] == [],
                   f'vhost: UNPROTECT of {m} extents: {st} in {dt:.2f} s')
+        # The other order: protections first, then a vhost device is
+        # hot-plugged.  It must not get a memory table that exceeds its
+        # regions (or one without the overlays); vhost refuses to start
+        # with more regions than the backend has, and the VM runs on.
+        # The contrib backend serves one front end: start another.
+        backend.terminate()
+        backend.wait(10)
+        sock = os.path.join(work, 'vub2.sock')
+        backend = subprocess.Popen([vub, '-s', sock, '-b', img],
+                                   stdout=subprocess.DEVNULL,
+                                   stderr=open(os.path.join(work, 'vub2.log'),
+                                               'wb'))
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        extra = ['-object', 'memory-backend-memfd,id=mem,size=64M,share=on',
+                 '-machine', 'memory-backend=mem',
+                 '-device', 'pcie-root-port,id=rp1,chassis=1',
+                 '-chardev', f'socket,id=vub,path={sock}',
+                 '-device', 'kvmx-chan,id=chan0']
+        with start_vm(qemu, elf, work, 'vhost-hotplug', extra) as vm:
+            vm.start()
+            g, chan = attach(vm)
+            n = 600
+            ext = [(PROT + 2 * k * PAGE, PAGE) for k in range(n)]
+            st, _ = chan.request(OP_PROTECT, 103, ACCESS_RO, DENY, ext)
+            check(st == 0, f'vhost hotplug: PROTECT of {n} extents without '
+                  f'vhost: {st}')
+            try:
+                vm.qmp.cmd('device_add', driver='vhost-user-blk-pci',
+                           chardev='vub', id='blk1', bus='rp1')
+                err = None
+            except kvmxvm.QmpError as e:
+                err = str(e)
+            status = vm.qmp.cmd('query-status')['status']
+            g.poke(PROT, 8, 0x55)           # still protected: dropped
+            # vhost-user-blk retries after the first error; that one says
+            # why (QEMU's error_report on stderr).
+            why = [ln for ln in vm.stderr_text().splitlines()
+                   if 'memory slots' in ln or 'memslots' in ln]
+            check(err is not None and why and status == 'running' and
+                  g.peek(PROT, 8) != 0x55 and len(info(vm)['entries']) == 1,
+                  f'vhost hotplug after {n} protections: refused '
+                  f'({why[:1] or err}), VM {status}, protection intact')
     finally:
         backend.terminate()
         backend.wait(10)

@@ -1,9 +1,10 @@
 #!/usr/bin/python3
 """What post-copy with a file-backed NVDIMM costs, side by side in one run
 (issue 12, item 1).  One VM: Debian 6.12 guest under TCG, 1 GiB RAM, a
-256 MiB NVDIMM on a file on disk.  The guest keeps writing (and syncing)
-the NVDIMM and rewriting RAM while it migrates over a Unix socket capped
-at --bandwidth.
+256 MiB NVDIMM on a file on disk, 96 MiB of it written with random data
+first.  The guest keeps writing (and syncing) 64 KiB of the NVDIMM and
+rewriting 64 KiB of RAM every --pmem-rate-ms while it migrates over a Unix
+socket capped at --bandwidth.
 
   stock-precopy      Debian's QEMU 10.0, precopy (it refuses post-copy)
   kvmx-precopy       the patched QEMU, precopy
@@ -34,6 +35,7 @@ import kvmxvm  # noqa: E402
 SIZE = 256 << 20
 
 SCRIPT = r'''
+dd if=/dev/urandom of=/dev/pmem0 bs=1M count=96 seek=128 conv=fsync 2>/dev/null
 dd if=/dev/urandom of=/dev/shm/x bs=1M count=128 2>/dev/null
 echo READY
 i=0

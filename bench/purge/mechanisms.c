@@ -39,6 +39,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
+
 /* PAGEMAP_SCAN (Linux 6.7); Debian 12's headers are older. */
 #ifndef PAGEMAP_SCAN
 struct page_region { uint64_t start, end, categories; };
@@ -58,28 +60,6 @@ static void die(const char *what)
 {
     fprintf(stderr, "%s: %s\n", what, strerror(errno));
     exit(1);
-}
-
-static double now_us(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
-}
-
-static int cmp_dbl(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-
-    return x < y ? -1 : x > y;
-}
-
-static void report(const char *name, double *v, int n)
-{
-    qsort(v, n, sizeof(*v), cmp_dbl);
-    printf("%-44s n=%-5d median=%9.1f p99=%9.1f min=%9.1f us\n", name, n,
-           v[n / 2], v[(n * 99) / 100 >= n ? n - 1 : (n * 99) / 100], v[0]);
 }
 
 static long blocks_of(int fd)

@@ -24,34 +24,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define MiB (1UL << 20)
 
 static void die(const char *what, int err)
 {
     fprintf(stderr, "%s: %s\n", what, strerror(err));
     exit(1);
-}
-
-static double now_us(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
-}
-
-static int cmp_dbl(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-
-    return x < y ? -1 : x > y;
-}
-
-static void report(const char *name, double *v, int n)
-{
-    qsort(v, n, sizeof(*v), cmp_dbl);
-    printf("%-40s n=%-5d median=%9.1f p99=%9.1f min=%9.1f us\n", name, n,
-           v[n / 2], v[(n * 99) / 100], v[0]);
 }
 
 static void wait_one(struct io_uring *ring, unsigned expect)

@@ -41,12 +41,12 @@ for w in __ALIGNED__; do
   off=${w%:*}; bits=${w#*:}
   devmem $((fha + off)) $bits 0xffffffff || rc=1
 done
-echo "ALIGNED-DONE $rc"
+echo "ALIGNED-DONE $rc"; read ack
 for w in __UNALIGNED__; do
   off=${w%:*}; bits=${w#*:}
   devmem $((fha + off)) $bits 0xffffffff || rc=1
 done
-echo "WRITES-DONE $rc"
+echo "WRITES-DONE $rc"; read ack
 bad=0
 for w in __WRITES__; do
   off=${w%:*}; bits=${w#*:}
@@ -88,9 +88,13 @@ def main():
             before = vm.qmp.cmd('query-nvdimm-flush')[0]['guest-flushes']
             vm.send_serial(b'go\n')
             vm.wait_console(r'ALIGNED-DONE (\d)\n', 300)
+            # The script waits for an ack after each phase, so that the
+            # count read here holds that phase's flushes and no later ones.
             aligned = vm.qmp.cmd('query-nvdimm-flush')[0]['guest-flushes']
+            vm.send_serial(b'go\n')
             m = vm.wait_console(r'WRITES-DONE (\d)\n', 300)
             mid = vm.qmp.cmd('query-nvdimm-flush')[0]
+            vm.send_serial(b'go\n')
             check(m[1] == '0', f'{mapping}: every devmem write completed')
             n = aligned - before
             check(n == len(ALIGNED), f'{mapping}: {len(ALIGNED)} aligned '

@@ -286,6 +286,14 @@ void QmpVm::when_settled(std::chrono::milliseconds timeout,
 }
 
 void QmpVm::query_protections(std::function<void(Result<json>)> fn) {
+  execute("query-kvmx-chan", json(),
+          [this, fn = std::move(fn)](Result<json> r) {
+            fn(bound_answer(std::move(r)));
+          });
+}
+
+void QmpVm::execute(const std::string& command, const json& arguments,
+                    std::function<void(Result<json>)> fn) {
   if (state_ != State::kAttached || !ready()) {
     fn(make_error("vm-not-connected", "VM '" + name_ + "' is " +
                                           to_string(state_) +
@@ -300,29 +308,31 @@ void QmpVm::query_protections(std::function<void(Result<json>)> fn) {
   auto p = std::make_shared<Pending>();
   p->fn = std::move(fn);
   qmp::Client* client = conn_->client.get();
-  auto id = client->execute("query-kvmx-chan", json(), [this, p](Result<json> r) {
+  auto id = client->execute(command, arguments, [this, p](Result<json> r) {
     if (p->done) return;
     p->done = true;
     loop_.cancel(p->timer);
     if (!r && r.error().code == "qmp-disconnected")
       p->fn(make_error("vm-not-connected", r.error().message));
     else
-      p->fn(bound_answer(std::move(r)));
+      p->fn(std::move(r));
   });
   if (!id) {
     p->fn(make_error("vm-not-connected", id.error().message));
     return;
   }
   uint64_t gen = gen_;
-  p->timer = loop_.after(options_.command_timeout, [this, p, gen, id = *id] {
-    if (p->done) return;
-    p->done = true;
-    if (gen == gen_ && conn_) conn_->client->cancel(id);
-    p->fn(make_error("timeout", "QEMU did not answer query-kvmx-chan within " +
-                                    std::to_string(
-                                        options_.command_timeout.count()) +
-                                    " ms"));
-  });
+  p->timer = loop_.after(
+      options_.command_timeout, [this, p, gen, id = *id, command] {
+        if (p->done) return;
+        p->done = true;
+        if (gen == gen_ && conn_) conn_->client->cancel(id);
+        p->fn(make_error("timeout", "QEMU did not answer " + command +
+                                        " within " +
+                                        std::to_string(
+                                            options_.command_timeout.count()) +
+                                        " ms"));
+      });
 }
 
 json QmpVm::info() const {

@@ -153,6 +153,13 @@ class QmpVm final : public Vm {
   // Adds qmp (the socket path).
   nlohmann::json info() const override;
 
+  // Runs a QMP command (the migration's); `fn` gets its return value or an
+  // error: vm-not-connected (not attached, or the connection dropped
+  // during the command), qmp-error, timeout (command_timeout).  `fn` may
+  // run inside this call.
+  void execute(const std::string& command, const nlohmann::json& arguments,
+               std::function<void(Result<nlohmann::json>)> fn);
+
   // Starts on an already connected socket, or connects when `fd` is empty.
   void start(UniqueFd fd);
   // Registered but not connected: hostd died while handling this VM's

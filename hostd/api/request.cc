@@ -1,5 +1,7 @@
 #include "request.h"
 
+#include <algorithm>
+#include <cctype>
 #include <initializer_list>
 
 #include "common/json_util.h"
@@ -48,6 +50,190 @@ Result<std::string> vm_field(const json& obj, bool required_field = true) {
     return invalid("'vm' must be 1-64 characters of A-Z a-z 0-9 . _ -, "
                    "not starting with . or -");
   return name;
+}
+
+// An optional boolean field.
+Result<void> bool_field(const json& obj, const char* key, bool& out) {
+  auto it = obj.find(key);
+  if (it == obj.end()) return {};
+  if (!it->is_boolean())
+    return invalid("'" + std::string(key) + "' must be true or false");
+  out = it->get<bool>();
+  return {};
+}
+
+// An optional integer field in [min, max].
+template <typename T>
+Result<void> uint_field(const json& obj, const char* key, uint64_t min,
+                        uint64_t max, T& out) {
+  auto it = obj.find(key);
+  if (it == obj.end()) return {};
+  if (!it->is_number_unsigned() || it->get<uint64_t>() < min ||
+      it->get<uint64_t>() > max)
+    return invalid("'" + std::string(key) + "' must be an integer from " +
+                   std::to_string(min) + " to " + std::to_string(max));
+  out = static_cast<T>(it->get<uint64_t>());
+  return {};
+}
+
+Result<void> opt_uint_field(const json& obj, const char* key, uint64_t min,
+                            uint64_t max, std::optional<uint64_t>& out) {
+  if (!obj.contains(key)) return {};
+  uint64_t v = 0;
+  if (auto r = uint_field(obj, key, min, max, v); !r) return r;
+  out = v;
+  return {};
+}
+
+Result<std::string> uri_field(const json& obj, const char* key) {
+  auto it = obj.find(key);
+  if (it == obj.end()) return std::string();
+  if (!it->is_string()) return invalid("'" + std::string(key) + "' must be a string");
+  const auto& uri = it->get_ref<const std::string&>();
+  if (!valid_migration_uri(uri))
+    return invalid("'" + std::string(key) + "' must be unix:/ABSOLUTE/PATH "
+                   "(at most 107 bytes) or tcp:HOST:PORT, not " + quote(uri));
+  return uri;
+}
+
+Result<std::string> dest_field(const json& obj, const std::string& vm,
+                               bool required_field) {
+  auto it = obj.find("dest");
+  if (it == obj.end()) {
+    if (required_field) return invalid("missing field 'dest'");
+    return std::string();
+  }
+  if (!it->is_string() || !valid_vm_name(it->get_ref<const std::string&>()))
+    return invalid("'dest' must be the name of a VM registered in hostd "
+                   "(1-64 characters of A-Z a-z 0-9 . _ -)");
+  if (it->get_ref<const std::string&>() == vm)
+    return invalid("'dest' must be another VM than 'vm'");
+  return it->get<std::string>();
+}
+
+Result<Op> parse_migrate(const json& obj) {
+  if (auto r = only_fields(
+          obj, "migrate",
+          {"vm", "dest", "uri", "recover_uri", "postcopy", "prefetch",
+           "shared_storage", "switch", "switch_after_passes",
+           "switch_stall_samples", "switch_after_s", "max_bandwidth",
+           "max_postcopy_bandwidth", "downtime_limit_ms", "recover_attempts",
+           "interval_ms", "wait"});
+      !r)
+    return r.error();
+  Migrate m;
+  auto vm = vm_field(obj);
+  if (!vm) return vm.error();
+  m.vm = *vm;
+  auto dest = dest_field(obj, m.vm, true);
+  if (!dest) return dest.error();
+  m.dest = *dest;
+  auto uri = uri_field(obj, "uri");
+  if (!uri) return uri.error();
+  m.uri = *uri;
+  auto ruri = uri_field(obj, "recover_uri");
+  if (!ruri) return ruri.error();
+  m.recover_uri = *ruri;
+  for (auto [key, out] : {std::pair{"postcopy", &m.postcopy},
+                          std::pair{"shared_storage", &m.shared_storage},
+                          std::pair{"wait", &m.wait}})
+    if (auto r = bool_field(obj, key, *out); !r) return r.error();
+  if (auto it = obj.find("prefetch"); it != obj.end()) {
+    static constexpr std::string_view kModes[] = {"off", "pattern",
+                                                  "page-table", "both"};
+    bool ok = false;
+    if (it->is_string())
+      for (auto mode : kModes) ok = ok || it->get_ref<const std::string&>() == mode;
+    if (!ok)
+      return invalid("'prefetch' must be off, pattern, page-table or both");
+    m.prefetch = it->get<std::string>();
+  }
+  bool switch_given = obj.contains("switch") ||
+                      obj.contains("switch_after_passes") ||
+                      obj.contains("switch_stall_samples") ||
+                      obj.contains("switch_after_s");
+  if (auto it = obj.find("switch"); it != obj.end()) {
+    if (!it->is_string() || (*it != "auto" && *it != "manual"))
+      return invalid("'switch' must be auto or manual");
+    m.switch_manual = *it == "manual";
+  }
+  if (auto r = uint_field(obj, "switch_after_passes", 0, kMaxSwitchAfterPasses,
+                          m.switch_after_passes);
+      !r)
+    return r.error();
+  if (auto r = uint_field(obj, "switch_stall_samples", 0,
+                          kMaxSwitchStallSamples, m.switch_stall_samples);
+      !r)
+    return r.error();
+  if (auto r = uint_field(obj, "switch_after_s", 0, kMaxSwitchAfterS,
+                          m.switch_after_s);
+      !r)
+    return r.error();
+  if (auto r = opt_uint_field(obj, "max_bandwidth", 1, kMaxBandwidth,
+                              m.max_bandwidth);
+      !r)
+    return r.error();
+  if (auto r = opt_uint_field(obj, "max_postcopy_bandwidth", 1, kMaxBandwidth,
+                              m.max_postcopy_bandwidth);
+      !r)
+    return r.error();
+  if (auto r = opt_uint_field(obj, "downtime_limit_ms", 1, kMaxDowntimeLimitMs,
+                              m.downtime_limit_ms);
+      !r)
+    return r.error();
+  if (auto r = uint_field(obj, "recover_attempts", 0, kMaxRecoverAttempts,
+                          m.recover_attempts);
+      !r)
+    return r.error();
+  if (auto r = uint_field(obj, "interval_ms", kMinIntervalMs, kMaxIntervalMs,
+                          m.interval_ms);
+      !r)
+    return r.error();
+  // What only means something with post-copy is an error without it: the
+  // client believes it asked for something.
+  if (!m.postcopy) {
+    if (m.prefetch != "off")
+      return invalid("'prefetch' needs 'postcopy': prefetching fetches "
+                     "pages after the switch to post-copy");
+    if (switch_given)
+      return invalid("'switch*' fields need 'postcopy'");
+    if (m.max_postcopy_bandwidth)
+      return invalid("'max_postcopy_bandwidth' needs 'postcopy'");
+    if (!m.recover_uri.empty() || obj.contains("recover_attempts"))
+      return invalid("'recover_uri' and 'recover_attempts' need 'postcopy' "
+                     "(only a post-copy migration can be recovered)");
+  }
+  if (m.switch_manual &&
+      (obj.contains("switch_after_passes") ||
+       obj.contains("switch_stall_samples") || obj.contains("switch_after_s")))
+    return invalid("'switch' manual takes no switch_after_passes, "
+                   "switch_stall_samples or switch_after_s");
+  if (!m.recover_uri.empty() && m.recover_uri == m.uri)
+    m.recover_uri.clear();
+  return Op(std::move(m));
+}
+
+Result<Op> parse_migrate_recover(const json& obj) {
+  if (auto r = only_fields(obj, "migrate-recover",
+                           {"vm", "dest", "uri", "interval_ms", "wait"});
+      !r)
+    return r.error();
+  MigrateRecover m;
+  auto vm = vm_field(obj);
+  if (!vm) return vm.error();
+  m.vm = *vm;
+  auto dest = dest_field(obj, m.vm, false);
+  if (!dest) return dest.error();
+  m.dest = *dest;
+  auto uri = uri_field(obj, "uri");
+  if (!uri) return uri.error();
+  m.uri = *uri;
+  if (auto r = uint_field(obj, "interval_ms", kMinIntervalMs, kMaxIntervalMs,
+                          m.interval_ms);
+      !r)
+    return r.error();
+  if (auto r = bool_field(obj, "wait", m.wait); !r) return r.error();
+  return Op(std::move(m));
 }
 
 Result<Op> parse_args(const std::string& op, const json& obj) {
@@ -101,10 +287,64 @@ Result<Op> parse_args(const std::string& op, const json& obj) {
     }
     return Op(v);
   }
+  if (op == "migrate") return parse_migrate(obj);
+  if (op == "migrate-recover") return parse_migrate_recover(obj);
+  if (op == "migrate-postcopy" || op == "migrate-cancel" ||
+      op == "migrate-status") {
+    if (auto r = only_fields(obj, op, {"vm"}); !r) return r.error();
+    auto vm = vm_field(obj);
+    if (!vm) return vm.error();
+    if (op == "migrate-postcopy") return Op(MigratePostcopy{*vm});
+    if (op == "migrate-cancel") return Op(MigrateCancel{*vm});
+    return Op(MigrateStatus{*vm});
+  }
   return make_error(code::kUnknownOp, "unknown op " + quote(op));
 }
 
+bool valid_host(std::string_view host) {
+  if (host.empty() || host.size() > kMaxTcpHost) return false;
+  if (host.front() == '[') {  // an IPv6 literal
+    if (host.size() < 3 || host.back() != ']') return false;
+    for (char c : host.substr(1, host.size() - 2))
+      if (!(std::isxdigit(static_cast<unsigned char>(c)) || c == ':' ||
+            c == '.'))
+        return false;
+    return true;
+  }
+  if (host.front() == '-' || host.front() == '.') return false;
+  for (char c : host)
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' ||
+          c == '.'))
+      return false;
+  return true;
+}
+
 }  // namespace
+
+bool valid_migration_uri(std::string_view uri) {
+  if (uri.starts_with("unix:")) {
+    std::string_view path = uri.substr(5);
+    // QEMU parses options after a comma in some socket addresses: none.
+    return valid_qmp_path(path) && path.find(',') == std::string_view::npos &&
+           std::all_of(path.begin(), path.end(), [](char c) {
+             return static_cast<unsigned char>(c) >= 0x20 && c != 0x7f;
+           });
+  }
+  if (uri.starts_with("tcp:")) {
+    std::string_view rest = uri.substr(4);
+    size_t colon = rest.rfind(':');
+    if (colon == std::string_view::npos) return false;
+    std::string_view host = rest.substr(0, colon), port = rest.substr(colon + 1);
+    if (port.empty() || port.size() > 5) return false;
+    unsigned p = 0;
+    for (char c : port) {
+      if (c < '0' || c > '9') return false;
+      p = p * 10 + static_cast<unsigned>(c - '0');
+    }
+    return p >= 1 && p <= 65535 && valid_host(host);
+  }
+  return false;
+}
 
 bool valid_qmp_path(std::string_view path) {
   return !path.empty() && path.front() == '/' && path.size() <= kMaxUnixPath &&

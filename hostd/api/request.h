@@ -42,6 +42,15 @@ inline constexpr const char* kShuttingDown = "shutting-down";
 inline constexpr const char* kIdleTimeout = "idle-timeout";
 inline constexpr const char* kResponseTooLarge = "response-too-large";
 inline constexpr const char* kInternal = "internal-error";
+// Migration (migrate, migrate-postcopy, migrate-recover, migrate-cancel,
+// migrate-status).
+inline constexpr const char* kMigrationBusy = "migration-busy";
+inline constexpr const char* kMigrationUnsupported = "migration-unsupported";
+inline constexpr const char* kMigrationRefused = "migration-refused";
+inline constexpr const char* kMigrationFailed = "migration-failed";
+inline constexpr const char* kMigrationPaused = "migration-paused";
+inline constexpr const char* kMigrationCancelled = "migration-cancelled";
+inline constexpr const char* kNoMigration = "no-migration";
 }  // namespace code
 
 struct Ping {};
@@ -65,8 +74,64 @@ struct Violations {
 struct Stats {};
 struct Subscribe {};
 
+// Bounds of the migration fields (docs/specs/hostd-api.md, "migrate").
+constexpr uint32_t kMaxSwitchAfterPasses = 1000;
+constexpr uint32_t kMaxSwitchStallSamples = 3600;
+constexpr uint32_t kMaxSwitchAfterS = 86400;
+constexpr uint32_t kMaxRecoverAttempts = 100;
+constexpr uint32_t kMinIntervalMs = 100;
+constexpr uint32_t kMaxIntervalMs = 60000;
+constexpr uint64_t kMaxBandwidth = 1ull << 40;        // bytes/s
+constexpr uint64_t kMaxDowntimeLimitMs = 2000000;     // QEMU's own bound
+constexpr size_t kMaxTcpHost = 253;
+
+// Where the migration stream goes: "unix:/abs/path" or "tcp:HOST:PORT".
+// Nothing else: QEMU's "exec:" would run a shell command, "fd:" and "file:"
+// touch hostd's or QEMU's own files.
+bool valid_migration_uri(std::string_view uri);
+
+struct Migrate {
+  std::string vm;    // the source
+  std::string dest;  // a VM registered in hostd, started with -incoming defer
+  std::string uri;          // "": hostd picks unix:<socket dir>/migrate-<vm>.sock
+  std::string recover_uri;  // "": the same as uri
+  bool postcopy = false;
+  std::string prefetch = "off";  // off, pattern, page-table, both
+  bool shared_storage = false;
+  // The switch to post-copy (with postcopy only).  manual: only on
+  // migrate-postcopy.  auto: also when one of the rules below holds (0
+  // turns a rule off).
+  bool switch_manual = false;
+  uint32_t switch_after_passes = 1;   // precopy passes complete
+  uint32_t switch_stall_samples = 5;  // samples without a new low of remaining
+  uint32_t switch_after_s = 0;        // seconds since the migration began
+  std::optional<uint64_t> max_bandwidth;           // bytes/s, precopy
+  std::optional<uint64_t> max_postcopy_bandwidth;  // bytes/s
+  std::optional<uint64_t> downtime_limit_ms;
+  uint32_t recover_attempts = 3;  // automatic migrate-recover when paused
+  uint32_t interval_ms = 1000;    // progress and policy sampling
+  bool wait = true;  // answer at the end (progress events meanwhile)
+};
+struct MigratePostcopy {
+  std::string vm;
+};
+struct MigrateRecover {
+  std::string vm;
+  std::string dest;  // required unless hostd still has the migration
+  std::string uri;   // "": the migration's recover_uri, else its uri
+  uint32_t interval_ms = 0;  // 0: the migration's, else 1000
+  bool wait = true;
+};
+struct MigrateCancel {
+  std::string vm;
+};
+struct MigrateStatus {
+  std::string vm;
+};
+
 using Op = std::variant<Ping, Version, Attach, Detach, ListVms, Protections,
-                        Violations, Stats, Subscribe>;
+                        Violations, Stats, Subscribe, Migrate, MigratePostcopy,
+                        MigrateRecover, MigrateCancel, MigrateStatus>;
 
 struct Request {
   nlohmann::json id;  // null when the request carried none

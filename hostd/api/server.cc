@@ -322,6 +322,25 @@ void Server::subscribe(ClientId id) {
   if (Client* c = find(id)) c->session.subscribed = true;
 }
 
+bool Server::notify(ClientId id, const json& event) {
+  Client* c = find(id);
+  if (!c) return false;
+  if (c->session.subscribed) return true;
+  if (!c->session.enqueue(json_dump(event), true)) {
+    stats_.clients_dropped_slow++;
+    log::warn("Dropped a client that does not read its progress events",
+              {{"client", c->id}, {"pid", c->pid},
+               {"queued_bytes", c->session.output_bytes()}});
+    drop(*c, "output queue over limit");
+    return false;
+  }
+  if (!c->in_pump) {
+    flush(*c);
+    if (!c->dead) update(*c);
+  }
+  return !c->dead;
+}
+
 void Server::broadcast(const json& event) {
   std::string line = json_dump(event);
   for (auto& [id, c] : clients_) {

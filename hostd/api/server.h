@@ -65,6 +65,11 @@ class Server {
   void subscribe(ClientId id);
   // Sends `event` to every subscriber; drops those that cannot keep up.
   void broadcast(const nlohmann::json& event);
+  // Sends `event` to one client, before the response to its request in
+  // flight (a migration's progress).  Subscribers are skipped: broadcast()
+  // gives it to them.  False when the client is gone (or was dropped now,
+  // for not keeping up).
+  bool notify(ClientId id, const nlohmann::json& event);
 
   size_t clients() const;
   size_t subscribers() const;

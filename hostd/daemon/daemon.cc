@@ -83,6 +83,7 @@ Daemon::Daemon(EventLoop& loop, config::Config cfg)
 Daemon::~Daemon() {
   stopping_ = true;
   compactor_.reset();  // waits for a compaction under way
+  migrations_.clear();  // their endpoints use vms_
   vms_.reset();
   follower_.reset();
   libvirt_.reset();  // joins the libvirt thread
@@ -225,6 +226,8 @@ void Daemon::stop(int code) {
   for (const auto& [name, gen] : markers_)
     (void)journal_->append(json{{"t", "attach-ok"}, {"vm", name}});
   markers_.clear();
+  // QEMU's migrations go on; hostd stops following them.
+  migrations_.clear();
   vms_->clear();
   follower_.reset();
   libvirt_.reset();  // closes the libvirt connection, joins its thread

@@ -23,6 +23,7 @@
 #include "common/log.h"
 #include "loop/event_loop.h"
 #include "loop/worker.h"
+#include "migrate/job.h"
 #include "violations/store.h"
 #include "vm/backoff.h"
 #include "vm/manager.h"
@@ -40,6 +41,10 @@ struct DaemonStats {
   uint64_t replay_bad_records = 0;    // checksum fine, content not
   uint64_t replay_vms_skipped = 0;    // attach records over max-vms
   uint64_t compaction_failures = 0;
+  uint64_t migrations = 0;            // migrate and migrate-recover jobs
+  uint64_t migrations_completed = 0;
+  uint64_t migrations_failed = 0;     // failed or cancelled
+  uint64_t migrations_paused = 0;     // ended paused (post-copy)
   journal::ReplayStats replay;
 };
 
@@ -106,6 +111,40 @@ class Daemon {
   nlohmann::json violations(const api::Violations& q) const;
   nlohmann::json stats() const;
 
+  // migrations.cc: migrate, migrate-postcopy, migrate-recover,
+  // migrate-cancel, migrate-status.  One job per source VM; an ended one
+  // stays (migrate-status, migrate-recover of a paused one) until the next
+  // migration of that VM or its detach.  Not journaled: after a restart
+  // hostd follows none (migrate-recover with dest=, and migrate-postcopy,
+  // act on QEMU directly).
+  struct Waiter {
+    api::ClientId client;
+    api::ReplyFn reply;
+    bool wait;  // answered at the end (else once the migration began)
+  };
+  struct Migration {
+    std::unique_ptr<migrate::Job> job;
+    std::vector<Waiter> waiters;  // also get the job's events
+  };
+  void op_migrate(api::ClientId client, const api::Migrate& a,
+                  api::ReplyFn reply);
+  void op_migrate_postcopy(const api::MigratePostcopy& a, api::ReplyFn reply);
+  void op_migrate_recover(api::ClientId client, const api::MigrateRecover& a,
+                          api::ReplyFn reply);
+  void op_migrate_cancel(const api::MigrateCancel& a, api::ReplyFn reply);
+  void op_migrate_status(const api::MigrateStatus& a, api::ReplyFn reply);
+  Result<void> migration_vm(const std::string& name, const char* role);
+  Result<void> check_migration_uri(const std::string& uri) const;
+  Result<std::string> migration_uri(const std::string& vm,
+                                    const std::string& given) const;
+  Result<void> room_for_migration(const std::string& vm);
+  Migration& new_migration(const std::string& vm, const std::string& dest,
+                           migrate::Settings s);
+  void migration_event(const std::string& vm, const nlohmann::json& ev);
+  void migration_started(const std::string& vm);
+  void migration_ended(const std::string& vm);
+  nlohmann::json migration_stats() const;
+
   EventLoop& loop_;
   config::Config cfg_;
   std::chrono::steady_clock::time_point started_;
@@ -129,6 +168,7 @@ class Daemon {
   std::map<std::string, uint64_t> markers_;
   uint64_t marker_gen_ = 0;
   std::unique_ptr<vm::Manager> vms_;
+  std::map<std::string, Migration> migrations_;  // by source VM
   // With libvirt-uri: libvirt's client (its own thread) and the lifecycle
   // logic on top of it.
   std::unique_ptr<libvirt::Backend> libvirt_;

@@ -55,6 +55,16 @@ void Daemon::handle(api::ClientId client, const api::Request& req,
         } else if constexpr (std::is_same_v<T, api::Subscribe>) {
           server_->subscribe(client);
           reply(json{{"subscribed", true}});
+        } else if constexpr (std::is_same_v<T, api::Migrate>) {
+          op_migrate(client, a, std::move(reply));
+        } else if constexpr (std::is_same_v<T, api::MigratePostcopy>) {
+          op_migrate_postcopy(a, std::move(reply));
+        } else if constexpr (std::is_same_v<T, api::MigrateRecover>) {
+          op_migrate_recover(client, a, std::move(reply));
+        } else if constexpr (std::is_same_v<T, api::MigrateCancel>) {
+          op_migrate_cancel(a, std::move(reply));
+        } else if constexpr (std::is_same_v<T, api::MigrateStatus>) {
+          op_migrate_status(a, std::move(reply));
         }
       },
       req.args);
@@ -168,6 +178,12 @@ void Daemon::op_detach(const api::Detach& d, api::ReplyFn reply) {
     }
   }
   log::info("Detaching VM", {{"vm", d.vm}});
+  // An ended migration of it is forgotten; one under way fails on its own
+  // (its endpoint is lost).
+  if (auto m = migrations_.find(d.vm);
+      m != migrations_.end() && m->second.job->ended() &&
+      m->second.waiters.empty())
+    migrations_.erase(m);
   commit_pending();  // its last violations count in the totals it drops
   store_.reset_totals(d.vm);
   vms_->remove(d.vm);
@@ -236,6 +252,7 @@ json Daemon::stats() const {
       {"qmp_reconnects", stats_.qmp_reconnects},
       {"qmp_protocol_errors", protocol_errors},
       {"libvirt", follower_ ? follower_->stats() : json{{"enabled", false}}},
+      {"migrations", migration_stats()},
       {"journal",
        {{"bytes", journal_->size_bytes()},
         {"records", journal_->records()},

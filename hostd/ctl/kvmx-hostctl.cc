@@ -3,9 +3,14 @@
 //   kvmx-hostctl [-s SOCKET] OP [KEY=VALUE...]     e.g. attach vm=a qmp=/x
 //   kvmx-hostctl [-s SOCKET] --raw '{"op":"ping"}'
 //   kvmx-hostctl subscribe --follow                 prints events until EOF
+//   kvmx-hostctl migrate vm=a dest=b --postcopy     progress, then how it ended
 //
-// VALUE is taken as JSON when it parses (numbers, true), else as a string.
-// Exit status: 0 result, 1 error response, 2 no connection or bad usage.
+// VALUE is taken as JSON when it parses (numbers, true), else as a string
+// (always a string for names, paths and URIs: ctl/args.h).
+// migrate and migrate-recover print a line per progress event and one for
+// the outcome (--json: the JSON lines as they come).
+// Exit status: 0 result, 1 error response (a migration that failed, was
+// cancelled or paused), 2 no connection or bad usage.
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -13,12 +18,14 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "common/fd.h"
+#include "ctl/args.h"
 
 using nlohmann::json;
 
@@ -35,34 +42,64 @@ int main(int argc, char** argv) {
   CLI::App app{"kvmx-hostctl: send one request to kvmx-hostd"};
   std::string socket_path = "/run/kvmx/hostd.sock", op, raw;
   std::vector<std::string> args;
-  bool follow = false, pretty = false;
+  bool follow = false, pretty = false, json_out = false;
   int timeout_s = 30;
+  kvmx::ctl::Flags flags;
+  std::string prefetch, switch_mode;
   app.add_option("-s,--socket", socket_path, "hostd API socket");
   app.add_option("--raw", raw, "send this JSON request line as is");
-  app.add_option("--timeout", timeout_s, "seconds to wait for the response");
+  app.add_option("--timeout", timeout_s,
+                 "seconds to wait for the response (for migrate: for the "
+                 "next progress line)");
   app.add_flag("-f,--follow", follow, "keep printing events (subscribe)");
   app.add_flag("-p,--pretty", pretty, "indent the JSON output");
+  app.add_flag("--json", json_out,
+               "migrate, migrate-recover, migrate-status: print the JSON "
+               "lines, not text");
+  app.add_flag("--postcopy", flags.postcopy,
+               "migrate: allow the switch to post-copy");
+  auto* pf = app.add_option("--prefetch", prefetch,
+                            "migrate: post-copy prefetch: off, pattern, "
+                            "page-table or both");
+  app.add_flag("--shared-storage", flags.shared_storage,
+               "migrate: both QEMUs map the same backend files "
+               "(x-ignore-shared: they are not sent)");
+  auto* sw = app.add_option("--switch", switch_mode,
+                            "migrate: switch to post-copy by policy (auto) "
+                            "or only on migrate-postcopy (manual)");
+  app.add_flag("--no-wait", flags.no_wait,
+               "migrate, migrate-recover: answer once it began");
   app.add_option("op", op, "ping, version, attach, detach, list-vms, "
-                           "protections, violations, stats, subscribe");
+                           "protections, violations, stats, subscribe, "
+                           "migrate, migrate-postcopy, migrate-recover, "
+                           "migrate-cancel, migrate-status");
   app.add_option("args", args, "KEY=VALUE fields of the request");
   CLI11_PARSE(app, argc, argv);
+  if (pf->count()) flags.prefetch = prefetch;
+  if (sw->count()) flags.switch_mode = switch_mode;
 
   std::string line;
+  bool migration = false, status_op = false;
+  int interval_ms = 1000;
   if (!raw.empty()) {
     line = raw;
   } else {
     if (op.empty()) return die("no op given (see --help)");
-    json req = {{"op", op}};
-    for (const auto& a : args) {
-      auto eq = a.find('=');
-      if (eq == std::string::npos) return die("expected KEY=VALUE, not '" + a + "'");
-      std::string value = a.substr(eq + 1);
-      json v = json::parse(value, nullptr, false);
-      req[a.substr(0, eq)] = v.is_discarded() ? json(value) : v;
-    }
-    line = req.dump();
+    auto req = kvmx::ctl::build_request(op, args, flags);
+    if (!req) return die(req.error().message);
+    migration = kvmx::ctl::follows_migration(op) && !json_out;
+    status_op = op == "migrate-status" && !json_out;
+    if (auto it = req->find("interval_ms");
+        it != req->end() && it->is_number_unsigned() &&
+        it->get<uint64_t>() <= 3600000)
+      interval_ms = static_cast<int>(it->get<uint64_t>());
+    line = req->dump();
   }
   line += '\n';
+  // A migration's answer comes at its end; what must keep coming is its
+  // progress, one line per interval.
+  if (kvmx::ctl::follows_migration(op))
+    timeout_s = std::max(timeout_s, 3 * interval_ms / 1000 + 60);
 
   kvmx::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   sockaddr_un addr{};
@@ -100,9 +137,28 @@ int main(int argc, char** argv) {
       std::string text = pretty && !msg.is_discarded() ? msg.dump(2)
                                                        : buf.substr(0, nl);
       buf.erase(0, nl + 1);
+      bool response = !msg.is_discarded() && msg.is_object() &&
+                      !msg.contains("event");
+      if (migration && !msg.is_discarded() && msg.is_object()) {
+        if (!response) {
+          if (msg.value("event", "") == "migration")
+            text = kvmx::ctl::format_event(msg);
+        } else if (msg.contains("error")) {
+          std::fprintf(stderr, "kvmx-hostctl: %s\n",
+                       kvmx::ctl::format_outcome(msg).c_str());
+          return 1;
+        } else {
+          text = kvmx::ctl::format_outcome(msg);
+        }
+      } else if (status_op && response && msg.contains("result")) {
+        const json& r = msg["result"];
+        text = r.value("vm", "") + " -> " + r.value("dest", "") + ": " +
+               kvmx::ctl::format_event(r) +
+               (r.value("error", "").empty() ? "" : "; " + r.value("error", ""));
+      }
       std::printf("%s\n", text.c_str());
       std::fflush(stdout);
-      if (!answered && !msg.is_discarded() && !msg.contains("event")) {
+      if (!answered && response) {
         answered = true;
         status = msg.contains("error") ? 1 : 0;
         if (!follow) return status;

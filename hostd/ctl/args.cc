@@ -31,8 +31,10 @@ const std::set<std::string>& string_fields() {
 
 std::string u64(const json& j, const char* key) {
   auto it = j.find(key);
-  if (it == j.end() || !it->is_number_unsigned()) return "?";
-  return std::to_string(it->get<uint64_t>());
+  if (it == j.end() || !it->is_number_integer()) return "?";
+  if (it->is_number_unsigned()) return std::to_string(it->get<uint64_t>());
+  int64_t v = it->get<int64_t>();
+  return v < 0 ? "?" : std::to_string(v);
 }
 
 uint64_t num(const json& j, const char* key) {

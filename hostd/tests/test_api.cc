@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
 #include <cstring>
 #include <thread>
 
@@ -16,6 +17,7 @@
 using nlohmann::json;
 using namespace kvmx;
 using namespace kvmx::api;
+using Catch::Matchers::ContainsSubstring;
 
 namespace {
 
@@ -583,4 +585,171 @@ TEST_CASE("server: at shutdown a request in flight is answered shutting-down") {
   CHECK(drain(d, &eof).empty());  // nothing in flight: just closed
   CHECK(eof);
   h.held[0](json{{"state", "attached"}});  // too late: ignored
+}
+
+TEST_CASE("api: migrate requests parse, with their defaults") {
+  json id;
+  auto r = parse_request(R"({"op":"migrate","vm":"a","dest":"b"})", &id);
+  REQUIRE(r.ok());
+  auto m = std::get<Migrate>(r->args);
+  CHECK(m.vm == "a");
+  CHECK(m.dest == "b");
+  CHECK(m.uri.empty());
+  CHECK_FALSE(m.postcopy);
+  CHECK(m.prefetch == "off");
+  CHECK_FALSE(m.shared_storage);
+  CHECK_FALSE(m.switch_manual);
+  CHECK(m.switch_after_passes == 1);
+  CHECK(m.switch_stall_samples == 5);
+  CHECK(m.switch_after_s == 0);
+  CHECK_FALSE(m.max_bandwidth);
+  CHECK(m.recover_attempts == 3);
+  CHECK(m.interval_ms == 1000);
+  CHECK(m.wait);
+
+  r = parse_request(
+      R"({"op":"migrate","vm":"a","dest":"b","uri":"tcp:[::1]:4444",)"
+      R"("recover_uri":"unix:/run/kvmx/r.sock","postcopy":true,)"
+      R"("prefetch":"page-table","shared_storage":true,"switch":"auto",)"
+      R"("switch_after_passes":0,"switch_stall_samples":10,)"
+      R"("switch_after_s":60,"max_bandwidth":1048576,)"
+      R"("max_postcopy_bandwidth":4096,"downtime_limit_ms":300,)"
+      R"("recover_attempts":0,"interval_ms":250,"wait":false})",
+      &id);
+  REQUIRE(r.ok());
+  m = std::get<Migrate>(r->args);
+  CHECK(m.uri == "tcp:[::1]:4444");
+  CHECK(m.recover_uri == "unix:/run/kvmx/r.sock");
+  CHECK(m.postcopy);
+  CHECK(m.prefetch == "page-table");
+  CHECK(m.shared_storage);
+  CHECK(m.switch_after_passes == 0);
+  CHECK(m.switch_stall_samples == 10);
+  CHECK(m.switch_after_s == 60);
+  CHECK(*m.max_bandwidth == 1048576);
+  CHECK(*m.max_postcopy_bandwidth == 4096);
+  CHECK(*m.downtime_limit_ms == 300);
+  CHECK(m.recover_attempts == 0);
+  CHECK(m.interval_ms == 250);
+  CHECK_FALSE(m.wait);
+
+  r = parse_request(
+      R"({"op":"migrate","vm":"a","dest":"b","postcopy":true,"switch":"manual"})",
+      &id);
+  REQUIRE(r.ok());
+  CHECK(std::get<Migrate>(r->args).switch_manual);
+
+  r = parse_request(R"({"op":"migrate-recover","vm":"a"})", &id);
+  REQUIRE(r.ok());
+  auto rec = std::get<MigrateRecover>(r->args);
+  CHECK(rec.dest.empty());
+  CHECK(rec.interval_ms == 0);
+  CHECK(rec.wait);
+  r = parse_request(
+      R"({"op":"migrate-recover","vm":"a","dest":"b","uri":"tcp:h:1","interval_ms":100})",
+      &id);
+  REQUIRE(r.ok());
+  CHECK(std::get<MigrateRecover>(r->args).uri == "tcp:h:1");
+  for (auto op : {"migrate-postcopy", "migrate-cancel", "migrate-status"})
+    CHECK(err_code(json{{"op", op}, {"vm", "a"}}.dump()) == "ok");
+}
+
+TEST_CASE("api: malformed migrate requests are invalid-request, saying why") {
+  auto why = [](const json& req) {
+    json id;
+    auto r = parse_request(req.dump(), &id);
+    if (r) return std::string("ok");
+    CHECK(r.error().code == code::kInvalid);
+    return r.error().message;
+  };
+  json base = {{"op", "migrate"}, {"vm", "a"}, {"dest", "b"}};
+  auto with = [&](const json& extra) {
+    json j = base;
+    j.update(extra);
+    return j;
+  };
+  CHECK(why(json{{"op", "migrate"}, {"vm", "a"}}) == "missing field 'dest'");
+  CHECK_THAT(why(with({{"dest", "a"}})), ContainsSubstring("another VM"));
+  CHECK_THAT(why(with({{"dest", "../x"}})), ContainsSubstring("'dest' must be"));
+  CHECK_THAT(why(with({{"dest", 5}})), ContainsSubstring("'dest' must be"));
+  CHECK_THAT(why(with({{"speed", 5}})), ContainsSubstring("unknown field 'speed'"));
+  // URIs: unix: and tcp: only.
+  for (const char* uri :
+       {"exec:rm -rf /", "fd:3", "file:/tmp/x", "rdma:h:1", "unix:rel/path",
+        "unix:", "unix:/a,b", "tcp:h", "tcp:h:0", "tcp:h:65536", "tcp::1",
+        "tcp:-h:1", "tcp:h h:1", "tcp:[zz]:1", "tcp:h:1x", "", "unix:/a\nb"}) {
+    CAPTURE(uri);
+    CHECK_THAT(why(with({{"uri", uri}})), ContainsSubstring("'uri' must be"));
+  }
+  CHECK_THAT(why(with({{"uri", "unix:/" + std::string(107, 'x')}})),
+             ContainsSubstring("'uri' must be"));
+  CHECK(why(with({{"uri", "unix:/" + std::string(106, 'x')}})) == "ok");
+  CHECK(why(with({{"uri", "tcp:host-1.example.org:65535"}})) == "ok");
+  CHECK(why(with({{"uri", "tcp:10.0.0.1:4444"}})) == "ok");
+  CHECK_THAT(why(with({{"postcopy", true}, {"recover_uri", "exec:x"}})),
+             ContainsSubstring("'recover_uri' must be"));
+  CHECK_THAT(why(with({{"uri", 5}})), ContainsSubstring("must be a string"));
+  // Types and ranges.
+  CHECK_THAT(why(with({{"postcopy", "yes"}})),
+             ContainsSubstring("'postcopy' must be true or false"));
+  CHECK_THAT(why(with({{"wait", 1}})), ContainsSubstring("'wait' must be"));
+  CHECK_THAT(why(with({{"postcopy", true}, {"prefetch", "all"}})),
+             ContainsSubstring("'prefetch' must be off, pattern"));
+  CHECK_THAT(why(with({{"postcopy", true}, {"switch", "now"}})),
+             ContainsSubstring("'switch' must be auto or manual"));
+  CHECK_THAT(why(with({{"postcopy", true}, {"switch_after_passes", 1001}})),
+             ContainsSubstring("from 0 to 1000"));
+  CHECK_THAT(why(with({{"postcopy", true}, {"switch_after_passes", -1}})),
+             ContainsSubstring("from 0 to 1000"));
+  CHECK_THAT(why(with({{"postcopy", true}, {"switch_stall_samples", 1.5}})),
+             ContainsSubstring("switch_stall_samples"));
+  CHECK_THAT(why(with({{"max_bandwidth", 0}})),
+             ContainsSubstring("'max_bandwidth' must be an integer from 1"));
+  CHECK_THAT(why(with({{"max_bandwidth", (1ull << 40) + 1}})),
+             ContainsSubstring("max_bandwidth"));
+  CHECK_THAT(why(with({{"downtime_limit_ms", 2000001}})),
+             ContainsSubstring("downtime_limit_ms"));
+  CHECK_THAT(why(with({{"interval_ms", 99}})),
+             ContainsSubstring("'interval_ms' must be an integer from 100 to 60000"));
+  CHECK_THAT(why(with({{"postcopy", true}, {"recover_attempts", 101}})),
+             ContainsSubstring("recover_attempts"));
+  // What only post-copy uses is an error without it.
+  CHECK_THAT(why(with({{"prefetch", "pattern"}})),
+             ContainsSubstring("'prefetch' needs 'postcopy'"));
+  CHECK(why(with({{"prefetch", "off"}})) == "ok");
+  CHECK_THAT(why(with({{"switch", "manual"}})),
+             ContainsSubstring("'switch*' fields need 'postcopy'"));
+  CHECK_THAT(why(with({{"switch_after_s", 5}})),
+             ContainsSubstring("need 'postcopy'"));
+  CHECK_THAT(why(with({{"max_postcopy_bandwidth", 5}})),
+             ContainsSubstring("needs 'postcopy'"));
+  CHECK_THAT(why(with({{"recover_attempts", 1}})),
+             ContainsSubstring("only a post-copy migration can be recovered"));
+  CHECK_THAT(why(with({{"postcopy", true}, {"switch", "manual"},
+                       {"switch_after_passes", 2}})),
+             ContainsSubstring("'switch' manual takes no"));
+  // The other migration ops.
+  CHECK(why(json{{"op", "migrate-recover"}}) == "missing field 'vm'");
+  CHECK_THAT(why(json{{"op", "migrate-recover"}, {"vm", "a"}, {"dest", "a"}}),
+             ContainsSubstring("another VM"));
+  CHECK_THAT(why(json{{"op", "migrate-recover"}, {"vm", "a"}, {"postcopy", true}}),
+             ContainsSubstring("unknown field 'postcopy'"));
+  CHECK_THAT(why(json{{"op", "migrate-recover"}, {"vm", "a"}, {"uri", "exec:x"}}),
+             ContainsSubstring("'uri' must be"));
+  CHECK_THAT(why(json{{"op", "migrate-status"}, {"vm", "a"}, {"dest", "b"}}),
+             ContainsSubstring("unknown field 'dest'"));
+  CHECK_THAT(why(json{{"op", "migrate-postcopy"}}), ContainsSubstring("'vm'"));
+  CHECK_THAT(why(json{{"op", "migrate-cancel"}, {"vm", ""}}),
+             ContainsSubstring("'vm' must be"));
+}
+
+TEST_CASE("api: migration URIs") {
+  CHECK(valid_migration_uri("unix:/run/kvmx/m.sock"));
+  CHECK(valid_migration_uri("tcp:localhost:4444"));
+  CHECK(valid_migration_uri("tcp:[fe80::1]:1"));
+  CHECK_FALSE(valid_migration_uri("exec:cat"));
+  CHECK_FALSE(valid_migration_uri("tcp:localhost:4444,to=5000"));
+  CHECK_FALSE(valid_migration_uri("tcp:" + std::string(254, 'h') + ":1"));
+  CHECK_FALSE(valid_migration_uri("UNIX:/x"));
+  CHECK_FALSE(valid_migration_uri(std::string("unix:/a\0b", 9)));
 }

@@ -1,0 +1,141 @@
+// kvmx-hostctl: its command line turned into a request (flags, KEY=VALUE,
+// every usage error) and the lines it prints for a migration.
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include "ctl/args.h"
+
+using nlohmann::json;
+using namespace kvmx;
+using namespace kvmx::ctl;
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+
+std::string usage_error(const std::string& op,
+                        const std::vector<std::string>& args,
+                        const Flags& flags = {}) {
+  auto r = build_request(op, args, flags);
+  if (r) return "ok";
+  CHECK(r.error().code == "usage");
+  return r.error().message;
+}
+
+}  // namespace
+
+TEST_CASE("ctl: KEY=VALUE: JSON values, but names and paths stay strings") {
+  auto r = build_request("violations", {"vm=a", "limit=5", "since_seq=0"}, {});
+  REQUIRE(r.ok());
+  CHECK(*r == json{{"op", "violations"}, {"vm", "a"}, {"limit", 5},
+                   {"since_seq", 0}});
+  r = build_request("migrate", {"vm=123", "dest=true", "uri=unix:/x",
+                                "max_bandwidth=1000", "postcopy=true"}, {});
+  REQUIRE(r.ok());
+  CHECK((*r)["vm"] == "123");
+  CHECK((*r)["dest"] == "true");
+  CHECK((*r)["max_bandwidth"] == 1000);
+  CHECK((*r)["postcopy"] == true);
+  r = build_request("attach", {"vm=a", "qmp=/run/x=y.qmp"}, {});
+  REQUIRE(r.ok());
+  CHECK((*r)["qmp"] == "/run/x=y.qmp");  // split at the first '='
+}
+
+TEST_CASE("ctl: migrate flags become fields") {
+  Flags f;
+  f.postcopy = true;
+  f.prefetch = "page-table";
+  f.shared_storage = true;
+  f.switch_mode = "manual";
+  f.no_wait = true;
+  auto r = build_request("migrate", {"vm=a", "dest=b"}, f);
+  REQUIRE(r.ok());
+  CHECK(*r == json{{"op", "migrate"}, {"vm", "a"}, {"dest", "b"},
+                   {"postcopy", true}, {"prefetch", "page-table"},
+                   {"shared_storage", true}, {"switch", "manual"},
+                   {"wait", false}});
+  Flags w;
+  w.no_wait = true;
+  r = build_request("migrate-recover", {"vm=a"}, w);
+  REQUIRE(r.ok());
+  CHECK((*r)["wait"] == false);
+  CHECK(follows_migration("migrate"));
+  CHECK(follows_migration("migrate-recover"));
+  CHECK_FALSE(follows_migration("migrate-status"));
+}
+
+TEST_CASE("ctl: usage errors") {
+  CHECK_THAT(usage_error("ping", {"novalue"}), ContainsSubstring("KEY=VALUE"));
+  CHECK_THAT(usage_error("ping", {"=x"}), ContainsSubstring("not a field name"));
+  CHECK_THAT(usage_error("ping", {"op=attach"}),
+             ContainsSubstring("not a field name"));
+  CHECK_THAT(usage_error("ping", {"Vm=x"}), ContainsSubstring("not a field name"));
+  CHECK_THAT(usage_error("ping", {std::string(65, 'a') + "=1"}),
+             ContainsSubstring("not a field name"));
+  CHECK_THAT(usage_error("attach", {"vm=a", "vm=b"}),
+             ContainsSubstring("'vm' given twice"));
+  Flags pc;
+  pc.postcopy = true;
+  CHECK_THAT(usage_error("attach", {"vm=a"}, pc),
+             ContainsSubstring("--postcopy is for migrate"));
+  CHECK_THAT(usage_error("migrate-recover", {"vm=a"}, pc),
+             ContainsSubstring("--postcopy is for migrate"));
+  CHECK_THAT(usage_error("migrate", {"vm=a", "postcopy=false"}, pc),
+             ContainsSubstring("--postcopy and postcopy= both given"));
+  Flags pf;
+  pf.prefetch = "all";
+  CHECK_THAT(usage_error("migrate", {"vm=a"}, pf),
+             ContainsSubstring("--prefetch takes off, pattern, page-table or "
+                               "both, not 'all'"));
+  Flags sw;
+  sw.switch_mode = "now";
+  CHECK_THAT(usage_error("migrate", {"vm=a"}, sw),
+             ContainsSubstring("--switch takes auto or manual"));
+  Flags nw;
+  nw.no_wait = true;
+  CHECK_THAT(usage_error("ping", {}, nw),
+             ContainsSubstring("--no-wait is for migrate and migrate-recover"));
+  CHECK(usage_error("migrate", {"vm=a", "dest=b"}, pc) == "ok");
+}
+
+TEST_CASE("ctl: progress and outcome lines") {
+  CHECK(format_bytes(0) == "0 B");
+  CHECK(format_bytes(1023) == "1023 B");
+  CHECK(format_bytes(1536) == "1.5 KiB");
+  CHECK(format_bytes(812ull << 20) == "812.0 MiB");
+  CHECK(format_bytes(3ull << 40) == "3.0 TiB");
+
+  json ev = {{"event", "migration"}, {"message", ""}, {"elapsed_ms", 12345},
+             {"state", "precopy"}, {"pass", 2}, {"remaining", 812ull << 20},
+             {"transferred", 100ull << 20}, {"bytes_per_s", 32ull << 20},
+             {"postcopy_requests", 0}, {"status", "active"},
+             {"dest_status", "active"}};
+  CHECK(format_event(ev) ==
+        "[   12.3 s] precopy    pass 2  remaining 812.0 MiB  sent 100.0 MiB  "
+        "32.0 MiB/s  (source active, destination active)");
+  ev["state"] = "postcopy";
+  ev["postcopy_requests"] = 7;
+  CHECK_THAT(format_event(ev), ContainsSubstring("  page requests 7  "));
+  ev["message"] = "switching to post-copy: 1 precopy pass complete";
+  CHECK(format_event(ev) ==
+        "[   12.3 s] switching to post-copy: 1 precopy pass complete");
+  // A hostile or odd event does not throw.
+  CHECK_THAT(format_event(json{{"event", "migration"}, {"pass", "x"}}),
+             ContainsSubstring("pass ?"));
+
+  json done = {{"result",
+                {{"vm", "a"}, {"dest", "b"}, {"state", "completed"},
+                 {"transferred", 449ull << 20}, {"switched", true},
+                 {"switch_reason", "1 precopy pass complete"},
+                 {"postcopy_requests", 58}, {"downtime_ms", 70},
+                 {"recoveries", 1}}}};
+  CHECK(format_outcome(done) ==
+        "migration of 'a' to 'b' completed: 449.0 MiB sent, post-copy (1 "
+        "precopy pass complete), 58 page requests, downtime 70 ms, 1 "
+        "recoveries");
+  json err = {{"error", {{"code", "migration-paused"}, {"message", "m"}}}};
+  CHECK(format_outcome(err) == "migration-paused: m");
+  json started = {{"result", {{"vm", "a"}, {"dest", "b"},
+                              {"state", "precopy"}, {"status", "active"}}}};
+  CHECK_THAT(format_outcome(started),
+             ContainsSubstring("is precopy (QEMU: active)"));
+}

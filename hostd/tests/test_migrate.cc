@@ -1,0 +1,818 @@
+// The migration: the switch policy, the storage check, and the job driving
+// a simulated pair of QEMUs (what each is told, in which order, and how the
+// job ends: completed, failed, cancelled, paused, recovered).
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+#include <map>
+#include <set>
+
+#include "migrate/job.h"
+#include "migrate/policy.h"
+#include "test_helpers.h"
+
+using nlohmann::json;
+using namespace kvmx;
+using namespace kvmx::migrate;
+using namespace std::chrono_literals;
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+
+Sample at(uint64_t pass, uint64_t remaining, int ms = 0) {
+  return Sample{pass, remaining, std::chrono::milliseconds(ms)};
+}
+
+}  // namespace
+
+// -- SwitchPolicy -------------------------------------------------------------------
+
+TEST_CASE("policy: after N passes, once") {
+  SwitchPolicy p(PolicyConfig{false, 2, 0, 0});
+  CHECK_FALSE(p.observe(at(1, 1000)));
+  CHECK_FALSE(p.observe(at(2, 900)));
+  CHECK_FALSE(p.observe(at(2, 100)));
+  auto why = p.observe(at(3, 800));
+  REQUIRE(why);
+  CHECK(*why == "2 precopy passes complete");
+  CHECK_FALSE(p.observe(at(4, 800)));  // it said so once
+
+  SwitchPolicy one(PolicyConfig{false, 1, 0, 0});
+  CHECK_FALSE(one.observe(at(1, 5)));
+  REQUIRE(one.observe(at(2, 5)));
+}
+
+TEST_CASE("policy: remaining that stops shrinking, from the second pass") {
+  SwitchPolicy p(PolicyConfig{false, 0, 3, 0});
+  // The first pass never counts, however flat.
+  for (int i = 0; i < 10; i++) CHECK_FALSE(p.observe(at(1, 1000)));
+  // Second pass: a new low each sample, then flat (within 1/16).
+  CHECK_FALSE(p.observe(at(2, 1000)));
+  CHECK_FALSE(p.observe(at(2, 800)));
+  CHECK_FALSE(p.observe(at(2, 600)));
+  CHECK_FALSE(p.observe(at(2, 590)));  // not 1/16 lower: no progress
+  CHECK_FALSE(p.observe(at(3, 900)));  // a new pass, higher
+  auto why = p.observe(at(3, 620));
+  REQUIRE(why);
+  CHECK_THAT(*why, ContainsSubstring("remaining stopped shrinking"));
+  CHECK_THAT(*why, ContainsSubstring("600 bytes in 3 samples"));
+}
+
+TEST_CASE("policy: a clear new low starts the count again") {
+  SwitchPolicy p(PolicyConfig{false, 0, 2, 0});
+  CHECK_FALSE(p.observe(at(2, 1600)));
+  CHECK_FALSE(p.observe(at(2, 1600)));  // 1
+  CHECK_FALSE(p.observe(at(2, 1400)));  // a new low: 0
+  CHECK_FALSE(p.observe(at(2, 1500)));  // 1
+  CHECK(p.observe(at(2, 1399)));        // 2: not 1/16 below 1400
+}
+
+TEST_CASE("policy: after S seconds; manual never; every rule off never") {
+  SwitchPolicy t(PolicyConfig{false, 0, 0, 10});
+  CHECK_FALSE(t.observe(at(1, 100, 9999)));
+  auto why = t.observe(at(1, 100, 10000));
+  REQUIRE(why);
+  CHECK(*why == "precopy ran 10 seconds");
+
+  SwitchPolicy m(PolicyConfig{true, 1, 1, 1});
+  for (int i = 1; i < 50; i++) CHECK_FALSE(m.observe(at(i, 100, i * 1000)));
+  CHECK(m.describe() == "manual (migrate-postcopy)");
+
+  SwitchPolicy off(PolicyConfig{false, 0, 0, 0});
+  for (int i = 1; i < 50; i++) CHECK_FALSE(off.observe(at(i, 100, i * 1000)));
+  CHECK(off.describe() == "on request only (every rule is off)");
+  CHECK(SwitchPolicy(PolicyConfig{}).describe() ==
+        "after 1 pass, or when remaining stalls for 5 samples");
+}
+
+// -- the storage check ----------------------------------------------------------------
+
+TEST_CASE("storage: --shared-storage needs the same files, and only then") {
+  test::TempDir dir;
+  test::write_file(dir / "a.img", "a");
+  test::write_file(dir / "b.img", "b");
+  std::string a = dir / "a.img", b = dir / "b.img";
+  std::vector<Backend> src = {{"mem1", a, true}};
+  std::vector<Backend> same = {{"mem1", a, true}};
+  std::vector<Backend> other = {{"mem1", b, true}};
+  std::vector<Backend> none;
+
+  CHECK(check_storage(src, other, false, "s", "d") == "");
+  CHECK(check_storage(src, same, true, "s", "d") == "");
+  CHECK_THAT(check_storage(src, other, true, "s", "d"),
+             ContainsSubstring("which VM 's' does not"));
+  CHECK_THAT(check_storage(src, same, false, "s", "d"),
+             ContainsSubstring("both map '" + a + "'"));
+  CHECK_THAT(check_storage(none, none, true, "s", "d"),
+             ContainsSubstring("no shared file-backed memory"));
+  // A file the source maps shared and the destination does not.
+  std::vector<Backend> two = {{"mem1", a, true}, {"mem2", b, true}};
+  CHECK_THAT(check_storage(two, same, true, "s", "d"),
+             ContainsSubstring("'" + b + "' (mem2) shared"));
+  // Paths that this host cannot look at (a QEMU elsewhere): by path.
+  std::vector<Backend> r1 = {{"m", "/nonexistent/x.img", true}};
+  CHECK(check_storage(r1, r1, true, "s", "d") == "");
+  CHECK(check_storage(r1, r1, false, "s", "d") == "");  // not known the same
+  CHECK(same_file(a, a) == Identity::kSame);
+  CHECK(same_file(a, b) == Identity::kDifferent);
+  CHECK(same_file(a, "/nonexistent") == Identity::kUnknown);
+}
+
+// -- the job against a simulated pair of QEMUs -------------------------------------------
+
+namespace {
+
+// Both QEMUs of one migration, as far as the job can see them.
+struct Pair {
+  explicit Pair(EventLoop& l) : loop(l) {}
+  EventLoop& loop;
+  // What each QEMU knows.
+  std::set<std::string> caps = {"postcopy-ram", "x-ignore-shared", "events"};
+  bool prefetch_param = false;
+  std::string src_run = "running", dst_run = "inmigrate";
+  std::string src_mig = "", dst_mig = "";
+  std::map<std::string, bool> src_caps, dst_caps;
+  json src_params = json::object(), dst_params = json::object();
+  std::vector<Backend> src_backends = {{"mem1", "/nonexistent/src.img", true}};
+  std::vector<Backend> dst_backends = {{"mem1", "/nonexistent/dst.img", true}};
+  // The simulated migration: pass 1 sends `first`, every later pass
+  // `dirty` (it never converges); `step` bytes per query-migrate.
+  uint64_t first = 4000, dirty = 1000, step = 1000;
+  uint64_t pass = 0, remaining = 0, transferred = 0, requests = 0;
+  int postcopy_queries = 0, postcopy_len = 3;  // queries until completed
+  std::string fail_desc;  // query-migrate says failed with this
+  // Commands that fail: "<side> <command>" -> QEMU's description.
+  std::map<std::string, std::string> refuse;
+  std::vector<std::string> log;  // "<side> <command> <arguments>"
+  std::string listening;          // the destination's URI
+
+  json answer(const std::string& side, const std::string& cmd,
+              const json& args, std::string* err) {
+    log.push_back(side + " " + cmd + (args.is_null() ? "" : " " + args.dump()));
+    if (auto it = refuse.find(side + " " + cmd); it != refuse.end()) {
+      *err = it->second;
+      return nullptr;
+    }
+    bool src = side == "src";
+    if (cmd == "query-status") return {{"status", src ? src_run : dst_run}};
+    if (cmd == "query-migrate-capabilities") {
+      json a = json::array();
+      for (const auto& c : caps) a.push_back({{"capability", c}, {"state", false}});
+      return a;
+    }
+    if (cmd == "query-migrate-parameters") {
+      json p = {{"max-bandwidth", 1}};
+      if (prefetch_param) p["postcopy-prefetch-mode"] = "pattern";
+      return p;
+    }
+    if (cmd == "qom-list") {
+      json a = json::array({{{"name", "type"}, {"type", "string"}}});
+      for (const auto& b : src ? src_backends : dst_backends)
+        a.push_back({{"name", b.id}, {"type", "child<memory-backend-file>"}});
+      a.push_back({{"name", "ram"}, {"type", "child<memory-backend-ram>"}});
+      return a;
+    }
+    if (cmd == "qom-get") {
+      for (const auto& b : src ? src_backends : dst_backends)
+        if (args["path"] == "/objects/" + b.id)
+          return args["property"] == "share" ? json(b.share) : json(b.path);
+      *err = "no such object";
+      return nullptr;
+    }
+    if (cmd == "migrate-set-capabilities") {
+      for (const auto& c : args["capabilities"]) {
+        if (!caps.count(c["capability"])) {
+          *err = "Parameter 'capability' does not accept value '" +
+                 c["capability"].get<std::string>() + "'";
+          return nullptr;
+        }
+        (src ? src_caps : dst_caps)[c["capability"]] = c["state"];
+      }
+      return json::object();
+    }
+    if (cmd == "migrate-set-parameters") {
+      for (const auto& [k, v] : args.items()) {
+        if (k == "postcopy-prefetch-mode" && !prefetch_param) {
+          *err = "Parameter '" + k + "' is unexpected";
+          return nullptr;
+        }
+        (src ? src_params : dst_params)[k] = v;
+      }
+      return json::object();
+    }
+    if (cmd == "migrate-incoming") {
+      listening = args["uri"];
+      dst_mig = "setup";
+      return json::object();
+    }
+    if (cmd == "migrate" && !args.contains("resume")) {
+      src_mig = "active";
+      dst_mig = "active";
+      pass = 1;
+      remaining = first;
+      return json::object();
+    }
+    if (cmd == "migrate-start-postcopy") {
+      src_mig = dst_mig = "postcopy-active";
+      return json::object();
+    }
+    if (cmd == "migrate_cancel") {
+      src_mig = "cancelled";
+      dst_mig = "failed";
+      return json::object();
+    }
+    if (cmd == "migrate-recover") {
+      if (dst_mig != "postcopy-paused") {
+        *err = "Migrate recover can only be run when postcopy is paused.";
+        return nullptr;
+      }
+      listening = args["uri"];
+      dst_mig = "postcopy-recover-setup";
+      return json::object();
+    }
+    if (cmd == "migrate" && args.contains("resume")) {
+      if (src_mig != "postcopy-paused" || listening != args["uri"]) {
+        *err = "Cannot resume if there is no paused migration";
+        return nullptr;
+      }
+      src_mig = dst_mig = "postcopy-active";
+      return json::object();
+    }
+    if (cmd == "query-migrate") {
+      if (src) advance();
+      json r = json::object();
+      const std::string& st = src ? src_mig : dst_mig;
+      if (!st.empty()) r["status"] = st;
+      if (src && !src_mig.empty() && src_mig != "setup")
+        r["ram"] = {{"transferred", transferred}, {"remaining", remaining},
+                    {"total", 1 << 20}, {"dirty-sync-count", pass},
+                    {"postcopy-requests", requests}, {"mbps", 8.0}};
+      if (src && src_mig == "completed") r["downtime"] = 12;
+      if (src && src_mig == "failed") r["error-desc"] = fail_desc;
+      return r;
+    }
+    *err = "The command " + cmd + " has not been found";
+    return nullptr;
+  }
+
+  void advance() {
+    if (src_mig == "active") {
+      if (!fail_desc.empty()) {
+        src_mig = "failed";
+        return;
+      }
+      transferred += step;
+      if (remaining > step) {
+        remaining -= step;
+      } else {
+        pass++;
+        remaining = dirty;
+      }
+    } else if (src_mig == "postcopy-active") {
+      transferred += step;
+      requests += 5;
+      remaining = remaining > step ? remaining - step : 0;
+      if (++postcopy_queries >= postcopy_len) src_mig = dst_mig = "completed";
+    }
+  }
+
+  // The connection breaks during post-copy.
+  void pause() {
+    src_mig = dst_mig = "postcopy-paused";
+  }
+  int count(const std::string& prefix) const {
+    int n = 0;
+    for (const auto& l : log) n += l.rfind(prefix, 0) == 0 ? 1 : 0;
+    return n;
+  }
+};
+
+class FakeEndpoint final : public Endpoint {
+ public:
+  FakeEndpoint(Pair& pair, std::string side, std::string name)
+      : pair_(pair), side_(std::move(side)), name_(std::move(name)) {}
+  const std::string& name() const override { return name_; }
+  void command(const std::string& cmd, const json& args, ReplyFn fn) override {
+    std::string err;
+    json r = pair_.answer(side_, cmd, args, &err);
+    Result<json> res = err.empty() ? Result<json>(std::move(r))
+                                   : Result<json>(make_error(
+                                         "qmp-error", "GenericError: " + err));
+    pair_.loop.defer([fn, res]() mutable { fn(std::move(res)); });
+  }
+  std::string lost() const override { return lost_; }
+  std::string lost_;
+
+ private:
+  Pair& pair_;
+  std::string side_, name_;
+};
+
+struct Run {
+  std::unique_ptr<EventLoop> loop;
+  std::unique_ptr<Pair> pair;
+  FakeEndpoint* src = nullptr;
+  FakeEndpoint* dst = nullptr;
+  std::unique_ptr<Job> job;
+  std::vector<json> events;
+  int ends = 0, starts = 0;
+  // Called on every event (may act on the pair or the job).
+  std::function<void(const json&)> on_event;
+
+  explicit Run(Settings s = base()) {
+    loop = std::move(*EventLoop::create());
+    pair = std::make_unique<Pair>(*loop);
+    auto se = std::make_unique<FakeEndpoint>(*pair, "src", "web1");
+    auto de = std::make_unique<FakeEndpoint>(*pair, "dst", "web1-new");
+    src = se.get();
+    dst = de.get();
+    Job::Callbacks cb;
+    cb.on_event = [this](const json& e) {
+      events.push_back(e);
+      if (on_event) on_event(e);
+    };
+    cb.on_started = [this] { starts++; };
+    cb.on_end = [this] {
+      ends++;
+      loop->stop();
+    };
+    job = std::make_unique<Job>(*loop, std::move(s), std::move(se),
+                                std::move(de), std::move(cb));
+  }
+  static Settings base() {
+    Settings s;
+    s.uri = "unix:/run/kvmx/migrate-web1.sock";
+    s.postcopy = true;
+    s.interval = 1ms;
+    s.recover_backoff_min = 1ms;
+    s.recover_backoff_max = 2ms;
+    s.dest_pause_wait = 200ms;
+    s.policy = PolicyConfig{false, 1, 0, 0};
+    return s;
+  }
+  // Runs the loop until the job ends (or 5 s).
+  void run() {
+    auto guard = loop->after(5000ms, [this] { loop->stop(); });
+    loop->run();
+    loop->cancel(guard);
+  }
+  bool said(const std::string& text) const {
+    for (const auto& e : events)
+      if (e["message"].get<std::string>().find(text) != std::string::npos)
+        return true;
+    return false;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("job: a post-copy migration by policy, both QEMUs told the same") {
+  Run r;
+  r.job->start();
+  r.run();
+  REQUIRE(r.job->ended());
+  CHECK(r.ends == 1);
+  CHECK(r.starts == 1);
+  CHECK(r.job->state() == State::kCompleted);
+  auto out = r.job->outcome();
+  REQUIRE(out.ok());
+  CHECK((*out)["state"] == "completed");
+  CHECK((*out)["switched"] == true);
+  CHECK((*out)["switch_reason"] == "1 precopy pass complete");
+  CHECK((*out)["downtime_ms"] == 12);
+  CHECK((*out)["postcopy_requests"].get<uint64_t>() > 0);
+  // Capabilities on both, the destination first; the destination listens
+  // before the source starts; the switch exactly once.
+  Pair& p = *r.pair;
+  CHECK(p.src_caps == std::map<std::string, bool>{{"postcopy-ram", true},
+                                                  {"x-ignore-shared", false}});
+  CHECK(p.dst_caps == p.src_caps);
+  auto pos = [&](const std::string& prefix) {
+    for (size_t i = 0; i < p.log.size(); i++)
+      if (p.log[i].rfind(prefix, 0) == 0) return static_cast<int>(i);
+    return -1;
+  };
+  CHECK(pos("dst migrate-set-capabilities") < pos("src migrate-set-capabilities"));
+  CHECK(pos("src migrate-set-capabilities") < pos("dst migrate-incoming"));
+  CHECK(pos("dst migrate-incoming") < pos("src migrate {"));
+  CHECK(p.listening == "unix:/run/kvmx/migrate-web1.sock");
+  CHECK(p.count("src migrate-start-postcopy") == 1);
+  CHECK(p.count("dst migrate-start-postcopy") == 0);
+  CHECK(r.said("switching to post-copy: 1 precopy pass complete"));
+  CHECK(r.said("completed in"));
+  // Progress samples, in order: precopy in pass 1, then post-copy.
+  std::vector<std::string> states;
+  for (const auto& e : r.events)
+    if (e["message"] == "") states.push_back(e["state"]);
+  REQUIRE(states.size() >= 4);
+  CHECK(states.front() == "precopy");
+  CHECK(std::find(states.begin(), states.end(), "postcopy") != states.end());
+  for (const auto& e : r.events) {
+    CHECK(e["event"] == "migration");
+    CHECK(e["vm"] == "web1");
+    CHECK(e["dest"] == "web1-new");
+  }
+}
+
+TEST_CASE("job: prefetch the QEMU does not know is a clear error, nothing set") {
+  Settings s = Run::base();
+  s.prefetch = "pattern";
+  Run r(s);
+  r.job->start();
+  r.run();
+  REQUIRE(r.job->ended());
+  CHECK(r.job->state() == State::kFailed);
+  auto out = r.job->outcome();
+  REQUIRE_FALSE(out.ok());
+  CHECK(out.error().code == "migration-unsupported");
+  CHECK_THAT(out.error().message,
+             ContainsSubstring("has no migration capability 'postcopy-prefetch'"));
+  CHECK(r.pair->count("dst migrate-set") == 0);
+  CHECK(r.pair->count("src migrate-set") == 0);
+  CHECK(r.pair->count("dst migrate-incoming") == 0);
+  CHECK(r.pair->count("src migrate") == 0);
+  CHECK(r.starts == 0);
+
+  // The capability without the parameter is no better.
+  Run q(s);
+  q.pair->caps.insert("postcopy-prefetch");
+  q.job->start();
+  q.run();
+  REQUIRE_FALSE(q.job->outcome().ok());
+  CHECK_THAT(q.job->outcome().error().message,
+             ContainsSubstring("no migration parameter 'postcopy-prefetch-mode'"));
+}
+
+TEST_CASE("job: prefetch a QEMU knows: capability and mode on both sides") {
+  Settings s = Run::base();
+  s.prefetch = "both";
+  s.max_bandwidth = 1 << 20;
+  Run r(s);
+  r.pair->caps.insert("postcopy-prefetch");
+  r.pair->prefetch_param = true;
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kCompleted);
+  CHECK(r.pair->src_caps["postcopy-prefetch"] == true);
+  CHECK(r.pair->dst_caps["postcopy-prefetch"] == true);
+  CHECK(r.pair->src_params["postcopy-prefetch-mode"] == "both");
+  CHECK(r.pair->dst_params["postcopy-prefetch-mode"] == "both");
+  CHECK(r.pair->src_params["max-bandwidth"] == 1 << 20);
+  CHECK_FALSE(r.pair->dst_params.contains("max-bandwidth"));
+  CHECK((*r.job->outcome())["prefetch"] == "both");
+
+  // Known but not asked for: turned off explicitly (a former migration may
+  // have left it on).
+  Run off;
+  off.pair->caps.insert("postcopy-prefetch");
+  off.job->start();
+  off.run();
+  CHECK(off.pair->dst_caps["postcopy-prefetch"] == false);
+}
+
+TEST_CASE("job: QEMU refusing post-copy names the VM and QEMU's reason") {
+  Run r;
+  r.pair->refuse["dst migrate-set-capabilities"] =
+      "Postcopy is not supported: Host backend files need to be TMPFS or "
+      "HUGETLBFS only";
+  r.job->start();
+  r.run();
+  auto out = r.job->outcome();
+  REQUIRE_FALSE(out.ok());
+  CHECK(out.error().code == "migration-unsupported");
+  CHECK(out.error().message ==
+        "VM 'web1-new': migrate-set-capabilities: Postcopy is not supported: "
+        "Host backend files need to be TMPFS or HUGETLBFS only");
+  CHECK(r.pair->count("src migrate") == 0);
+}
+
+TEST_CASE("job: what the checks refuse") {
+  SECTION("a destination that does not wait for a migration") {
+    Run r;
+    r.pair->dst_run = "running";
+    r.job->start();
+    r.run();
+    CHECK(r.job->outcome().error().code == "migration-refused");
+    CHECK_THAT(r.job->outcome().error().message,
+               ContainsSubstring("start it with -incoming defer"));
+  }
+  SECTION("a destination that listened before") {
+    Run r;
+    r.pair->dst_mig = "setup";
+    r.job->start();
+    r.run();
+    CHECK(r.job->outcome().error().code == "migration-refused");
+  }
+  SECTION("a source that migrates already") {
+    Run r;
+    r.pair->src_mig = "postcopy-paused";
+    r.job->start();
+    r.run();
+    CHECK(r.job->outcome().error().code == "migration-busy");
+    CHECK_THAT(r.job->outcome().error().message,
+               ContainsSubstring("recover it with migrate-recover"));
+  }
+  SECTION("a source that ran its migration already") {
+    Run r;
+    r.pair->src_run = "postmigrate";
+    r.job->start();
+    r.run();
+    CHECK(r.job->outcome().error().code == "migration-refused");
+  }
+  SECTION("--shared-storage with separate files") {
+    Settings s = Run::base();
+    s.shared_storage = true;
+    Run r(s);
+    r.job->start();
+    r.run();
+    CHECK(r.job->outcome().error().code == "migration-refused");
+    CHECK_THAT(r.job->outcome().error().message,
+               ContainsSubstring("--shared-storage"));
+  }
+  SECTION("the URI check") {
+    Settings s = Run::base();
+    s.check_uri = [](const std::string& uri) {
+      return "no: " + uri;
+    };
+    Run r(s);
+    r.job->start();
+    r.run();
+    CHECK(r.job->outcome().error().message ==
+          "no: unix:/run/kvmx/migrate-web1.sock");
+    CHECK(r.pair->count("dst migrate-incoming") == 0);
+  }
+  SECTION("a QMP error on the way names VM and command") {
+    Run r;
+    r.pair->refuse["src query-migrate-capabilities"] = "boom";
+    r.job->start();
+    r.run();
+    CHECK(r.job->outcome().error().message ==
+          "VM 'web1': query-migrate-capabilities: boom");
+  }
+}
+
+TEST_CASE("job: shared storage sets x-ignore-shared on both") {
+  Settings s = Run::base();
+  s.shared_storage = true;
+  Run r(s);
+  r.pair->dst_backends = r.pair->src_backends;
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kCompleted);
+  CHECK(r.pair->src_caps["x-ignore-shared"] == true);
+  CHECK(r.pair->dst_caps["x-ignore-shared"] == true);
+}
+
+TEST_CASE("job: QEMU's failure is the outcome, with its words") {
+  Run r;
+  r.pair->fail_desc = "Unable to write to socket: Broken pipe";
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kFailed);
+  CHECK(r.job->outcome().error().code == "migration-failed");
+  CHECK(r.job->outcome().error().message ==
+        "migration of 'web1' to 'web1-new' failed: Unable to write to "
+        "socket: Broken pipe");
+}
+
+TEST_CASE("job: precopy only converges without a switch") {
+  Settings s = Run::base();
+  s.postcopy = false;
+  Run r(s);
+  r.pair->dirty = 0;
+  r.on_event = [&](const json& e) {
+    if (e["pass"] == 2 && r.pair->src_mig == "active")
+      r.pair->src_mig = r.pair->dst_mig = "completed";
+  };
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kCompleted);
+  CHECK(r.pair->count("src migrate-start-postcopy") == 0);
+  CHECK(r.pair->src_caps["postcopy-ram"] == false);
+  CHECK((*r.job->outcome())["switched"] == false);
+}
+
+TEST_CASE("job: manual switch; migrate-postcopy switches; twice is harmless") {
+  Settings s = Run::base();
+  s.policy.manual = true;
+  Run r(s);
+  int samples = 0;
+  std::vector<Result<json>> replies;
+  r.on_event = [&](const json& e) {
+    if (e["message"] != "" || e["state"] != "precopy") return;
+    if (++samples == 8) {
+      r.job->switch_now("requested by a client",
+                        [&](Result<json> x) { replies.push_back(x); });
+      r.job->switch_now("requested again",
+                        [&](Result<json> x) { replies.push_back(x); });
+    }
+  };
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kCompleted);
+  CHECK(samples >= 8);  // passes went by without a switch
+  REQUIRE(replies.size() == 2);
+  // The second is answered at once (already switching), the first once
+  // QEMU took the command.
+  CHECK((*replies[0])["switching"] == true);
+  CHECK((*replies[0])["already"] == true);
+  CHECK((*replies[1])["already"] == false);
+  CHECK(r.pair->count("src migrate-start-postcopy") == 1);
+  CHECK((*r.job->outcome())["switch_reason"] == "requested by a client");
+
+  // Without post-copy there is nothing to switch to.
+  Settings p = Run::base();
+  p.postcopy = false;
+  Run q(p);
+  std::optional<Error> err;
+  q.on_event = [&](const json& e) {
+    if (e["state"] == "precopy" && !err)
+      q.job->switch_now("x", [&](Result<json> x) { err = x.error(); });
+    q.pair->src_mig = "completed";
+  };
+  q.job->start();
+  q.run();
+  REQUIRE(err);
+  CHECK(err->code == "migration-refused");
+  CHECK_THAT(err->message, ContainsSubstring("without post-copy"));
+}
+
+TEST_CASE("job: cancel during precopy; refused in post-copy") {
+  Settings s = Run::base();
+  s.policy.manual = true;
+  Run r(s);
+  bool sent = false;
+  r.on_event = [&](const json& e) {
+    if (!sent && e["state"] == "precopy" && e["message"] == "") {
+      sent = true;
+      r.job->cancel([](Result<json> x) { CHECK(x.ok()); });
+    }
+  };
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kCancelled);
+  CHECK(r.job->outcome().error().code == "migration-cancelled");
+
+  Run q;
+  std::optional<Error> err;
+  q.pair->postcopy_len = 5;
+  q.on_event = [&](const json& e) {
+    if (e["state"] == "postcopy" && !err)
+      q.job->cancel([&](Result<json> x) { err = x.error(); });
+  };
+  q.job->start();
+  q.run();
+  CHECK(q.job->state() == State::kCompleted);
+  REQUIRE(err);
+  CHECK_THAT(err->message, ContainsSubstring("cannot be cancelled"));
+}
+
+TEST_CASE("job: a paused post-copy is recovered by itself") {
+  Run r;
+  r.pair->postcopy_len = 6;
+  int paused = 0;
+  r.on_event = [&](const json& e) {
+    if (e["state"] == "postcopy" && e["message"] == "" && paused == 0) {
+      paused++;
+      r.pair->pause();
+    }
+  };
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kCompleted);
+  auto out = *r.job->outcome();
+  CHECK(out["recoveries"] == 1);
+  CHECK(r.pair->count("dst migrate-recover") == 1);
+  CHECK(r.pair->count("src migrate {\"resume\":true") == 1);
+  CHECK(r.said("post-copy paused"));
+  CHECK(r.said("post-copy resumed (recovery 1)"));
+}
+
+TEST_CASE("job: without attempts it ends paused; recover() completes it") {
+  Settings s = Run::base();
+  s.recover_attempts = 0;
+  s.recover_uri = "unix:/run/kvmx/recover.sock";
+  Run r(s);
+  r.pair->postcopy_len = 6;
+  bool paused = false;
+  r.on_event = [&](const json& e) {
+    if (e["state"] == "postcopy" && e["message"] == "" && !paused) {
+      paused = true;
+      r.pair->pause();
+    }
+  };
+  r.job->start();
+  r.run();
+  REQUIRE(r.job->ended());
+  CHECK(r.job->state() == State::kPaused);
+  auto out = r.job->outcome();
+  REQUIRE_FALSE(out.ok());
+  CHECK(out.error().code == "migration-paused");
+  CHECK_THAT(out.error().message,
+             ContainsSubstring("recover with kvmx-hostctl migrate-recover "
+                               "vm=web1 dest=web1-new"));
+
+  REQUIRE(r.job->recover("").ok());
+  CHECK_FALSE(r.job->ended());
+  r.run();
+  CHECK(r.job->state() == State::kCompleted);
+  CHECK(r.ends == 2);
+  CHECK(r.pair->listening == "unix:/run/kvmx/recover.sock");
+  CHECK((*r.job->outcome())["recoveries"] == 1);
+  // Not paused any more: nothing to recover.
+  CHECK(r.job->recover("").error().code == "migration-refused");
+}
+
+TEST_CASE("job: a failed attempt is retried; the destination may lag") {
+  Run r;
+  r.pair->postcopy_len = 6;
+  bool paused = false;
+  r.on_event = [&](const json& e) {
+    if (e["state"] == "postcopy" && e["message"] == "" && !paused) {
+      paused = true;
+      r.pair->pause();
+      // The source's resume fails once.
+      r.pair->refuse["src migrate"] = "Failed to connect socket";
+      r.pair->dst_mig = "postcopy-active";  // it has not noticed yet
+    }
+    if (e["message"].get<std::string>().find("recovery attempt 1 failed") !=
+        std::string::npos)
+      r.pair->refuse.erase("src migrate");
+    if (paused && r.pair->dst_mig == "postcopy-active" &&
+        r.pair->src_mig == "postcopy-paused")
+      r.pair->dst_mig = "postcopy-paused";  // now it has
+  };
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kCompleted);
+  CHECK(r.said("recovery attempt 1 failed: VM 'web1': migrate: Failed to "
+               "connect socket"));
+  // The second attempt found the destination still listening.
+  CHECK(r.pair->count("dst migrate-recover") == 1);
+  CHECK(r.pair->count("src migrate {\"resume\":true") == 2);
+}
+
+TEST_CASE("job: recover() of a paused migration hostd did not start") {
+  Settings s = Run::base();
+  s.recover_attempts = 0;
+  Run r(s);
+  r.pair->src_mig = r.pair->dst_mig = "postcopy-paused";
+  r.pair->pass = 3;
+  REQUIRE(r.job->recover("").ok());
+  r.run();
+  CHECK(r.job->state() == State::kCompleted);
+  CHECK(r.pair->count("src migrate-set") == 0);  // nothing set again
+
+  Run n(s);
+  n.pair->src_mig = "active";
+  REQUIRE(n.job->recover("").ok());
+  n.run();
+  CHECK(n.job->outcome().error().code == "migration-refused");
+  CHECK_THAT(n.job->outcome().error().message,
+             ContainsSubstring("has no paused post-copy migration"));
+}
+
+TEST_CASE("job: the source lost; the destination lost during post-copy") {
+  Run r;
+  r.on_event = [&](const json& e) {
+    if (e["state"] == "precopy" && e["message"] == "") {
+      r.src->lost_ = "QMP socket '/x' no longer exists";
+      r.pair->refuse["src query-migrate"] = "gone";
+    }
+  };
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kFailed);
+  CHECK_THAT(r.job->outcome().error().message,
+             ContainsSubstring("lost the source VM 'web1'"));
+
+  Run q;
+  q.pair->postcopy_len = 6;
+  q.on_event = [&](const json& e) {
+    if (e["state"] == "postcopy" && e["message"] == "") {
+      q.dst->lost_ = "detached from hostd";
+      q.pair->pause();
+    }
+  };
+  q.job->start();
+  q.run();
+  CHECK(q.job->state() == State::kFailed);
+  CHECK_THAT(q.job->outcome().error().message,
+             ContainsSubstring("the guest cannot run on"));
+}
+
+TEST_CASE("job: destroyed mid-way, its answers arrive to nobody") {
+  Run r;
+  r.on_event = [&](const json& e) {
+    if (e["state"] == "precopy") r.loop->defer([&] {
+        r.job.reset();
+        r.loop->stop();
+      });
+  };
+  r.job->start();
+  r.run();
+  CHECK(r.job == nullptr);
+  // Whatever was in flight runs into the guard.
+  auto t = r.loop->after(20ms, [&] { r.loop->stop(); });
+  r.loop->run();
+  (void)t;
+}

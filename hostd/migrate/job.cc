@@ -462,6 +462,7 @@ void Job::begin() {
   seq(*dst_, {{"migrate-incoming", json{{"uri", s_.uri}}}},
       guard([this, failed](Result<std::vector<json>> r) {
         if (!r) return fail_prepare(failed(r.error()));
+        dest_uris_.insert(s_.uri);
         seq(*src_, {{"migrate", json{{"uri", s_.uri}}}},
             guard([this, failed](Result<std::vector<json>> r) {
               if (!r) return fail_prepare(failed(r.error()));
@@ -568,6 +569,14 @@ void Job::sample(Result<json> src, Result<json> dst) {
   absorb(*src);
   const json& info = *src;
   std::string qerr = shorten(json_string(info, "error-desc").value_or(""));
+  if (resume_sent_ &&
+      (status_ == "postcopy-active" || status_ == "completed")) {
+    // The stream is back (it may even have finished within one interval).
+    resume_sent_ = false;
+    recoveries_++;
+    next_backoff_ = s_.recover_backoff_min;
+    emit("post-copy resumed (recovery " + std::to_string(recoveries_) + ")");
+  }
   if (status_ == "completed") {
     std::string how =
         switched_ ? "post-copy (" + switch_reason_ + "), " +
@@ -593,6 +602,7 @@ void Job::sample(Result<json> src, Result<json> dst) {
                "cancelled");
   if (status_ == "postcopy-paused") {
     switched_ = true;
+    resume_sent_ = false;
     on_paused(qerr);
     if (ended_) return;
   } else if (status_ == "postcopy-recover-setup" ||
@@ -600,12 +610,6 @@ void Job::sample(Result<json> src, Result<json> dst) {
     switched_ = true;
     if (state_ != State::kRecovering) state_ = State::kRecovering;
   } else if (status_ == "postcopy-active") {
-    if (state_ == State::kRecovering || state_ == State::kPaused) {
-      recoveries_++;
-      state_ = State::kPostcopy;
-      next_backoff_ = s_.recover_backoff_min;
-      emit("post-copy resumed (recovery " + std::to_string(recoveries_) + ")");
-    }
     switched_ = true;
     state_ = State::kPostcopy;
   } else {
@@ -741,6 +745,7 @@ void Job::try_recover(Clock::time_point dest_deadline) {
               guard([this, listen](Result<std::vector<json>> r) {
                 if (!r) return recover_failed(r.error().message);
                 recovering_now_ = false;
+                resume_sent_ = true;
                 emit("recovering: '" + dst_->name() + "' listens on " +
                      listen + ", '" + src_->name() + "' resumed");
                 if (cb_.on_started) cb_.on_started();
@@ -763,13 +768,14 @@ void Job::try_recover(Clock::time_point dest_deadline) {
                                 "' is '" + dst_status +
                                 "', not post-copy paused");
         }
-        if (s_.check_uri)
+        if (s_.check_uri && !dest_uris_.count(uri))
           if (auto why = s_.check_uri(uri); !why.empty())
             return recover_failed(why);
         seq(*dst_, {{"migrate-recover", json{{"uri", uri}}}},
             guard([this, uri, resume](Result<std::vector<json>> r) {
               if (!r) return recover_failed(r.error().message);
               listen_uri_ = uri;
+              dest_uris_.insert(uri);
               resume(uri);
             }));
       }));

@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -199,6 +200,10 @@ class Job {
   bool polling_ = false;
   bool recovering_now_ = false;
   std::string listen_uri_;  // where the destination last listened to recover
+  // URIs this destination was told to listen on: QEMU keeps its listener
+  // after it accepted, so the path is "in use", by that QEMU itself.
+  std::set<std::string> dest_uris_;
+  bool resume_sent_ = false;  // the source accepted migrate resume=true
   // What the probe found.
   bool src_prefetch_ = false, dst_prefetch_ = false;
   uint32_t attempts_left_ = 0;

@@ -667,7 +667,15 @@ TEST_CASE("job: cancel during precopy; refused in post-copy") {
 }
 
 TEST_CASE("job: a paused post-copy is recovered by itself") {
-  Run r;
+  Settings s = Run::base();
+  // As QEMU does: the destination keeps listening after it accepted, so
+  // its socket is "in use" -- by itself, which does not count.
+  Pair* pair = nullptr;
+  s.check_uri = [&pair](const std::string& uri) {
+    return pair && pair->listening == uri ? "'" + uri + "' is in use" : "";
+  };
+  Run r(s);
+  pair = r.pair.get();
   r.pair->postcopy_len = 6;
   int paused = 0;
   r.on_event = [&](const json& e) {
@@ -685,6 +693,32 @@ TEST_CASE("job: a paused post-copy is recovered by itself") {
   CHECK(r.pair->count("src migrate {\"resume\":true") == 1);
   CHECK(r.said("post-copy paused"));
   CHECK(r.said("post-copy resumed (recovery 1)"));
+}
+
+TEST_CASE("job: a recovery URI some other process listens on is refused") {
+  Settings s = Run::base();
+  s.recover_uri = "unix:/run/kvmx/busy.sock";
+  s.recover_attempts = 1;
+  s.check_uri = [](const std::string& uri) {
+    return uri == "unix:/run/kvmx/busy.sock" ? "'/run/kvmx/busy.sock' is a "
+                                               "socket in use"
+                                             : "";
+  };
+  Run r(s);
+  r.pair->postcopy_len = 6;
+  bool paused = false;
+  r.on_event = [&](const json& e) {
+    if (e["state"] == "postcopy" && e["message"] == "" && !paused) {
+      paused = true;
+      r.pair->pause();
+    }
+  };
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kPaused);
+  CHECK_THAT(r.job->outcome().error().message,
+             ContainsSubstring("is a socket in use"));
+  CHECK(r.pair->count("dst migrate-recover") == 0);
 }
 
 TEST_CASE("job: without attempts it ends paused; recover() completes it") {

@@ -25,8 +25,8 @@ class VmEndpoint final : public migrate::Endpoint {
 
   const std::string& name() const override { return name_; }
 
-  void command(const std::string& cmd, const json& args,
-               migrate::ReplyFn fn) override {
+  void command(const std::string& cmd, const json& args, migrate::ReplyFn fn,
+               bool oob) override {
     // The job wants its answers from the loop, never inside this call.
     auto later = [&loop = loop_, fn](Result<json> r) {
       loop.defer([fn, r = std::move(r)]() mutable { fn(std::move(r)); });
@@ -37,7 +37,7 @@ class VmEndpoint final : public migrate::Endpoint {
                                        "(detached?)"));
       return;
     }
-    v->execute(cmd, args, later);
+    v->execute(cmd, args, later, oob);
   }
 
   std::string lost() const override {

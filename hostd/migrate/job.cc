@@ -494,18 +494,28 @@ void Job::arm_poll() {
 
 void Job::poll() {
   if (ended_) return;
-  if (polling_) return arm_poll();
+  arm_poll();
+  // The destination's answer only updates dest_status: during post-copy
+  // its main loop can wait for a page, and the progress must go on.
+  if (!polling_dest_) {
+    polling_dest_ = true;
+    seq(*dst_, {{"query-migrate", json()}},
+        guard([this](Result<std::vector<json>> r) {
+          polling_dest_ = false;
+          if (r)
+            dest_status_ =
+                shorten(json_string((*r)[0], "status").value_or("none"), 64);
+          else
+            dest_status_ = dst_->lost().empty() ? "unknown" : "lost";
+        }));
+  }
+  if (polling_) return;
   polling_ = true;
-  both({{"query-migrate", json()}}, {{"query-migrate", json()}},
-       guard([this](Result<std::vector<json>> s, Result<std::vector<json>> d) {
-         polling_ = false;
-         Result<json> sj = s ? Result<json>(std::move((*s)[0]))
-                             : Result<json>(s.error());
-         Result<json> dj = d ? Result<json>(std::move((*d)[0]))
-                             : Result<json>(d.error());
-         sample(std::move(sj), std::move(dj));
-         if (!ended_) arm_poll();
-       }));
+  seq(*src_, {{"query-migrate", json()}},
+      guard([this](Result<std::vector<json>> r) {
+        polling_ = false;
+        sample(r ? Result<json>(std::move((*r)[0])) : Result<json>(r.error()));
+      }));
 }
 
 void Job::absorb(const json& info) {
@@ -537,12 +547,8 @@ void Job::absorb(const json& info) {
   if (auto t = json_u64(info, "total-time")) total_time_ms_ = *t;
 }
 
-void Job::sample(Result<json> src, Result<json> dst) {
+void Job::sample(Result<json> src) {
   auto now = Clock::now();
-  if (dst)
-    dest_status_ = shorten(json_string(*dst, "status").value_or("none"), 64);
-  else
-    dest_status_ = dst_->lost().empty() ? "unknown" : "lost";
   if (!src) {
     std::string lost = src_->lost();
     if (!lost.empty())
@@ -573,6 +579,7 @@ void Job::sample(Result<json> src, Result<json> dst) {
       (status_ == "postcopy-active" || status_ == "completed")) {
     // The stream is back (it may even have finished within one interval).
     resume_sent_ = false;
+    listen_uri_.clear();  // a later pause needs a new migrate-recover
     recoveries_++;
     next_backoff_ = s_.recover_backoff_min;
     emit("post-copy resumed (recovery " + std::to_string(recoveries_) + ")");
@@ -733,51 +740,57 @@ void Job::try_recover(Clock::time_point dest_deadline) {
   recovering_now_ = true;
   attempt_++;
   state_ = State::kRecovering;
+  if (listen_uri_.empty()) return listen_and_resume(dest_deadline);
+  // The destination listened in an earlier attempt and may still: the
+  // source tries that first.
+  resume(listen_uri_, [this, dest_deadline](const std::string&) {
+    listen_uri_.clear();
+    listen_and_resume(dest_deadline);
+  });
+}
+
+// Nothing in-band from the destination here: a paused post-copy
+// destination may not answer anything but out-of-band commands.
+void Job::listen_and_resume(Clock::time_point dest_deadline) {
   const std::string uri = s_.recover_uri;
-  seq(*dst_, {{"query-migrate", json()}},
-      guard([this, uri, dest_deadline](Result<std::vector<json>> r) {
-        if (!r) return recover_failed(r.error().message);
-        std::string dst_status =
-            shorten(json_string((*r)[0], "status").value_or("none"), 64);
-        dest_status_ = dst_status;
-        auto resume = [this](const std::string& listen) {
-          seq(*src_, {{"migrate", json{{"uri", listen}, {"resume", true}}}},
-              guard([this, listen](Result<std::vector<json>> r) {
-                if (!r) return recover_failed(r.error().message);
-                recovering_now_ = false;
-                resume_sent_ = true;
-                emit("recovering: '" + dst_->name() + "' listens on " +
-                     listen + ", '" + src_->name() + "' resumed");
-                if (cb_.on_started) cb_.on_started();
-              }));
-        };
-        if (dst_status == "postcopy-recover-setup" && !listen_uri_.empty())
-          return resume(listen_uri_);  // it listens since the last attempt
-        if (dst_status != "postcopy-paused") {
-          if (Clock::now() < dest_deadline) {
+  if (s_.check_uri && !dest_uris_.count(uri))
+    if (auto why = s_.check_uri(uri); !why.empty()) return recover_failed(why);
+  dst_->command(
+      "migrate-recover", json{{"uri", uri}},
+      guard([this, uri, dest_deadline](Result<json> r) {
+        if (!r) {
+          std::string msg = qemu_text(r.error());
+          if (msg.find("only be run when postcopy is paused") !=
+                  std::string::npos &&
+              Clock::now() < dest_deadline) {
             // The destination has not noticed the broken stream yet.
             recover_timer_ = loop_.after(
                 s_.interval, guard([this, dest_deadline] {
                   recover_timer_ = 0;
-                  attempt_--;
-                  try_recover(dest_deadline);
+                  listen_and_resume(dest_deadline);
                 }));
             return;
           }
-          return recover_failed("the destination VM '" + dst_->name() +
-                                "' is '" + dst_status +
-                                "', not post-copy paused");
+          return recover_failed("VM '" + dst_->name() + "': migrate-recover: " +
+                                msg);
         }
-        if (s_.check_uri && !dest_uris_.count(uri))
-          if (auto why = s_.check_uri(uri); !why.empty())
-            return recover_failed(why);
-        seq(*dst_, {{"migrate-recover", json{{"uri", uri}}}},
-            guard([this, uri, resume](Result<std::vector<json>> r) {
-              if (!r) return recover_failed(r.error().message);
-              listen_uri_ = uri;
-              dest_uris_.insert(uri);
-              resume(uri);
-            }));
+        listen_uri_ = uri;
+        dest_uris_.insert(uri);
+        resume(uri, [this](const std::string& err) { recover_failed(err); });
+      }),
+      true);
+}
+
+void Job::resume(const std::string& uri,
+                 std::function<void(const std::string&)> failed) {
+  seq(*src_, {{"migrate", json{{"uri", uri}, {"resume", true}}}},
+      guard([this, uri, failed](Result<std::vector<json>> r) {
+        if (!r) return failed(r.error().message);
+        recovering_now_ = false;
+        resume_sent_ = true;
+        emit("recovering: '" + dst_->name() + "' listens on " + uri + ", '" +
+             src_->name() + "' resumed");
+        if (cb_.on_started) cb_.on_started();
       }));
 }
 
@@ -852,7 +865,7 @@ void Job::end(State s, std::optional<Error> error, const std::string& message) {
   loop_.cancel(poll_timer_);
   loop_.cancel(recover_timer_);
   poll_timer_ = recover_timer_ = 0;
-  polling_ = false;
+  polling_ = polling_dest_ = false;
   log::info("Migration ended",
             {{"vm", src_->name()}, {"dest", dst_->name()},
              {"state", to_string(s)},

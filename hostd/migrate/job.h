@@ -44,9 +44,10 @@ class Endpoint {
   virtual const std::string& name() const = 0;
   // Runs a QMP command; `fn` gets the return value or an error (codes
   // vm-not-found, vm-not-connected, qmp-error, timeout).  Never calls `fn`
-  // inside this call.
+  // inside this call.  `oob`: out of band where QEMU allows it (a paused
+  // post-copy destination may not run anything else).
   virtual void command(const std::string& cmd, const nlohmann::json& args,
-                       ReplyFn fn) = 0;
+                       ReplyFn fn, bool oob = false) = 0;
   // Why this QEMU cannot be reached any more, for good (its VM was
   // detached, its QMP socket is gone because QEMU exited), or "".
   virtual std::string lost() const = 0;
@@ -169,10 +170,13 @@ class Job {
 
   void arm_poll();
   void poll();
-  void sample(Result<nlohmann::json> src, Result<nlohmann::json> dst);
+  void sample(Result<nlohmann::json> src);
   void absorb(const nlohmann::json& info);
   void on_paused(const std::string& why);
   void try_recover(std::chrono::steady_clock::time_point dest_deadline);
+  void listen_and_resume(std::chrono::steady_clock::time_point dest_deadline);
+  void resume(const std::string& uri,
+              std::function<void(const std::string& error)> failed);
   void recover_failed(const std::string& why);
   void end(State s, std::optional<Error> error, const std::string& message);
   void emit(const std::string& message);
@@ -197,7 +201,8 @@ class Job {
   std::chrono::steady_clock::time_point last_contact_;
   EventLoop::TimerId poll_timer_ = 0;
   EventLoop::TimerId recover_timer_ = 0;
-  bool polling_ = false;
+  bool polling_ = false;       // a query-migrate to the source is out
+  bool polling_dest_ = false;  // one to the destination (it may hang)
   bool recovering_now_ = false;
   std::string listen_uri_;  // where the destination last listened to recover
   // URIs this destination was told to listen on: QEMU keeps its listener

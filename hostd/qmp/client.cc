@@ -76,20 +76,21 @@ void Client::shut(const std::string& reason, bool close_transport) {
 }
 
 void Client::send_command(uint64_t id, const std::string& command,
-                          const json& arguments) {
-  json msg = {{"execute", command}, {"id", id}};
+                          const json& arguments, bool oob) {
+  json msg = {{oob ? "exec-oob" : "execute", command}, {"id", id}};
   if (!arguments.is_null() && !arguments.empty())
     msg["arguments"] = arguments;
   transport_.send(msg.dump() + "\n");
 }
 
 Result<uint64_t> Client::execute(const std::string& command,
-                                 const json& arguments, ReplyFn fn) {
+                                 const json& arguments, ReplyFn fn,
+                                 bool oob) {
   if (state_ != State::kReady)
     return make_error("qmp-not-ready", "QMP connection is not ready");
   uint64_t id = next_id_++;
   pending_.emplace(id, std::move(fn));
-  send_command(id, command, arguments);
+  send_command(id, command, arguments, oob && oob_);
   return id;
 }
 
@@ -125,10 +126,17 @@ void Client::handle_line(std::string_view line) {
         shut("peer is not a QMP server (no QMP greeting)", true);
         return;
       }
+      bool offered = false;
+      if (const json* caps = json_field(*it, "capabilities");
+          caps && caps->is_array())
+        for (const auto& c : *caps) offered = offered || c == "oob";
       greeting_ = std::move(msg);
       state_ = State::kNegotiating;
       caps_id_ = next_id_++;
-      send_command(caps_id_, "qmp_capabilities", json());
+      oob_asked_ = want_oob_ && offered;
+      send_command(caps_id_, "qmp_capabilities",
+                   oob_asked_ ? json{{"enable", json::array({"oob"})}}
+                              : json());
       return;
     }
     case State::kNegotiating: {
@@ -146,6 +154,7 @@ void Client::handle_line(std::string_view line) {
         return;
       }
       state_ = State::kReady;
+      oob_ = oob_asked_;
       if (cb_.on_ready) cb_.on_ready();
       return;
     }

@@ -57,9 +57,18 @@ class Client {
 
   // Sends a command; `fn` gets the "return" value or a "qmp-error"
   // ("<class>: <desc>"), or "qmp-disconnected" when the connection drops
-  // first.  Only in state kReady.
+  // first.  Only in state kReady.  `oob`: as "exec-oob" when out-of-band
+  // execution was negotiated (QEMU runs it at once, beside a main loop
+  // that may be blocked: migrate-recover on a paused post-copy
+  // destination), else as usual.
   Result<uint64_t> execute(const std::string& command,
-                           const nlohmann::json& arguments, ReplyFn fn);
+                           const nlohmann::json& arguments, ReplyFn fn,
+                           bool oob = false);
+  // Before the greeting: negotiate out-of-band execution when QEMU offers
+  // it (its greeting lists "oob").  Replies may then come out of order;
+  // they are matched by id anyway.
+  void want_oob(bool want) { want_oob_ = want; }
+  bool oob() const { return oob_; }
   // Forgets a pending command: its reply is ignored, `fn` is not called.
   void cancel(uint64_t id);
 
@@ -74,7 +83,7 @@ class Client {
   void handle_line(std::string_view line);
   void handle_reply(nlohmann::json& msg);
   void send_command(uint64_t id, const std::string& command,
-                    const nlohmann::json& arguments);
+                    const nlohmann::json& arguments, bool oob = false);
   void shut(const std::string& reason, bool close_transport);
 
   Transport& transport_;
@@ -89,6 +98,9 @@ class Client {
   uint64_t caps_id_ = 0;
   std::map<uint64_t, ReplyFn> pending_;
   uint64_t protocol_errors_ = 0;
+  bool want_oob_ = false;
+  bool oob_ = false;      // negotiated
+  bool oob_asked_ = false;
 };
 
 }  // namespace kvmx::qmp

@@ -330,3 +330,55 @@ TEST_CASE("qmp: events and replies split and joined across reads") {
   f.client.on_data(both);
   CHECK(got.size() == 1);
 }
+
+TEST_CASE("qmp: out-of-band execution when wanted and offered") {
+  SECTION("offered and wanted: negotiated, exec-oob on request") {
+    Fixture f;
+    f.client.want_oob(true);
+    f.client.on_data(kGreeting);
+    REQUIRE(f.t.sent.size() == 1);
+    CHECK(f.t.sent[0]["arguments"] == json{{"enable", json::array({"oob"})}});
+    f.client.on_data(json{{"return", json::object()}, {"id", f.t.sent[0]["id"]}}
+                         .dump() + "\n");
+    REQUIRE(f.client.state() == Client::State::kReady);
+    CHECK(f.client.oob());
+    int answers = 0;
+    REQUIRE(f.client.execute("query-status", json(), [&](Result<json>) {
+                      answers++;
+                    }).ok());
+    REQUIRE(f.client.execute("migrate-recover", json{{"uri", "unix:/x"}},
+                             [&](Result<json>) { answers += 10; }, true)
+                .ok());
+    CHECK(f.t.sent[1].contains("execute"));
+    CHECK(f.t.sent[2]["exec-oob"] == "migrate-recover");
+    CHECK(!f.t.sent[2].contains("execute"));
+    // Out of order: the out-of-band answer first.
+    f.client.on_data(json{{"return", json::object()}, {"id", f.t.sent[2]["id"]}}
+                         .dump() + "\n");
+    CHECK(answers == 10);
+    f.client.on_data(json{{"return", json::object()}, {"id", f.t.sent[1]["id"]}}
+                         .dump() + "\n");
+    CHECK(answers == 11);
+  }
+  SECTION("wanted, not offered: plain, and exec-oob never sent") {
+    Fixture f;
+    f.client.want_oob(true);
+    f.client.on_data(
+        R"({"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}}, "capabilities": []}})"
+        "\n");
+    REQUIRE(f.t.sent.size() == 1);
+    CHECK(!f.t.sent[0].contains("arguments"));
+    f.client.on_data(json{{"return", json::object()}, {"id", f.t.sent[0]["id"]}}
+                         .dump() + "\n");
+    CHECK_FALSE(f.client.oob());
+    REQUIRE(f.client.execute("migrate-recover", json(), [](Result<json>) {},
+                             true).ok());
+    CHECK(f.t.sent[1]["execute"] == "migrate-recover");
+  }
+  SECTION("offered, not wanted (the default): plain") {
+    Fixture f;
+    f.handshake();
+    CHECK(!f.t.sent[0].contains("arguments"));
+    CHECK_FALSE(f.client.oob());
+  }
+}

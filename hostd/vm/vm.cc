@@ -178,6 +178,9 @@ void QmpVm::open(UniqueFd fd) {
   };
   conn_->client = std::make_unique<qmp::Client>(
       *conn_->transport, cb, options_.max_qmp_message);
+  // A post-copy destination's main loop may wait for a page: what must
+  // still get through then (migrate-recover) goes out of band.
+  conn_->client->want_oob(true);
   qmp::Client* client = conn_->client.get();
   auto started = conn_->transport->start(
       [this, client](std::string_view data) {
@@ -293,7 +296,7 @@ void QmpVm::query_protections(std::function<void(Result<json>)> fn) {
 }
 
 void QmpVm::execute(const std::string& command, const json& arguments,
-                    std::function<void(Result<json>)> fn) {
+                    std::function<void(Result<json>)> fn, bool oob) {
   if (state_ != State::kAttached || !ready()) {
     fn(make_error("vm-not-connected", "VM '" + name_ + "' is " +
                                           to_string(state_) +
@@ -316,7 +319,7 @@ void QmpVm::execute(const std::string& command, const json& arguments,
       p->fn(make_error("vm-not-connected", r.error().message));
     else
       p->fn(std::move(r));
-  });
+  }, oob);
   if (!id) {
     p->fn(make_error("vm-not-connected", id.error().message));
     return;

@@ -157,8 +157,10 @@ class QmpVm final : public Vm {
   // error: vm-not-connected (not attached, or the connection dropped
   // during the command), qmp-error, timeout (command_timeout).  `fn` may
   // run inside this call.
+  // `oob`: out of band when QEMU allows it (qmp::Client::execute).
   void execute(const std::string& command, const nlohmann::json& arguments,
-               std::function<void(Result<nlohmann::json>)> fn);
+               std::function<void(Result<nlohmann::json>)> fn,
+               bool oob = false);
 
   // Starts on an already connected socket, or connects when `fd` is empty.
   void start(UniqueFd fd);

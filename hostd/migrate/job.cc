@@ -497,8 +497,11 @@ void Job::poll() {
   arm_poll();
   // The destination's answer only updates dest_status: during post-copy
   // its main loop can wait for a page, and the progress must go on.
+  if (polling_dest_ && Clock::now() - dest_asked_ > s_.interval)
+    dest_status_ = "not answering";  // not its last word: it is stuck now
   if (!polling_dest_) {
     polling_dest_ = true;
+    dest_asked_ = Clock::now();
     seq(*dst_, {{"query-migrate", json()}},
         guard([this](Result<std::vector<json>> r) {
           polling_dest_ = false;

@@ -203,6 +203,7 @@ class Job {
   EventLoop::TimerId recover_timer_ = 0;
   bool polling_ = false;       // a query-migrate to the source is out
   bool polling_dest_ = false;  // one to the destination (it may hang)
+  std::chrono::steady_clock::time_point dest_asked_{};
   bool recovering_now_ = false;
   std::string listen_uri_;  // where the destination last listened to recover
   // URIs this destination was told to listen on: QEMU keeps its listener

@@ -329,7 +329,7 @@ def recover(hostd, work, qemu):
             f = Follow(hostd, 'migrate', 'vm=rsrc', 'dest=rdst', '--postcopy',
                        '--switch=manual', 'recover_attempts=1',
                        f'max_bandwidth={32 * MIB}', 'downtime_limit_ms=1',
-                       f'max_postcopy_bandwidth={2 * MIB}')
+                       f'max_postcopy_bandwidth={4 * MIB}')
             check(f.wait_line(r'precopy\s+pass 1 ', 60) is not None,
                   'recover: precopy runs')
             time.sleep(2)

@@ -1,7 +1,9 @@
 // libFuzzer target: the QMP client fed a peer's byte stream (greeting,
 // replies, events), once whole and once cut into reads whose sizes come
 // from the input.  Beyond not crashing: how the bytes are split must not
-// change what the client makes of them (events, replies, state).
+// change what the client makes of them (events, replies, state).  The
+// first byte's low bit also asks for out-of-band execution, which a
+// greeting offering "oob" then negotiates.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -28,18 +30,21 @@ struct Run {
   std::vector<std::string> log;  // what the client did, in order
   qmp::Client client;
 
-  Run()
+  explicit Run(bool oob)
       : client(t,
                qmp::Client::Callbacks{
                    [this] {
-                     log.push_back("ready");
-                     // Commands in flight, so that replies match ids 2..4.
+                     log.push_back(client.oob() ? "ready oob" : "ready");
+                     // Commands in flight, so that replies match ids 2..4;
+                     // the last one out of band when negotiated.
                      for (int i = 0; i < 3; i++)
                        (void)client.execute(
-                           "query-kvmx-chan", json(), [this](Result<json> r) {
+                           "query-kvmx-chan", json(),
+                           [this](Result<json> r) {
                              log.push_back(r ? "reply " + json_dump(*r)
                                              : "error " + r.error().code);
-                           });
+                           },
+                           i == 2);
                    },
                    [this](const qmp::Event& e) {
                      log.push_back("event " + e.name + " " +
@@ -50,7 +55,9 @@ struct Run {
                    [this](const std::string& why) {
                      log.push_back("closed " + why);
                    }},
-               64 * 1024, 4096) {}
+               64 * 1024, 4096) {
+    client.want_oob(oob);
+  }
 };
 
 }  // namespace
@@ -61,11 +68,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   uint8_t a = data[0], b = data[1];
   std::string_view in(reinterpret_cast<const char*>(data + 2), size - 2);
 
-  Run whole;
+  bool oob = a & 1;
+  Run whole(oob);
   whole.client.on_data(in);
   whole.client.on_eof("eof");
 
-  Run split;
+  Run split(oob);
   size_t pos = 0, n = 0;
   while (pos < in.size()) {
     size_t len = 1 + ((n++ % 2) ? a : b) % 97;

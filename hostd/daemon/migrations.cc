@@ -2,6 +2,8 @@
 // per source VM, driving two `qmp` VMs of the registry.
 #include <sys/stat.h>
 
+#include <cerrno>
+
 #include <filesystem>
 
 #include "common/log.h"
@@ -44,6 +46,11 @@ class VmEndpoint final : public migrate::Endpoint {
     vm::Vm* v = vms_.find(name_);
     if (!v) return "detached from hostd";
     if (v->state() == vm::State::kGone) return v->last_error();
+    auto* q = dynamic_cast<vm::QmpVm*>(v);
+    if (q && q->state() == vm::State::kDisconnected &&
+        q->connect_errno() == ECONNREFUSED)
+      return "nothing listens on its QMP socket '" + q->qmp_path() +
+             "' any more: QEMU exited";
     return "";
   }
 

@@ -712,7 +712,7 @@ void Job::on_paused(const std::string& why) {
                           "the destination VM '" + dst_->name() + "' is lost (" +
                               dst_->lost() +
                               ") during post-copy: the guest cannot run on, "
-                              "its memory is split between both QEMUs"),
+                              "its state was handed to the destination"),
                "destination lost during post-copy");
   state_ = State::kPaused;
   if (recover_timer_) return;  // the next attempt is scheduled
@@ -799,6 +799,7 @@ void Job::resume(const std::string& uri,
 
 void Job::recover_failed(const std::string& why) {
   recovering_now_ = false;
+  if (!dst_->lost().empty()) return on_paused("");  // ends it, saying why
   paused_reason_ = "recovery attempt " + std::to_string(attempt_) +
                    " failed: " + why;
   emit(paused_reason_);

@@ -884,6 +884,24 @@ TEST_CASE("job: the source lost; the destination lost during post-copy") {
   CHECK(q.job->state() == State::kFailed);
   CHECK_THAT(q.job->outcome().error().message,
              ContainsSubstring("the guest cannot run on"));
+
+  // Lost only when a recovery attempt already runs into it.
+  Settings s = Run::base();
+  s.recover_attempts = 1;
+  Run d(s);
+  d.pair->postcopy_len = 6;
+  d.on_event = [&](const json& e) {
+    if (e["state"] == "postcopy" && e["message"] == "") {
+      d.pair->pause();
+      d.pair->refuse["dst migrate-recover"] = "gone";
+      d.dst->lost_ = "nothing listens on its QMP socket";
+    }
+  };
+  d.job->start();
+  d.run();
+  CHECK(d.job->state() == State::kFailed);
+  CHECK_THAT(d.job->outcome().error().message,
+             ContainsSubstring("nothing listens on its QMP socket"));
 }
 
 TEST_CASE("job: destroyed mid-way, its answers arrive to nobody") {

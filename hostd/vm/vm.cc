@@ -149,6 +149,7 @@ void QmpVm::connect_now() {
   retry_timer_ = 0;
   auto fd = unix_connect(path_);
   if (!fd) {
+    connect_errno_ = fd.error().err;
     if (fd.error().err == ENOENT) {
       set_state(State::kGone, "QMP socket '" + path_ + "' no longer exists");
       settle(Settled{Settled::kFailed, last_error_});
@@ -164,6 +165,7 @@ void QmpVm::connect_now() {
 
 void QmpVm::open(UniqueFd fd) {
   uint64_t gen = ++gen_;
+  connect_errno_ = 0;
   conn_ = std::make_unique<Conn>();
   conn_->transport = std::make_unique<qmp::UnixTransport>(loop_, std::move(fd));
   if (hooks_.on_connecting) hooks_.on_connecting(*this);

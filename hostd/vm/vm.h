@@ -179,6 +179,10 @@ class QmpVm final : public Vm {
                     std::function<void(const Settled&)> fn);
 
   const std::string& qmp_path() const { return path_; }
+  // The errno of the last failed connect since the last connection (0:
+  // none).  ECONNREFUSED: nothing listens on the socket, QEMU is gone even
+  // if its socket file is not.
+  int connect_errno() const { return connect_errno_; }
 
  private:
   struct Conn {
@@ -212,6 +216,7 @@ class QmpVm final : public Vm {
   uint64_t old_protocol_errors_ = 0;
   bool destroying_ = false;
   bool input_paused_ = false;
+  int connect_errno_ = 0;
 };
 
 }  // namespace kvmx::vm

@@ -314,6 +314,18 @@ def wait_status(vm, want, timeout=120):
         time.sleep(0.1)
 
 
+def wait_running(vm, timeout=120):
+    """The destination runs the guest: post-copy can pause from now on.
+    (Broken earlier, while it still loads the device state, QEMU fails
+    the destination: "postcopy_ram_listen_thread: loadvm failed".)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = vm.qmp.cmd('query-status')['status']
+        if st == 'running' or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
+
+
 def recover(hostd, work, qemu):
     src_img, dst_img = (kvmxtest.backing_file(work, n, SIZE)
                         for n in ('r-src.img', 'r-dst.img'))
@@ -338,7 +350,9 @@ def recover(hostd, work, qemu):
                   f'recover: migrate-postcopy switches ({out.strip()} '
                   f'{err.strip()})')
             st = wait_status(src, ('postcopy-active', 'completed', 'failed'))
-            check(st == 'postcopy-active', f'recover: post-copy runs ({st})')
+            check(st == 'postcopy-active' and wait_running(dst) == 'running',
+                  f'recover: post-copy runs, the guest on the destination '
+                  f'({st})')
             # Break the stream: QEMU's own way of losing the connection.
             src.qmp.cmd('migrate-pause')
             line = f.wait_line(r'post-copy resumed \(recovery 1\)', 90)

@@ -56,7 +56,7 @@ done
 echo "READS-DONE $bad"; read ack
 echo region0 > /sys/bus/nd/drivers/nd_region/bind
 for i in 1 2 3 4 5; do [ -b /dev/pmem0 ] && break; sleep 1; done
-dd if=/dev/urandom of=/dev/pmem0 bs=4k count=1 conv=fsync 2>/dev/null
+[ -b /dev/pmem0 ] && dd if=/dev/urandom of=/dev/pmem0 bs=4k count=1 conv=fsync 2>/dev/null
 echo "SYNC-DONE $?"
 '''
 

@@ -185,8 +185,10 @@ class Vm:
     once the console is connected so no output is lost; put -S in `args`
     to keep it paused.  Use as a context manager: QEMU never outlives it."""
 
-    def __init__(self, qemu_binary, args, workdir, name="vm"):
+    def __init__(self, qemu_binary, args, workdir, name="vm", prefix=()):
         self.qemu = str(qemu_binary)
+        # A command QEMU runs under, e.g. ["ip", "netns", "exec", NS].
+        self.prefix = [str(a) for a in prefix]
         self.args = [str(a) for a in args]
         self.workdir = Path(workdir)
         self.name = name
@@ -217,6 +219,7 @@ class Vm:
                "-chardev", f"socket,id=ser0,path={_opt_path(self.serial_path)},"
                            "server=on,wait=off",
                "-serial", "chardev:ser0"] + self.args
+        cmd = self.prefix + cmd
         if shutil.which("setpriv"):
             cmd = ["setpriv", "--pdeathsig", "KILL", "--"] + cmd
         self.cmdline = cmd
@@ -442,7 +445,8 @@ def guest_image(repo_root=None):
 
 
 def start_guest(qemu, script_text, extra_args=(), workdir=".", name="guest",
-                accel="tcg", mem="1G", append_extra="", repo_root=None):
+                accel="tcg", mem="1G", append_extra="", repo_root=None,
+                prefix=()):
     """Boot the test guest and return the running Vm (the caller owns it;
     use `with`).  script_text is handed to the guest's /init through fw_cfg
     (None: no script; then /init uses kvmx.script= or a shell).  extra_args
@@ -462,7 +466,7 @@ def start_guest(qemu, script_text, extra_args=(), workdir=".", name="guest",
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(script_text)
         args += ["-fw_cfg", f"name=opt/kvmx/script,file={_opt_path(script)}"]
-    return Vm(qemu, args + extra, workdir, name).start()
+    return Vm(qemu, args + extra, workdir, name, prefix=prefix).start()
 
 
 def wait_guest_exit(vm, timeout=300.0):

@@ -429,11 +429,19 @@ class GuestImageMissing(FileNotFoundError):
     """build/guest is incomplete: run scripts/mkguest (tests skip)."""
 
 
+def build_dir():
+    """The build directory: $KVMX_BUILD_DIR (meson sets it for every test;
+    a git worktree without a build of its own points it at one), else
+    <repo>/build."""
+    return Path(os.environ.get("KVMX_BUILD_DIR") or REPO_ROOT / "build")
+
+
 def guest_image(repo_root=None):
     """(vmlinuz, initrd) built by scripts/mkguest ($KVMX_GUEST_DIR overrides
-    <repo>/build/guest)."""
+    <build>/guest; with repo_root, <repo_root>/build/guest)."""
     d = Path(os.environ.get("KVMX_GUEST_DIR") or
-             Path(repo_root or REPO_ROOT) / "build" / "guest")
+             (Path(repo_root) / "build" if repo_root else build_dir()) /
+             "guest")
     kernel, initrd = d / "vmlinuz", d / "initramfs.cpio.gz"
     for f in (kernel, initrd):
         if not f.is_file():
@@ -490,7 +498,7 @@ def run_guest_script(qemu, script_text, extra_args=(), workdir=".", name="guest"
 def patched_qemu():
     """The patched QEMU under test: $KVMX_QEMU, else the one scripts/build
     made.  Skips the test if there is none."""
-    q = os.environ.get("KVMX_QEMU") or str(REPO_ROOT / "build" / "qemu" /
+    q = os.environ.get("KVMX_QEMU") or str(build_dir() / "qemu" /
                                            "qemu-system-x86_64")
     if not os.access(q, os.X_OK):
         skip(f"patched QEMU not found at {q} (run scripts/build)")
@@ -508,7 +516,7 @@ def stock_qemu():
 def scratch_dir():
     """A directory on a real disk filesystem (not tmpfs) for backing files,
     so that page-cache dirtiness and fdatasync mean what they do on a host."""
-    d = Path(os.environ.get("KVMX_SCRATCH") or REPO_ROOT / "build" / "scratch")
+    d = Path(os.environ.get("KVMX_SCRATCH") or build_dir() / "scratch")
     d.mkdir(parents=True, exist_ok=True)
     return str(d)
 

@@ -82,9 +82,12 @@ class QemuExited(RuntimeError):
 
 class Qmp:
     """A QMP client on a unix socket.  A reader thread files replies by id
-    and queues asynchronous events."""
+    and queues asynchronous events.  With oob=True it asks for out-of-band
+    execution, and cmd(..., oob=True) runs a command that allows it
+    (migrate-recover, migrate-pause, yank, query-yank) on the monitor's own
+    thread, even while QEMU's main loop is blocked."""
 
-    def __init__(self, path, timeout=10.0):
+    def __init__(self, path, timeout=10.0, oob=False):
         self.sock = _unix_connect(path)
         self.sock.settimeout(timeout)       # for the greeting
         self._rfile = self.sock.makefile("rb")
@@ -100,7 +103,13 @@ class Qmp:
         self._thread = threading.Thread(target=self._reader, daemon=True,
                                         name=f"qmp-{path}")
         self._thread.start()
-        self.cmd("qmp_capabilities")
+        if oob:
+            if "oob" not in greeting["QMP"].get("capabilities", []):
+                raise QmpError("this monitor does not offer out-of-band "
+                               "execution")
+            self.cmd("qmp_capabilities", enable=["oob"])
+        else:
+            self.cmd("qmp_capabilities")
 
     def _reader(self):
         try:
@@ -122,15 +131,16 @@ class Qmp:
                 self._closed = True
                 self._cond.notify_all()
 
-    def cmd(self, name, args=None, timeout=60.0, **kwargs):
+    def cmd(self, name, args=None, timeout=60.0, oob=False, **kwargs):
         """Run a QMP command; return its 'return' value or raise QmpError.
         Arguments come from the dict `args` (for names with '-', e.g.
-        {"mem-path": ...}) and/or keyword arguments."""
+        {"mem-path": ...}) and/or keyword arguments.  oob=True executes it
+        out of band (the client must have been made with oob=True)."""
         arguments = dict(args or {}, **kwargs)
         with self._cond:
             self._next_id += 1
             cid = self._next_id
-        msg = {"execute": name, "id": cid}
+        msg = {"exec-oob" if oob else "execute": name, "id": cid}
         if arguments:
             msg["arguments"] = arguments
         self.sock.sendall(json.dumps(msg).encode() + b"\n")

@@ -82,9 +82,12 @@ class QemuExited(RuntimeError):
 
 class Qmp:
     """A QMP client on a unix socket.  A reader thread files replies by id
-    and queues asynchronous events."""
+    and queues asynchronous events.  With oob=True it asks for out-of-band
+    execution, and cmd(..., oob=True) runs a command that allows it
+    (migrate-recover, migrate-pause, yank, query-yank) on the monitor's own
+    thread, even while QEMU's main loop is blocked."""
 
-    def __init__(self, path, timeout=10.0):
+    def __init__(self, path, timeout=10.0, oob=False):
         self.sock = _unix_connect(path)
         self.sock.settimeout(timeout)       # for the greeting
         self._rfile = self.sock.makefile("rb")
@@ -100,7 +103,13 @@ class Qmp:
         self._thread = threading.Thread(target=self._reader, daemon=True,
                                         name=f"qmp-{path}")
         self._thread.start()
-        self.cmd("qmp_capabilities")
+        if oob:
+            if "oob" not in greeting["QMP"].get("capabilities", []):
+                raise QmpError("this monitor does not offer out-of-band "
+                               "execution")
+            self.cmd("qmp_capabilities", enable=["oob"])
+        else:
+            self.cmd("qmp_capabilities")
 
     def _reader(self):
         try:
@@ -122,15 +131,16 @@ class Qmp:
                 self._closed = True
                 self._cond.notify_all()
 
-    def cmd(self, name, args=None, timeout=60.0, **kwargs):
+    def cmd(self, name, args=None, timeout=60.0, oob=False, **kwargs):
         """Run a QMP command; return its 'return' value or raise QmpError.
         Arguments come from the dict `args` (for names with '-', e.g.
-        {"mem-path": ...}) and/or keyword arguments."""
+        {"mem-path": ...}) and/or keyword arguments.  oob=True executes it
+        out of band (the client must have been made with oob=True)."""
         arguments = dict(args or {}, **kwargs)
         with self._cond:
             self._next_id += 1
             cid = self._next_id
-        msg = {"execute": name, "id": cid}
+        msg = {"exec-oob" if oob else "execute": name, "id": cid}
         if arguments:
             msg["arguments"] = arguments
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
@@ -432,11 +442,19 @@ class GuestImageMissing(FileNotFoundError):
     """build/guest is incomplete: run scripts/mkguest (tests skip)."""
 
 
+def build_dir():
+    """The build directory: $KVMX_BUILD_DIR (meson sets it for every test;
+    a git worktree without a build of its own points it at one), else
+    <repo>/build."""
+    return Path(os.environ.get("KVMX_BUILD_DIR") or REPO_ROOT / "build")
+
+
 def guest_image(repo_root=None):
     """(vmlinuz, initrd) built by scripts/mkguest ($KVMX_GUEST_DIR overrides
-    <repo>/build/guest)."""
+    <build>/guest; with repo_root, <repo_root>/build/guest)."""
     d = Path(os.environ.get("KVMX_GUEST_DIR") or
-             Path(repo_root or REPO_ROOT) / "build" / "guest")
+             (Path(repo_root) / "build" if repo_root else build_dir()) /
+             "guest")
     kernel, initrd = d / "vmlinuz", d / "initramfs.cpio.gz"
     for f in (kernel, initrd):
         if not f.is_file():
@@ -494,7 +512,7 @@ def run_guest_script(qemu, script_text, extra_args=(), workdir=".", name="guest"
 def patched_qemu():
     """The patched QEMU under test: $KVMX_QEMU, else the one scripts/build
     made.  Skips the test if there is none."""
-    q = os.environ.get("KVMX_QEMU") or str(REPO_ROOT / "build" / "qemu" /
+    q = os.environ.get("KVMX_QEMU") or str(build_dir() / "qemu" /
                                            "qemu-system-x86_64")
     if not os.access(q, os.X_OK):
         skip(f"patched QEMU not found at {q} (run scripts/build)")
@@ -512,7 +530,7 @@ def stock_qemu():
 def scratch_dir():
     """A directory on a real disk filesystem (not tmpfs) for backing files,
     so that page-cache dirtiness and fdatasync mean what they do on a host."""
-    d = Path(os.environ.get("KVMX_SCRATCH") or REPO_ROOT / "build" / "scratch")
+    d = Path(os.environ.get("KVMX_SCRATCH") or build_dir() / "scratch")
     d.mkdir(parents=True, exist_ok=True)
     return str(d)
 

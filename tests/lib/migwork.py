@@ -96,6 +96,9 @@ def run(qemu, work, link, workload, variant, mib=256, mem='1G',
         dargs = []
     script = W5_SCRIPT if workload == 'W5' else memwalk_script(workload, mib)
     res = {'workload': workload, 'variant': variant['name']}
+    if variant.get('prefetch'):
+        # How long the destination takes to index the page tables.
+        dargs = dargs + ['-trace', 'postcopy_prefetch_start']
     caps = variant_caps(variant)
     uri = f'tcp:{link.dst_ip}:{port}'
     with kvmxvm.start_guest(qemu, script, args, work, f'{name}-src', mem=mem,
@@ -163,6 +166,11 @@ def run(qemu, work, link, workload, variant, mib=256, mem='1G',
             res['prefetch'] = dinfo.get('postcopy-prefetch', {})
             res['dst_running'] = (dst.qmp.cmd('query-status')['status'] ==
                                   'running')
+            m = re.search(r'postcopy_prefetch_start (\d+) tables, (\d+) '
+                          r'entries indexed in (\d+) us', dst.stderr_text())
+            if m:
+                res['index_tables'] = int(m[1])
+                res['index_us'] = int(m[3])
             if workload != 'W5':
                 rc = dst.wait_console(r'MEMWALK-RC (\d+)', 120, start=mark)
                 res['guest_rc'] = int(rc[1])

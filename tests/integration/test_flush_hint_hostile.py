@@ -53,10 +53,10 @@ for w in __WRITES__; do
   v=$(devmem $((fha + off)) $bits) || bad=1
   [ $((v)) -eq 0 ] || { echo "READ $off/$bits = $v"; bad=1; }
 done
-echo "READS-DONE $bad"
+echo "READS-DONE $bad"; read ack
 echo region0 > /sys/bus/nd/drivers/nd_region/bind
 for i in 1 2 3 4 5; do [ -b /dev/pmem0 ] && break; sleep 1; done
-dd if=/dev/urandom of=/dev/pmem0 bs=4k count=1 conv=fsync 2>/dev/null
+[ -b /dev/pmem0 ] && dd if=/dev/urandom of=/dev/pmem0 bs=4k count=1 conv=fsync 2>/dev/null
 echo "SYNC-DONE $?"
 '''
 
@@ -105,6 +105,7 @@ def main():
             m = vm.wait_console(r'READS-DONE (\d)\n', 300)
             check(m[1] == '0', f'{mapping}: reads of every size return 0')
             after = vm.qmp.cmd('query-nvdimm-flush')[0]
+            vm.send_serial(b'go\n')
             check(after['guest-flushes'] == mid['guest-flushes'],
                   f'{mapping}: reads are not flushes')
             m = vm.wait_console(r'SYNC-DONE (\d)\n', 120)

@@ -23,7 +23,8 @@ def vm_args(img):
     return kvmxtest.nvdimm_args(img, SIZE)
 
 
-# Writes 4 KiB block i, syncs it, reports its md5; forever.
+# Writes 4 KiB block i, syncs it, reports its md5; forever, unless the
+# host says "hold": then it writes nothing more until "go".
 SCRIPT = r'''
 echo "DEEP_FLUSH=$(cat /sys/bus/nd/devices/region0/deep_flush)"
 i=0
@@ -32,7 +33,7 @@ while :; do
   dd if=/tmp/b of=/dev/pmem0 bs=4k count=1 seek=$i conv=fsync 2>/dev/null
   echo "TICK $i $(md5sum /tmp/b | cut -d' ' -f1)"
   i=$((i+1))
-  sleep 0.2
+  read -t 0.2 cmd && [ "$cmd" = hold ] && { echo HELD; read ack; }
 done
 '''
 
@@ -80,6 +81,10 @@ def main():
             m = dst.wait_console(r'TICK (\d+) ([0-9a-f]{32})\n', 120)
             first = int(m[1])
             m = dst.wait_console(rf'TICK {first + 3} ([0-9a-f]{{32}})\n', 120)
+            # The guest writes and syncs on: hold it between two blocks, so
+            # that the file is not looked at in the middle of one's sync.
+            dst.send_serial(b'hold\n')
+            dst.wait_console(r'HELD\n', 120, start=m.end())
             dst_after = flush_count(dst)
             check(dst_after > dst_before,
                   f'destination traps guest flushes ({dst_before} -> '

@@ -96,7 +96,7 @@ sleep 1
 # The driver still works after that.
 $K/kvmx-prottest signal; echo "PROTTEST2-RC=$?"
 dmesg | grep -E "BUG|WARNING|Oops|kvmx_guest" | tail -n 20
-echo GUEST-DONE
+echo GUEST-DONE; read ack
 '''
 
 
@@ -119,9 +119,12 @@ def main():
             r = hostd.call('attach', vm='prot1', qmp=hostd_qmp)
             check('error' not in r, f'hostd attaches to the VM: {r}')
             vm.send_serial(b'go\n')
-            vm.wait_console(r'GUEST-DONE|KVMX-GUEST-EXIT', 900)
+            m = vm.wait_console(r'GUEST-DONE|KVMX-GUEST-EXIT', 900)
             con = vm.console_text()
+            # The guest waits, else it may power off before QEMU answers.
             info = vm.qmp.cmd('query-kvmx-chan')
+            if m[0] == 'GUEST-DONE':
+                vm.send_serial(b'go\n')
             rc = kvmxvm.wait_guest_exit(vm, 120)
         print(con[con.find('PROT-READY'):])
         check(rc == 0, f'guest script exit {rc}')

@@ -5,9 +5,10 @@ post-copy migration of a real Linux guest with a file-backed, flush-hinted
 NVDIMM (issue 12, item 3), under TCG.
 
  refusals  before anything moves, with the pair that then migrates:
-           --prefetch while this QEMU has no postcopy-prefetch capability
-           (a clear error naming the capability; if QEMU has it, prefetch
-           is used in the migration below instead), --shared-storage with
+           --prefetch between QEMUs without the postcopy-prefetch
+           capability (a clear error naming it, nothing set: the patched
+           QEMU if it has no topic 06, else Debian's stock QEMU; with it
+           the migration below uses --prefetch=pattern), --shared-storage with
            separate backend files, a destination that maps the source's
            file without --shared-storage (a third QEMU), an exec: URI, a
            unix socket path that is a regular file.  Afterwards the source
@@ -186,18 +187,45 @@ def prefetch_capable(vm):
 
 
 # -- refusals --------------------------------------------------------------------------
+def no_prefetch_here(hostd, work, qemu, what):
+    """--prefetch between two QEMUs that lack postcopy-prefetch: a clear
+    error, nothing set (both still as they were)."""
+    with kvmxvm.Vm(qemu, ['-machine', 'q35,accel=tcg', '-m', '64M', '-qmp',
+                          f'unix:{hostd_qmp(work, "np-src")},server=on,wait=off'],
+                   work, 'np-src').start() as a, \
+         kvmxvm.Vm(qemu, ['-machine', 'q35,accel=tcg', '-m', '64M', '-qmp',
+                          f'unix:{hostd_qmp(work, "np-dst")},server=on,wait=off',
+                          '-incoming', 'defer'], work, 'np-dst').start() as b:
+        if not (attach(hostd, work, 'np-src') and attach(hostd, work, 'np-dst')):
+            return
+        rc, out, err = ctl(hostd, 'migrate', 'vm=np-src', 'dest=np-dst',
+                           '--postcopy', '--prefetch=pattern')
+        caps = {c['capability']: c['state']
+                for c in b.qmp.cmd('query-migrate-capabilities')}
+        check(rc == 1 and 'migration-unsupported' in err and
+              "has no migration capability 'postcopy-prefetch'" in err and
+              not caps.get('postcopy-ram') and
+              not b.qmp.cmd('query-migrate').get('status') and
+              a.qmp.cmd('query-status')['status'] == 'running',
+              f'--prefetch on {what} without postcopy-prefetch: a clear '
+              f'error, nothing set ({err.strip()})')
+        ctl(hostd, 'detach', 'vm=np-src')
+        ctl(hostd, 'detach', 'vm=np-dst')
+
+
 def refusals(hostd, work, qemu, src, dst, src_img):
     """Everything hostd refuses before a byte moves."""
     prefetch = prefetch_capable(src) and prefetch_capable(dst)
     if not prefetch:
-        rc, out, err = ctl(hostd, 'migrate', 'vm=src', 'dest=dst',
-                           '--postcopy', '--prefetch=pattern')
-        check(rc == 1 and 'migration-unsupported' in err and
-              "has no migration capability 'postcopy-prefetch'" in err,
-              f'--prefetch on a QEMU without postcopy-prefetch: a clear error '
-              f'({err.strip()})')
+        no_prefetch_here(hostd, work, qemu, 'the patched QEMU')
     else:
         print('note: this QEMU has postcopy-prefetch: the migration uses it')
+        stock = os.environ.get('KVMX_STOCK_QEMU') or kvmxvm.DEFAULT_QEMU
+        if os.access(stock, os.X_OK):
+            no_prefetch_here(hostd, work, stock, 'stock QEMU')
+        else:
+            print(f'note: no stock QEMU at {stock}: the refusal of --prefetch '
+                  'by a QEMU without it is not checked here')
 
     rc, out, err = ctl(hostd, 'migrate', 'vm=src', 'dest=dst', '--postcopy',
                        '--shared-storage')

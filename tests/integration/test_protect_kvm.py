@@ -25,6 +25,7 @@ Exits 77 where /dev/kvm cannot run a VM."""
 import os
 import struct
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 import kvmxtest  # noqa: E402
@@ -46,6 +47,7 @@ ACCESS_RO, ACCESS_NONE = 1, 2
 DENY, SIGNAL, LOG, KILL_VM = 1, 2, 3, 4
 REG_REQ_LO, REG_REQ_HI, REG_DOORBELL, REG_STATUS, REG_MAGIC = \
     0x08, 0x0c, 0x10, 0x14, 0x00
+EAGAIN = 11
 
 
 def find_chan(vm):
@@ -65,18 +67,26 @@ class Chan:
 
     def request(self, op, id_=0, access=0, action=0, extents=(), out=(0, 0),
                 length=None):
+        """One request; like the driver, waits out the device's bounds
+        (-EAGAIN: the rate of changes, a TRACK_READ too soon after the
+        last one) for up to 5 s."""
         hdr = struct.pack('<IIiIQIIiIQQQ', op, 64 + 16 * len(extents), 0,
                           len(extents), id_, access, action, 0, 0, 0,
                           out[0], out[1])
         body = hdr + b''.join(struct.pack('<QQ', a, n) for a, n in extents)
-        for off in range(0, len(body), 8):
-            self.g.poke(REQ + off, 8, struct.unpack_from('<Q', body, off)[0])
-        self.g.poke(self.bar + REG_REQ_LO, 4, REQ & 0xffffffff)
-        self.g.poke(self.bar + REG_REQ_HI, 4, REQ >> 32)
-        self.g.poke(self.bar + REG_DOORBELL, 4,
-                    len(body) if length is None else length)
-        status = self.g.peek(self.bar + REG_STATUS, 4)
-        status = status - (1 << 32) if status & 0x80000000 else status
+        for _ in range(50):
+            for off in range(0, len(body), 8):
+                self.g.poke(REQ + off, 8,
+                            struct.unpack_from('<Q', body, off)[0])
+            self.g.poke(self.bar + REG_REQ_LO, 4, REQ & 0xffffffff)
+            self.g.poke(self.bar + REG_REQ_HI, 4, REQ >> 32)
+            self.g.poke(self.bar + REG_DOORBELL, 4,
+                        len(body) if length is None else length)
+            status = self.g.peek(self.bar + REG_STATUS, 4)
+            status = status - (1 << 32) if status & 0x80000000 else status
+            if status != -EAGAIN:
+                break
+            time.sleep(0.1)
         count = self.g.peek(REQ + 12, 4)
         return status, count
 

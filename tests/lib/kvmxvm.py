@@ -82,9 +82,12 @@ class QemuExited(RuntimeError):
 
 class Qmp:
     """A QMP client on a unix socket.  A reader thread files replies by id
-    and queues asynchronous events."""
+    and queues asynchronous events.  With oob=True it asks for out-of-band
+    execution, and cmd(..., oob=True) runs a command that allows it
+    (migrate-recover, migrate-pause, yank, query-yank) on the monitor's own
+    thread, even while QEMU's main loop is blocked."""
 
-    def __init__(self, path, timeout=10.0):
+    def __init__(self, path, timeout=10.0, oob=False):
         self.sock = _unix_connect(path)
         self.sock.settimeout(timeout)       # for the greeting
         self._rfile = self.sock.makefile("rb")
@@ -100,7 +103,13 @@ class Qmp:
         self._thread = threading.Thread(target=self._reader, daemon=True,
                                         name=f"qmp-{path}")
         self._thread.start()
-        self.cmd("qmp_capabilities")
+        if oob:
+            if "oob" not in greeting["QMP"].get("capabilities", []):
+                raise QmpError("this monitor does not offer out-of-band "
+                               "execution")
+            self.cmd("qmp_capabilities", enable=["oob"])
+        else:
+            self.cmd("qmp_capabilities")
 
     def _reader(self):
         try:
@@ -122,15 +131,16 @@ class Qmp:
                 self._closed = True
                 self._cond.notify_all()
 
-    def cmd(self, name, args=None, timeout=60.0, **kwargs):
+    def cmd(self, name, args=None, timeout=60.0, oob=False, **kwargs):
         """Run a QMP command; return its 'return' value or raise QmpError.
         Arguments come from the dict `args` (for names with '-', e.g.
-        {"mem-path": ...}) and/or keyword arguments."""
+        {"mem-path": ...}) and/or keyword arguments.  oob=True executes it
+        out of band (the client must have been made with oob=True)."""
         arguments = dict(args or {}, **kwargs)
         with self._cond:
             self._next_id += 1
             cid = self._next_id
-        msg = {"execute": name, "id": cid}
+        msg = {"exec-oob" if oob else "execute": name, "id": cid}
         if arguments:
             msg["arguments"] = arguments
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
@@ -185,8 +195,10 @@ class Vm:
     once the console is connected so no output is lost; put -S in `args`
     to keep it paused.  Use as a context manager: QEMU never outlives it."""
 
-    def __init__(self, qemu_binary, args, workdir, name="vm"):
+    def __init__(self, qemu_binary, args, workdir, name="vm", prefix=()):
         self.qemu = str(qemu_binary)
+        # A command QEMU runs under, e.g. ["ip", "netns", "exec", NS].
+        self.prefix = [str(a) for a in prefix]
         self.args = [str(a) for a in args]
         self.workdir = Path(workdir)
         self.name = name
@@ -217,6 +229,7 @@ class Vm:
                "-chardev", f"socket,id=ser0,path={_opt_path(self.serial_path)},"
                            "server=on,wait=off",
                "-serial", "chardev:ser0"] + self.args
+        cmd = self.prefix + cmd
         if shutil.which("setpriv"):
             cmd = ["setpriv", "--pdeathsig", "KILL", "--"] + cmd
         self.cmdline = cmd
@@ -429,11 +442,19 @@ class GuestImageMissing(FileNotFoundError):
     """build/guest is incomplete: run scripts/mkguest (tests skip)."""
 
 
+def build_dir():
+    """The build directory: $KVMX_BUILD_DIR (meson sets it for every test;
+    a git worktree without a build of its own points it at one), else
+    <repo>/build."""
+    return Path(os.environ.get("KVMX_BUILD_DIR") or REPO_ROOT / "build")
+
+
 def guest_image(repo_root=None):
     """(vmlinuz, initrd) built by scripts/mkguest ($KVMX_GUEST_DIR overrides
-    <repo>/build/guest)."""
+    <build>/guest; with repo_root, <repo_root>/build/guest)."""
     d = Path(os.environ.get("KVMX_GUEST_DIR") or
-             Path(repo_root or REPO_ROOT) / "build" / "guest")
+             (Path(repo_root) / "build" if repo_root else build_dir()) /
+             "guest")
     kernel, initrd = d / "vmlinuz", d / "initramfs.cpio.gz"
     for f in (kernel, initrd):
         if not f.is_file():
@@ -442,7 +463,8 @@ def guest_image(repo_root=None):
 
 
 def start_guest(qemu, script_text, extra_args=(), workdir=".", name="guest",
-                accel="tcg", mem="1G", append_extra="", repo_root=None):
+                accel="tcg", mem="1G", append_extra="", repo_root=None,
+                prefix=()):
     """Boot the test guest and return the running Vm (the caller owns it;
     use `with`).  script_text is handed to the guest's /init through fw_cfg
     (None: no script; then /init uses kvmx.script= or a shell).  extra_args
@@ -462,7 +484,7 @@ def start_guest(qemu, script_text, extra_args=(), workdir=".", name="guest",
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(script_text)
         args += ["-fw_cfg", f"name=opt/kvmx/script,file={_opt_path(script)}"]
-    return Vm(qemu, args + extra, workdir, name).start()
+    return Vm(qemu, args + extra, workdir, name, prefix=prefix).start()
 
 
 def wait_guest_exit(vm, timeout=300.0):
@@ -490,7 +512,7 @@ def run_guest_script(qemu, script_text, extra_args=(), workdir=".", name="guest"
 def patched_qemu():
     """The patched QEMU under test: $KVMX_QEMU, else the one scripts/build
     made.  Skips the test if there is none."""
-    q = os.environ.get("KVMX_QEMU") or str(REPO_ROOT / "build" / "qemu" /
+    q = os.environ.get("KVMX_QEMU") or str(build_dir() / "qemu" /
                                            "qemu-system-x86_64")
     if not os.access(q, os.X_OK):
         skip(f"patched QEMU not found at {q} (run scripts/build)")
@@ -508,7 +530,7 @@ def stock_qemu():
 def scratch_dir():
     """A directory on a real disk filesystem (not tmpfs) for backing files,
     so that page-cache dirtiness and fdatasync mean what they do on a host."""
-    d = Path(os.environ.get("KVMX_SCRATCH") or REPO_ROOT / "build" / "scratch")
+    d = Path(os.environ.get("KVMX_SCRATCH") or build_dir() / "scratch")
     d.mkdir(parents=True, exist_ok=True)
     return str(d)
 

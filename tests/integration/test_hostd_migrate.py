@@ -29,7 +29,6 @@ NVDIMM (issue 12, item 3), under TCG.
            kvmx-hostctl migrate-recover completes it; the guest's data is
            intact.
 """
-import hashlib
 import json
 import os
 import re
@@ -157,11 +156,6 @@ def attach(hostd, work, name):
     return check(rc == 0 and '"attached"' in out,
                  f'hostd attached {name} ({out.strip()[:120]} {err.strip()})')
 
-
-def file_md5(path, off_mb, mb):
-    with open(path, 'rb') as f:
-        f.seek(off_mb * MIB)
-        return hashlib.md5(f.read(mb * MIB)).hexdigest()
 
 
 def guest_sums(src):
@@ -327,7 +321,7 @@ def policy(hostd, work, src, dst, dst_img, ram, pmem, prefetch):
         check(flushes == 0 and st['dirty'] == 0,
               f'policy: the NVDIMM is durable in the destination\'s file '
               f'before any guest flush ({flushes} flushes, {st})')
-    check(file_md5(dst_img, PMEM_OFF_MB, PMEM_MB) == pmem,
+    check(kvmxtest.file_md5(dst_img, PMEM_OFF_MB, PMEM_MB) == pmem,
           'policy: the flushed NVDIMM data is in the destination\'s file')
     check_guest_after(dst, 'policy', ram, pmem)
 

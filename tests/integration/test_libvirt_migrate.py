@@ -23,7 +23,6 @@ dirties RAM and reads both back) opts in to kvmx-hostd too:
 Without a global IPv4 address for the peer's incoming migration the
 migration part says SKIPPED.
 """
-import hashlib
 import json
 import os
 import re
@@ -54,11 +53,6 @@ def virsh_at(uri, *args, timeout=180):
     return subprocess.run(['virsh', '-c', uri] + [str(a) for a in args],
                           capture_output=True, text=True, timeout=timeout)
 
-
-def file_md5(path, off_mb, mb):
-    with open(path, 'rb') as f:
-        f.seek(off_mb * MIB)
-        return hashlib.md5(f.read(mb * MIB)).hexdigest()
 
 
 def console_text(path):
@@ -237,7 +231,7 @@ def run(work, qemu, root_qemu, peer_uri, hostd):
         check(st['dirty'] == 0,
               f'the destination\'s NVDIMM file is durable before any guest '
               f'flush ({st})')
-    check(file_md5(dst_img, PMEM_OFF_MB, PMEM_MB) == pmem,
+    check(kvmxtest.file_md5(dst_img, PMEM_OFF_MB, PMEM_MB) == pmem,
           'the flushed NVDIMM data is in the destination\'s file')
     n = len(re.findall(r'CHK \d+', console_text(dst_console)))
     m = wait_text(dst_console, r'CHK \d+ ([0-9a-f]{32}) ([0-9a-f]{32})\n', 300,

@@ -43,7 +43,6 @@ paused, a page it needs for that can block the destination's main loop
 (in-band QMP, `quit`) until the page arrives.  The test therefore recovers
 through a second, out-of-band monitor, as QEMU intends for migrate-recover.
 """
-import hashlib
 import os
 import re
 import shutil
@@ -249,11 +248,6 @@ def sent(info):
     return info.get('ram', {}).get('transferred', 0)
 
 
-def file_md5(path, off_mb, mb):
-    with open(path, 'rb') as f:
-        f.seek(off_mb << 20)
-        return hashlib.md5(f.read(mb << 20)).hexdigest()
-
 
 class Guest:
     """The guest's checksums, taken once on the VM that booted it."""
@@ -284,7 +278,7 @@ class Guest:
         m = vm.wait_console(r'CCHK \d+ ([0-9a-f]{32})\n', 120, start=start)
         check(m[1] == self.cold,
               f'{what}: the guest reads the RAM it left alone intact')
-        check(file_md5(img, PMEM_OFF_MB, PMEM_MB) == self.pmem,
+        check(kvmxtest.file_md5(img, PMEM_OFF_MB, PMEM_MB) == self.pmem,
               f'{what}: the destination\'s backing file holds the NVDIMM data')
 
 

@@ -17,7 +17,6 @@ to be TMPFS or HUGETLBFS only").  With the series:
  mismatch   a destination whose flush hints differ from the source's
             refuses the migration, saying why; the source keeps running.
 """
-import hashlib
 import os
 import re
 import sys
@@ -26,6 +25,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
+from migwork import wait_status  # noqa: E402
 import pagecache  # noqa: E402
 
 SIZE = 256 << 20
@@ -66,20 +66,6 @@ def set_caps(vm, **caps):
         for k, v in caps.items()])
 
 
-def wait_status(vm, want, timeout=300):
-    deadline = time.monotonic() + timeout
-    while True:
-        info = vm.qmp.cmd('query-migrate')
-        st = info.get('status')
-        if st in want or time.monotonic() > deadline:
-            return st, info
-        time.sleep(0.2)
-
-
-def file_md5(path, off_mb, mb):
-    with open(path, 'rb') as f:
-        f.seek(off_mb << 20)
-        return hashlib.md5(f.read(mb << 20)).hexdigest()
 
 
 def postcopy(qemu, work, name, src_img, dst_img, shared):
@@ -128,7 +114,7 @@ def postcopy(qemu, work, name, src_img, dst_img, shared):
                 check(flushes == 0 and st['dirty'] == 0,
                       f'{name}: the NVDIMM is durable in the destination\'s '
                       f'file before any guest flush ({flushes} flushes, {st})')
-            check(file_md5(dst_img, PMEM_OFF_MB, PMEM_MB) == pmem_md5,
+            check(kvmxtest.file_md5(dst_img, PMEM_OFF_MB, PMEM_MB) == pmem_md5,
                   f'{name}: the flushed NVDIMM data is in the destination\'s '
                   'file')
             # The guest, now on the destination, reads both back.

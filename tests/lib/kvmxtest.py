@@ -2,6 +2,7 @@
 prints and records each assertion, the closing report (work files kept on
 failure, removed on success), scratch files, and the usual NVDIMM
 command line."""
+import hashlib
 import os
 import shutil
 import tempfile
@@ -61,3 +62,10 @@ def nvdimm_args(img, size, device='nvdimm,id=nv0,memdev=mem1,flush-hint=on',
             '-object', f'memory-backend-file,id=mem1,share=on,'
                        f'mem-path={img},size={size}',
             '-device', device])
+
+
+def file_md5(path, off_mb, mb):
+    """MD5 of `mb` MiB of the file at `path`, from `off_mb` MiB on."""
+    with open(path, 'rb') as f:
+        f.seek(off_mb << 20)
+        return hashlib.md5(f.read(mb << 20)).hexdigest()

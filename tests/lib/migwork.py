@@ -61,7 +61,7 @@ def set_caps(vm, caps):
         {'capability': k, 'state': v} for k, v in caps.items()])
 
 
-def wait_status(vm, want, timeout):
+def wait_status(vm, want, timeout=300):
     deadline = time.monotonic() + timeout
     while True:
         info = vm.qmp.cmd('query-migrate')

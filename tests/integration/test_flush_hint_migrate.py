@@ -33,7 +33,9 @@ while :; do
   dd if=/tmp/b of=/dev/pmem0 bs=4k count=1 seek=$i conv=fsync 2>/dev/null
   echo "TICK $i $(md5sum /tmp/b | cut -d' ' -f1)"
   i=$((i+1))
-  read -t 0.2 cmd && [ "$cmd" = hold ] && { echo HELD; read ack; }
+  # read -t 0 only polls; a timed read could drop half a line (busybox)
+  sleep 0.2
+  read -t 0 && read cmd && [ "$cmd" = hold ] && { echo HELD; read ack; }
 done
 '''
 

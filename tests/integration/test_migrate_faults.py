@@ -84,7 +84,9 @@ while :; do
   r=$(md5sum < /dev/shm/x | cut -d' ' -f1)
   p=$(dd if=/dev/pmem0 bs=1M skip={PMEM_OFF_MB} count={PMEM_MB} iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
   echo "CHK $i $r $p"
-  if read -t 0.2 c && [ "$c" = cold ]; then
+  # read -t 0 only polls; a timed read could drop half a line (busybox)
+  sleep 0.2
+  if read -t 0 && read c && [ "$c" = cold ]; then
     echo "CCHK $i $(md5sum < /dev/shm/z | cut -d' ' -f1)"
   fi
   i=$((i+1))

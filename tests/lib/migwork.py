@@ -37,7 +37,11 @@ while [ ! -e /tmp/stop ]; do
   sync /mnt/log || { echo "W5: sync failed at $i"; exit 1; }
   i=$((i+1))
   [ $i -eq 200 ] && echo W5-200
-  if read -t 0.05 cmd; then [ "$cmd" = stop ] && break; fi
+  # Poll without reading (-t 0), then read the whole line: busybox's
+  # "read -t 0.05 cmd" drops the bytes it has read when the deadline passes
+  # mid-line, and a post-copy fault can stall the guest longer than that.
+  if read -t 0; then read cmd; [ "$cmd" = stop ] && break; fi
+  sleep 0.05
 done
 echo "W5-WROTE $i"
 n=$(grep -c '^record ' /mnt/log)

@@ -1,0 +1,882 @@
+#!/usr/bin/python3
+"""Disk-backed page dedup (issue 13, item 6 and the fault tests of item 5)
+between patched QEMUs under TCG, with the Debian test guest on a
+virtio-blk disk that both QEMUs open from one image file (shared storage
+on one host: the destination, started with -incoming, keeps its image
+inactive and takes no lock until the migration completes).
+
+The host builds an ext4 image without root (`mkfs.ext4 -d`) holding
+DATA_MIB of random files whose md5s it knows, and a qcow2 copy of it.
+The guest mounts it, reads every file into its page cache and then
+answers commands on its serial port (md5 of every file, overwrite rounds).
+Each case is one migration of that guest ("a hop"); a chain of hops moves
+one booted guest from QEMU to QEMU, so the page cache it read on the first
+one travels the whole chain (and with dedup the destination's own records
+for the pages it placed from the disk serve the next hop).
+
+Every completed hop checks, with the destination still paused: pmemsave
+of the whole guest RAM on the paused source equals that of the
+destination, byte for byte; then the destination runs and the guest's md5
+of every file equals the host's.
+
+ raw chain
+  base        precopy (max-bandwidth BW), unix socket
+  overwrite   the guest rewrites ~10% of its cached pages through the page
+              cache and ~10% of the disk blocks with O_DIRECT while the
+              migration runs
+  postcopy    the same (another round of writes) with postcopy-ram and
+              migrate-start-postcopy a moment in
+  modified    a file's blocks changed in the image behind QEMU's back (host
+              pwrite) after the guest cached them: the migration either
+              completes with identical memory or fails with an error naming
+              the block, never a wrong page; then the blocks are restored
+  unreadable  the destination reads its image through blkdebug, which fails
+              the first read of each block of one cached file (EIO)
+  different   the destination opens another image of the same size with
+              other contents (a dead end: that destination is dropped)
+ qcow2 chain
+  qcow2       precopy of a guest on the qcow2 image
+  file        `stop`, migrate to file:PATH, restore into a new QEMU
+              (-incoming defer, migrate-incoming file:PATH)
+  src-killed  the source SIGKILLed mid-migration: the destination (which
+              would run the guest on completion) fails or exits with an
+              error and never runs
+
+Usage: test_disk_dedup.py [--dedup=on|off] [--chains=raw,qcow2]
+  on (default)  migrations use the `disk-dedup` capability and a
+                kvmx-disk-dedup object tracks the disk's reads; the test
+                skips (77) when this QEMU has neither
+  off           the same cases with plain migrations: the baseline (bytes
+                on the wire to compare with), and everything but the dedup
+                assertions, which are marked `[dedup]` below
+  --chains      which chains of cases to run (default: both)
+"""
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+import kvmxtest  # noqa: E402
+import kvmxvm  # noqa: E402
+from migwork import wait_status  # noqa: E402
+
+MIB = 1 << 20
+PAGE = 4096
+DATA_MIB = 256                  # random files on the disk (CI size)
+PAT_MIB = 8                     # /p/pat: the bytes overwrite rounds write
+IMAGE_MIB = DATA_MIB + DATA_MIB // 4 + PAT_MIB + 32
+FILE_SIZES_MIB = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)   # cycled; every 3rd - 1234
+GUEST_MEM = 768 * MIB           # all below 4 GiB on q35: one pmemsave
+DEDUP_MEM = '16M'               # kvmx-disk-dedup max-memory
+BW = 64 * MIB                   # precopy max-bandwidth
+POSTCOPY_BW = 32 * MIB          # precopy part of the post-copy case
+KILL_BW = 16 * MIB              # src-killed: slow enough to kill mid-way
+AIO = 'threads'                 # with cache.direct=on (cache=none)
+DONE = ('completed', 'failed', 'cancelled')
+
+INVERT = bytes(255 - b for b in range(256))     # the other image's bytes
+
+check = kvmxtest.Checks()
+DEDUP = True                    # --dedup=on|off
+
+
+def dd_check(cond, what):
+    """A dedup-specific assertion: only with --dedup=on."""
+    if DEDUP:
+        return check(cond, f'[dedup] {what}')
+    return True
+
+
+# -- the disk -----------------------------------------------------------------
+class Disk:
+    """The images and what the host knows about their files."""
+
+    def __init__(self, work):
+        self.work = work
+        self.data = {}          # name -> bytearray: the guest's view
+        self.raw = os.path.join(work, 'disk.raw')
+        self.qcow2 = os.path.join(work, 'disk.qcow2')
+        self.other = os.path.join(work, 'other.raw')
+
+    def build(self, qemu_img):
+        t0 = time.monotonic()
+        root = os.path.join(work_sub(self.work, 'root'), '')
+        other = work_sub(self.work, 'other-root')
+        os.makedirs(os.path.join(root, 'd'))
+        os.makedirs(os.path.join(root, 'p'))
+        os.makedirs(os.path.join(other, 'd'))
+        os.makedirs(os.path.join(other, 'p'))
+        total, i = 0, 0
+        while total < DATA_MIB * MIB:
+            size = FILE_SIZES_MIB[i % len(FILE_SIZES_MIB)] * MIB
+            if i % 3 == 1:
+                size -= 1234            # a partial last page
+            size = min(size, DATA_MIB * MIB - total)
+            name = f'f{i:02d}'
+            self.data[name] = bytearray(os.urandom(size))
+            for r, content in ((root, self.data[name]),
+                               (other, self.data[name].translate(INVERT))):
+                with open(os.path.join(r, 'd', name), 'wb') as f:
+                    f.write(content)
+            total += size
+            i += 1
+        self.pat = os.urandom(PAT_MIB * MIB)
+        for r, content in ((root, self.pat), (other, self.pat.translate(INVERT))):
+            with open(os.path.join(r, 'p', 'pat'), 'wb') as f:
+                f.write(content)
+        for r, img in ((root, self.raw), (other, self.other)):
+            run(['mkfs.ext4', '-q', '-F', '-b', '4096', '-L', 'kvmxdedup',
+                 '-E', 'lazy_itable_init=0,lazy_journal_init=0', '-d', r,
+                 img, f'{IMAGE_MIB}M'])
+            shutil.rmtree(r)
+        run([qemu_img, 'convert', '-f', 'raw', '-O', 'qcow2', self.raw,
+             self.qcow2])
+        self.pristine = {n: hashlib.md5(d).hexdigest()
+                         for n, d in self.data.items()}
+        print(f'note  images: {len(self.data)} files, {total / MIB:.0f} MiB '
+              f'of random data, raw {IMAGE_MIB} MiB, qcow2 '
+              f'{os.path.getsize(self.qcow2) / MIB:.0f} MiB, built in '
+              f'{time.monotonic() - t0:.1f} s', flush=True)
+
+    def md5s(self):
+        return {n: hashlib.md5(d).hexdigest() for n, d in self.data.items()}
+
+    def blocks(self, img, name):
+        """Block numbers (4 KiB) of /d/NAME in the ext4 image, in file order."""
+        out = run(['debugfs', '-R', f'blocks /d/{name}', img]).stdout
+        return [int(b) for b in out.split()]
+
+    # The overwrite rounds: ~10% of each file's pages through the page cache
+    # (4 KiB dd, first half of the file), and 1 MiB with O_DIRECT near the
+    # end of every file of 4 MiB or more (~10% of the blocks), each from
+    # /p/pat; 8 MiB into /dev/shm for anonymous memory.
+    def overwrite_ops(self, rnd):
+        ops = []
+        for i, (name, d) in enumerate(sorted(self.data.items())):
+            pages = len(d) // PAGE
+            n = max(1, pages // 10)
+            skip = (i * 13 + rnd * 7) % (PAT_MIB * MIB // PAGE - n)
+            ops.append((name, PAGE, skip, (rnd - 1) * n, n, False))
+            mibs = len(d) // MIB
+            if mibs >= 4:
+                ops.append((name, MIB, (i + rnd) % PAT_MIB,
+                            mibs - rnd, 1, True))
+        return ops
+
+    def overwrite_shell(self, rnd):
+        lines = [f'overwrite_{rnd}() {{']
+        for name, bs, skip, seek, count, direct in self.overwrite_ops(rnd):
+            lines.append(f'  dd if=/mnt/p/pat of=/mnt/d/{name} bs={bs} '
+                         f'skip={skip} seek={seek} count={count} conv=notrunc'
+                         f'{" oflag=direct" if direct else ""} 2>/dev/null '
+                         f'|| echo "OVERWRITE-FAILED {name}"')
+        lines.append(f'  dd if=/mnt/p/pat of=/dev/shm/anon{rnd} bs=1M '
+                     f'count={PAT_MIB} 2>/dev/null')
+        lines.append('}')
+        return '\n'.join(lines) + '\n'
+
+    def apply_overwrite(self, rnd):
+        """The host's copy of what round `rnd` did; returns (cached pages,
+        disk blocks) it wrote as fractions of the data."""
+        buffered = direct = 0
+        for name, bs, skip, seek, count, is_direct in self.overwrite_ops(rnd):
+            d = self.data[name]
+            src = self.pat[skip * bs:(skip + count) * bs]
+            d[seek * bs:seek * bs + len(src)] = src
+            if is_direct:
+                direct += len(src)
+            else:
+                buffered += len(src)
+        total = sum(len(d) for d in self.data.values())
+        return buffered / total, direct / total
+
+
+def work_sub(work, name):
+    return os.path.join(work, name)
+
+
+def run(cmd, **kw):
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                       **kw)
+    if p.returncode != 0:
+        raise RuntimeError(f'{" ".join(map(str, cmd))}: exit {p.returncode}: '
+                           f'{p.stderr.strip()}')
+    return p
+
+
+# -- the guest ----------------------------------------------------------------
+def guest_script(disk):
+    return disk.overwrite_shell(1) + disk.overwrite_shell(2) + r'''
+mount -o noatime /dev/vda /mnt || { echo "MOUNT-FAILED"; exit 1; }
+t=$(date +%s)
+cat /mnt/d/* > /dev/null
+echo "CACHED $(( $(date +%s) - t )) s, $(grep '^Cached' /proc/meminfo | tr -s ' ')"
+echo READY
+while read -r cmd arg; do
+  case "$cmd" in
+    md5) (cd /mnt/d && md5sum *) | sed 's/^/MD5 /'; echo "MD5-END $arg" ;;
+    overwrite)
+      echo "OVERWRITE-START $arg"
+      overwrite_$arg
+      sync
+      echo "OVERWRITE-DONE $arg" ;;
+  esac
+done
+'''
+
+
+def image_args(img, fmt, blkdebug=None):
+    """-blockdev for the disk (node d0); blkdebug: its inject-error list."""
+    f = (f'{{"driver":"file","filename":"{img}","cache":{{"direct":true}},'
+         f'"aio":"{AIO}"}}')
+    if blkdebug is not None:
+        f = ('{"driver":"blkdebug","inject-error":[' + ','.join(
+            f'{{"event":"read_aio","errno":5,"sector":{s},"once":true}}'
+            for s in blkdebug) + f'],"image":{f}}}')
+    return ['-blockdev', f'{{"driver":"{fmt}","node-name":"d0",'
+                         f'"cache":{{"direct":true}},"file":{f}}}']
+
+
+def vm_args(img, fmt, blkdebug=None):
+    dev = 'virtio-blk-pci,drive=d0,id=vd0'
+    args = image_args(img, fmt, blkdebug)
+    if DEDUP:
+        args = ['-object', f'kvmx-disk-dedup,id=dd0,max-memory={DEDUP_MEM}'] \
+            + args
+        dev += ',disk-dedup=dd0'
+    return args + ['-device', dev]
+
+
+def boot(qemu, work, name, disk, img, fmt):
+    vm = kvmxvm.start_guest(qemu, guest_script(disk), vm_args(img, fmt),
+                            work, name, mem=f'{GUEST_MEM // MIB}M',
+                            append_extra='kvmx.modules=virtio_blk,ext4')
+    t0 = time.monotonic()
+    m = vm.wait_console(r'CACHED (.*)\n', 300)
+    vm.wait_console(r'READY\n', 30)
+    print(f'note  {name}: booted and read {DATA_MIB} MiB into the page cache '
+          f'({m[1]}; {time.monotonic() - t0:.0f} s after the start)',
+          flush=True)
+    if DEDUP:
+        # --- dedup-specific: the reads were tracked --------------------------
+        st = vm.qmp.cmd('query-kvmx-disk-dedup')
+        print(f'note  {name}: tracking {st}')
+        dd_check(st.get('records', 0) >= DATA_MIB * MIB // PAGE // 2,
+                 f'{name}: the guest\'s reads were recorded '
+                 f'({st.get("records")} records, {st.get("recorded")} '
+                 f'recorded, capacity {st.get("capacity")})')
+        imgs = st.get('images', [])
+        dd_check(any('vd0' in i.get('device', '') for i in imgs),
+                 f'{name}: the disk is listed ({imgs})')
+    return vm
+
+
+def incoming(qemu, work, name, img, fmt, paused=True, blkdebug=None):
+    args = vm_args(img, fmt, blkdebug) + ['-incoming', 'defer']
+    if paused:
+        args.append('-S')
+    return kvmxvm.start_guest(qemu, None, args, work, name,
+                              mem=f'{GUEST_MEM // MIB}M')
+
+
+def set_caps(vm, caps):
+    vm.qmp.cmd('migrate-set-capabilities', capabilities=[
+        {'capability': k, 'state': v} for k, v in caps.items()])
+
+
+def live_caps(postcopy=False, return_path=True):
+    """Every capability a hop uses, on or off: a QEMU that was the
+    destination of an earlier hop keeps what was set there."""
+    caps = {'return-path': return_path, 'postcopy-ram': postcopy,
+            'events': True}
+    if DEDUP:
+        caps['disk-dedup'] = True
+    return caps
+
+
+def guest_md5(vm, tag, timeout=180):
+    """Ask the guest for the md5 of every file; returns {name: md5}."""
+    mark = len(vm.console_text())
+    vm.send_serial(f'md5 {tag}\n')
+    vm.wait_console(rf'MD5-END {tag}\n', timeout, start=mark)
+    text = vm.console_text()[mark:]
+    return dict((m[2], m[1]) for m in
+                re.finditer(r'^MD5 ([0-9a-f]{32})\s+(\S+)$', text, re.M))
+
+
+def md5_check(vm, disk, what, tag):
+    t0 = time.monotonic()
+    got = guest_md5(vm, tag)
+    want = disk.md5s()
+    bad = sorted(n for n in want if got.get(n) != want[n])
+    check(not bad and len(got) == len(want),
+          f'{what}: the guest reads all {len(want)} files with the host\'s '
+          f'md5 ({len(got)} reported, wrong: {bad[:8]}; '
+          f'{time.monotonic() - t0:.0f} s)')
+
+
+def pmemsave(vm, path):
+    vm.qmp.cmd('pmemsave', val=0, size=GUEST_MEM, filename=path, timeout=120)
+
+
+def mem_dir(work):
+    """Where the pmemsave files go: /dev/shm when it has room (nothing
+    to write back), else the work directory."""
+    try:
+        st = os.statvfs('/dev/shm')
+        if st.f_bavail * st.f_frsize > 4 * GUEST_MEM:
+            return '/dev/shm'
+    except OSError:
+        pass
+    return work
+
+
+def same_memory(src, dst, work, what):
+    """pmemsave of the whole RAM of both (paused) QEMUs, compared."""
+    a, b = (os.path.join(mem_dir(work), f'kvmx-dedup-{os.getpid()}-{n}.bin')
+            for n in ('src', 'dst'))
+    t0 = time.monotonic()
+    for vm, path in ((src, a), (dst, b)):
+        st = vm.qmp.cmd('query-status')['status']
+        if st == 'running':
+            check(False, f'{what}: {vm.name} is paused for pmemsave ({st})')
+            return False
+        pmemsave(vm, path)
+    diff = []
+    with open(a, 'rb') as fa, open(b, 'rb') as fb:
+        off = 0
+        while True:
+            x, y = fa.read(MIB), fb.read(MIB)
+            if not x and not y:
+                break
+            if x != y:
+                for p in range(0, max(len(x), len(y)), PAGE):
+                    if x[p:p + PAGE] != y[p:p + PAGE]:
+                        diff.append(off + p)
+            off += MIB
+    ok = check(not diff and off == GUEST_MEM,
+               f'{what}: the destination\'s RAM equals the source\'s, byte '
+               f'for byte ({off // MIB} MiB compared in '
+               f'{time.monotonic() - t0:.1f} s, {len(diff)} pages differ{": " + ", ".join(hex(d) for d in diff[:8]) if diff else ""})')
+    for p in (a, b):
+        os.unlink(p)
+    return ok
+
+
+def dedup_stats(src_info, dst_info):
+    s = src_info.get('disk-dedup') or {}
+    d = dst_info.get('disk-dedup') or {}
+    out = {k: s.get(k) for k in ('pages-as-reference', 'bytes-saved',
+                                 'images-refused')}
+    out.update({k: d.get(k, s.get(k)) for k in (
+        'references-resolved', 'mismatches', 'read-errors', 'read-time-ms')})
+    return out
+
+
+def numbers(what, info, dd=None, extra=''):
+    ram = info.get('ram', {})
+    s = (f'numbers {what}: {info.get("status")}, '
+         f'{ram.get("transferred", 0) / MIB:.1f} MiB on the wire, '
+         f'{ram.get("normal", 0)} pages in full, '
+         f'{ram.get("duplicate", 0)} zero pages, '
+         f'total {info.get("total-time", 0)} ms, '
+         f'downtime {info.get("downtime", 0)} ms')
+    if dd is not None:
+        s += (f'; pages as reference {dd.get("pages-as-reference")}, '
+              f'bytes saved {dd.get("bytes-saved")}, images refused '
+              f'{dd.get("images-refused")}, resolved '
+              f'{dd.get("references-resolved")}, mismatches '
+              f'{dd.get("mismatches")}, read errors {dd.get("read-errors")}, '
+              f'read time {dd.get("read-time-ms")} ms')
+    print(s + extra, flush=True)
+
+
+# -- one hop ------------------------------------------------------------------
+class Hop:
+    """A live migration from `src` to a fresh destination; run() returns
+    the source's final query-migrate."""
+
+    def __init__(self, qemu, work, name, src, img, fmt, paused=True,
+                 blkdebug=None):
+        self.name = name
+        self.src = src
+        self.sock = os.path.join(work, f'{name}.sock')
+        self.dst = incoming(qemu, work, f'{name}-dst', img, fmt, paused,
+                            blkdebug)
+        self.t0 = None
+
+    def start(self, caps, params):
+        set_caps(self.dst, caps)
+        self.dst.qmp.cmd('migrate-incoming', uri=f'unix:{self.sock}')
+        set_caps(self.src, caps)
+        self.src.qmp.cmd('migrate-set-parameters', **params)
+        self.t0 = time.monotonic()
+        self.src.qmp.cmd('migrate', uri=f'unix:{self.sock}')
+
+    def finish(self, timeout=300):
+        st, sinfo = wait_status(self.src, DONE, timeout)
+        dinfo = {}
+        if self.dst.returncode is None:
+            try:
+                _, dinfo = wait_status(self.dst, DONE, 60)
+            except (kvmxvm.QmpError, OSError):
+                pass
+        dd = dedup_stats(sinfo, dinfo) if DEDUP else {}
+        numbers(self.name, sinfo, dd if DEDUP else None,
+                f', {time.monotonic() - self.t0:.1f} s wall')
+        return st, sinfo, dinfo, dd
+
+
+def stop_vm(vm):
+    if vm is not None:
+        vm.kill()
+        vm.shutdown(timeout=5)
+
+
+# -- the cases ----------------------------------------------------------------
+def case_base(qemu, work, disk, src, img, fmt, name):
+    """Plain precopy.  Returns the destination (running) or None."""
+    hop = Hop(qemu, work, name, src, img, fmt)
+    if name == 'base':
+        locking_check(qemu, work, img, fmt)
+    hop.start(live_caps(), {'max-bandwidth': BW})
+    st, sinfo, dinfo, dd = hop.finish()
+    return conclude(hop, st, sinfo, disk, name, dd)
+
+
+def conclude(hop, st, sinfo, disk, name, dd, md5=True):
+    """The checks every completed hop makes; the old source is stopped."""
+    check(st == 'completed', f'{name}: migration {st} '
+          f'({sinfo.get("error-desc", "")})')
+    if st != 'completed':
+        # The chain goes on from the source if it still runs.
+        stop_vm(hop.dst)
+        if hop.src.returncode is None and \
+                hop.src.qmp.cmd('query-status')['status'] == 'running':
+            return hop.src
+        return None
+    if DEDUP:
+        # --- dedup-specific: the cached files went as references -------------
+        data_pages = DATA_MIB * MIB // PAGE
+        dd_check((dd.get('pages-as-reference') or 0) >= data_pages // 2,
+                 f'{name}: most of the cached data went as references '
+                 f'({dd.get("pages-as-reference")} pages of {data_pages})')
+        dd_check((dd.get('references-resolved') or 0) > 0 and
+                 (dd.get('bytes-saved') or 0) > 0,
+                 f'{name}: the destination resolved them '
+                 f'({dd.get("references-resolved")} resolved, '
+                 f'{dd.get("bytes-saved")} bytes saved)')
+    same_memory(hop.src, hop.dst, os.path.dirname(hop.sock), name)
+    stop_vm(hop.src)
+    hop.dst.qmp.cmd('cont')
+    if md5:
+        md5_check(hop.dst, disk, name, name)
+    return hop.dst
+
+
+def locking_check(qemu, work, img, fmt):
+    """QEMU's image locking is on: a third QEMU cannot open the image the
+    running source and the (inactive) incoming destination share."""
+    p = subprocess.run([qemu, '-machine', 'q35', '-nodefaults', '-display',
+                        'none', '-S', '-qmp', 'stdio'] + image_args(img, fmt) +
+                       ['-device', 'virtio-blk-pci,drive=d0'],
+                       input='{"execute":"qmp_capabilities"}\n'
+                             '{"execute":"quit"}\n',
+                       capture_output=True, text=True, timeout=30)
+    check(p.returncode != 0 and 'lock' in p.stderr,
+          f'base: the image is locked by the source while the inactive '
+          f'incoming destination has it open too (a third QEMU: exit '
+          f'{p.returncode}: {p.stderr.strip()[:120]})')
+
+
+def case_overwrite(qemu, work, disk, src, img, fmt, name, rnd, postcopy):
+    """The guest rewrites ~10% of its cached pages and ~10% of the disk's
+    blocks while the migration runs (with postcopy: switched to post-copy
+    a moment in)."""
+    hop = Hop(qemu, work, name, src, img, fmt)
+    mark = len(src.console_text())
+    src.send_serial(f'overwrite {rnd}\n')
+    src.wait_console(rf'OVERWRITE-START {rnd}\n', 60, start=mark)
+    caps = live_caps(postcopy)
+    params = {'max-bandwidth': POSTCOPY_BW if postcopy else BW}
+    if postcopy:
+        params['max-postcopy-bandwidth'] = BW
+    hop.start(caps, params)
+    went_postcopy = False
+    if postcopy:
+        st, _ = wait_status(src, ('active',) + DONE, 60)
+        time.sleep(1.5)
+        if src.qmp.cmd('query-migrate').get('status') == 'active':
+            src.qmp.cmd('migrate-start-postcopy')
+    st, sinfo, dinfo, dd = hop.finish()
+    if postcopy:
+        evs = [e['data']['status'] for e in src.qmp.events()
+               if e['event'] == 'MIGRATION']
+        went_postcopy = 'postcopy-active' in evs
+        check(went_postcopy, f'{name}: the source went post-copy ({evs})')
+    buffered, direct = disk.apply_overwrite(rnd)
+    print(f'note  {name}: round {rnd} rewrote {buffered:.1%} of the data '
+          f'through the page cache and {direct:.1%} with O_DIRECT')
+    dst = conclude(hop, st, sinfo, disk, name, dd, md5=False)
+    if dst is None:
+        return None
+    # The round may still be running when the destination takes over.
+    text = src_console = hop.src.console_text()[mark:] + dst.console_text()
+    if f'OVERWRITE-DONE {rnd}' not in text:
+        dst.wait_console(rf'OVERWRITE-DONE {rnd}\n', 120)
+        text = src_console + dst.console_text()
+    check('OVERWRITE-FAILED' not in text,
+          f'{name}: every write of round {rnd} succeeded in the guest')
+    where = 'source' if f'OVERWRITE-DONE {rnd}' in src_console else \
+        'destination'
+    print(f'note  {name}: the round ended on the {where}')
+    md5_check(dst, disk, name, name)
+    return dst
+
+
+def case_modified(qemu, work, disk, src, img, fmt, name):
+    """Blocks of a cached file changed in the image behind QEMU's back."""
+    fname = 'f05'
+    blocks = disk.blocks(img, fname)[16:48]
+    saved = {}
+    fd = os.open(img, os.O_RDWR)
+    try:
+        for b in blocks:
+            saved[b] = os.pread(fd, PAGE, b * PAGE)
+            os.pwrite(fd, os.urandom(PAGE), b * PAGE)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    print(f'note  {name}: {len(blocks)} blocks of /d/{fname} changed in the '
+          f'image (blocks {blocks[0]}..{blocks[-1]}, byte offset '
+          f'{blocks[0] * PAGE:#x})')
+    hop = Hop(qemu, work, name, src, img, fmt)
+    hop.start(live_caps(), {'max-bandwidth': BW})
+    st, sinfo, dinfo, dd = hop.finish()
+
+    def restore():
+        fd = os.open(img, os.O_RDWR)
+        try:
+            for b, data in saved.items():
+                os.pwrite(fd, data, b * PAGE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    if st == 'failed':
+        # Allowed only with dedup, and only with an error naming the block.
+        err = sinfo.get('error-desc', '')
+        named = any(str(b * PAGE) in err or f'{b * PAGE:#x}' in err or
+                    f'{b * PAGE:x}' in err for b in blocks)
+        check(DEDUP and named, f'{name}: the migration failed with an error '
+              f'naming a changed block: {err!r}')
+        check(src.qmp.cmd('query-status')['status'] == 'running',
+              f'{name}: the source runs on')
+        stop_vm(hop.dst)
+        restore()
+        return src
+    # --- dedup-specific: the destination found the changed blocks -----------
+    dd_check(st != 'completed' or (dd.get('mismatches') or 0) >= 1,
+             f'{name}: the destination saw the changed blocks '
+             f'({dd.get("mismatches")} mismatches) and fetched them')
+    # Memory first (with the image still changed), then the guest's view.
+    dst = conclude(hop, st, sinfo, disk, name, dd, md5=False)
+    restore()
+    if dst is not None:
+        md5_check(dst, disk, name, name)
+    return dst
+
+
+def case_unreadable(qemu, work, disk, src, img, fmt, name):
+    """The destination's image fails reads of one cached file's blocks."""
+    fname = 'f07'
+    blocks = disk.blocks(img, fname)[:64]
+    hop = Hop(qemu, work, name, src, img, fmt,
+              blkdebug=[b * (PAGE // 512) for b in blocks])
+    hop.start(live_caps(), {'max-bandwidth': BW})
+    st, sinfo, dinfo, dd = hop.finish()
+    # --- dedup-specific: the reads failed and were refetched (or the image
+    # was refused when the identity check hit one) ---------------------------
+    dd_check(st != 'completed' or (dd.get('read-errors') or 0) +
+             (dd.get('images-refused') or 0) >= 1,
+             f'{name}: the destination\'s read errors were seen '
+             f'({dd.get("read-errors")} read errors, '
+             f'{dd.get("images-refused")} images refused)')
+    if dd.get('images-refused'):
+        # Then it was not a reference that failed: no reference count check.
+        return conclude_nodd(hop, st, sinfo, disk, name)
+    return conclude(hop, st, sinfo, disk, name, dd)
+
+
+def conclude_nodd(hop, st, sinfo, disk, name, md5=True):
+    global DEDUP
+    keep, DEDUP = DEDUP, False
+    try:
+        return conclude(hop, st, sinfo, disk, name, None, md5)
+    finally:
+        DEDUP = keep
+
+
+def case_different(qemu, work, disk, src, name):
+    """The destination opens another image of the same size (a dead end)."""
+    check(os.path.getsize(disk.other) == os.path.getsize(disk.raw),
+          f'{name}: the other image has the same size')
+    hop = Hop(qemu, work, name, src, disk.other, 'raw')
+    hop.start(live_caps(), {'max-bandwidth': BW})
+    st, sinfo, dinfo, dd = hop.finish()
+    check(st == 'completed', f'{name}: migration {st} '
+          f'({sinfo.get("error-desc", "")})')
+    # --- dedup-specific: refused, and no reference sent ---------------------
+    dd_check((dd.get('images-refused') or 0) >= 1,
+             f'{name}: the source reports the image refused '
+             f'({dd.get("images-refused")})')
+    dd_check(not (dd.get('pages-as-reference')),
+             f'{name}: no page went as a reference '
+             f'({dd.get("pages-as-reference")})')
+    if st == 'completed':
+        same_memory(hop.src, hop.dst, work, name)
+    stop_vm(hop.dst)
+    stop_vm(src)
+
+
+def case_file(qemu, work, disk, src, img, fmt, name):
+    """Save to a file with the VM stopped, restore into a new QEMU."""
+    path = os.path.join(work, f'{name}.mig')
+    src.qmp.cmd('stop')
+    # No return path to a file.
+    caps = live_caps(return_path=False)
+    set_caps(src, caps)
+    t0 = time.monotonic()
+    src.qmp.cmd('migrate', uri=f'file:{path}')
+    st, sinfo = wait_status(src, DONE, 300)
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    dd = dedup_stats(sinfo, {}) if DEDUP else {}
+    numbers(f'{name} (save)', sinfo, dd if DEDUP else None, f', file {size / MIB:.1f} MiB, '
+            f'{time.monotonic() - t0:.1f} s wall')
+    check(st == 'completed', f'{name}: saved to a file: {st} '
+          f'({sinfo.get("error-desc", "")})')
+    if st != 'completed':
+        return None
+    # --- dedup-specific -----------------------------------------------------
+    dd_check((dd.get('pages-as-reference') or 0) >= DATA_MIB * MIB // PAGE // 2,
+             f'{name}: most of the cached data saved as references '
+             f'({dd.get("pages-as-reference")}; file '
+             f'{size / MIB:.1f} MiB)')
+    dst = incoming(qemu, work, f'{name}-dst', img, fmt)
+    set_caps(dst, caps)
+    t0 = time.monotonic()
+    dst.qmp.cmd('migrate-incoming', uri=f'file:{path}')
+    dst_st, dinfo = wait_status(dst, DONE, 300)
+    print(f'numbers {name} (restore): {dst_st}, '
+          f'{time.monotonic() - t0:.1f} s wall'
+          + (f', {dedup_stats({}, dinfo)}' if DEDUP else ''), flush=True)
+    check(dst_st == 'completed', f'{name}: restored from the file: {dst_st}'
+          + ('' if dst_st == 'completed' else
+             f' ({dinfo.get("error-desc", "")}; '
+             f'{dst.stderr_text().strip()[-200:]})'))
+    if dst_st != 'completed':
+        stop_vm(dst)
+        return None
+    # --- dedup-specific -----------------------------------------------------
+    if DEDUP:
+        d = dedup_stats({}, dinfo)
+        dd_check((d.get('references-resolved') or 0) > 0 and
+                 not d.get('mismatches') and not d.get('read-errors'),
+                 f'{name}: the restore resolved the references ({d})')
+    same_memory(src, dst, work, name)
+    stop_vm(src)
+    os.unlink(path)
+    dst.qmp.cmd('cont')
+    md5_check(dst, disk, name, name)
+    return dst
+
+
+def case_src_killed(qemu, work, disk, src, img, fmt, name):
+    """The source dies mid-migration: the destination (autostart: it would
+    run the guest on completion) must not run."""
+    hop = Hop(qemu, work, name, src, img, fmt, paused=False)
+    set_caps(hop.dst, {'events': True})
+    hop.start(live_caps(), {'max-bandwidth': KILL_BW})
+    # Until a good part of the RAM (and, with dedup, some references) is
+    # across.
+    seen = set()            # the destination's run states
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        seen.add(hop.dst.qmp.cmd('query-status')['status'])
+        info = src.qmp.cmd('query-migrate')
+        sent = info.get('ram', {}).get('transferred', 0)
+        refs = (info.get('disk-dedup') or {}).get('pages-as-reference', 0)
+        if info.get('status') not in ('setup', 'active'):
+            break
+        if sent >= 32 * MIB and (not DEDUP or refs > 0):
+            break
+        time.sleep(0.1)
+    print(f'note  {name}: source killed in {info.get("status")} with '
+          f'{sent / MIB:.1f} MiB sent'
+          + (f', {refs} pages as reference' if DEDUP else ''))
+    check(info.get('status') == 'active',
+          f'{name}: the source is killed mid-migration '
+          f'({info.get("status")})')
+    src.kill()
+    src.wait(10)
+    dst = hop.dst
+    deadline = time.monotonic() + 60
+    st = None
+    while time.monotonic() < deadline and dst.returncode is None:
+        try:
+            seen.add(dst.qmp.cmd('query-status', timeout=5)['status'])
+            st = dst.qmp.cmd('query-migrate', timeout=5).get('status')
+        except (kvmxvm.QmpError, OSError, TimeoutError):
+            break
+        if st in DONE:
+            break
+        time.sleep(0.05)
+    time.sleep(1)
+    rc = dst.returncode
+    if rc is None:
+        try:
+            seen.add(dst.qmp.cmd('query-status', timeout=5)['status'])
+        except (kvmxvm.QmpError, OSError, TimeoutError):
+            pass
+    err = dst.stderr_text().strip()
+    check('running' not in seen and st != 'completed',
+          f'{name}: the destination never ran the guest (states {seen}, '
+          f'migration {st})')
+    check((rc is not None and rc != 0) or st == 'failed',
+          f'{name}: the destination failed cleanly (exit {rc}, migration '
+          f'{st}): {err.splitlines()[-1] if err else ""!r}')
+    check(rc is None or rc > 0, f'{name}: the destination did not crash '
+          f'(exit {rc})')
+    stop_vm(dst)
+
+
+# -- main -----------------------------------------------------------------------
+def dedup_support(qemu):
+    """None if this QEMU has disk dedup, else what it lacks."""
+    cmds = ('{"execute":"qmp_capabilities"}\n'
+            '{"execute":"qom-list-types"}\n'
+            '{"execute":"query-migrate-capabilities"}\n'
+            '{"execute":"quit"}\n')
+    p = subprocess.run([qemu, '-machine', 'none', '-nodefaults', '-display',
+                        'none', '-S', '-qmp', 'stdio'], input=cmds,
+                       capture_output=True, text=True, timeout=30)
+    lacks = []
+    if '"kvmx-disk-dedup"' not in p.stdout:
+        lacks.append('no kvmx-disk-dedup object (qom-list-types)')
+    if '"disk-dedup"' not in p.stdout:
+        lacks.append('no disk-dedup migration capability')
+    return '; '.join(lacks) or None
+
+
+def main():
+    global DEDUP
+    chains = ('raw', 'qcow2')
+    for a in sys.argv[1:]:
+        if a in ('--dedup=on', '--dedup=off'):
+            DEDUP = a.endswith('on')
+        elif a.startswith('--chains='):
+            chains = a.split('=', 1)[1].split(',')
+            if not chains or not set(chains) <= {'raw', 'qcow2'}:
+                print(f'unknown chain in {a}', file=sys.stderr)
+                return 2
+        else:
+            print(__doc__.split('Usage:')[1], file=sys.stderr)
+            return 2
+    kvmxtest.require_guest_image()
+    qemu = kvmxvm.patched_qemu()
+    for tool in ('mkfs.ext4', 'debugfs'):
+        if not shutil.which(tool):
+            kvmxvm.skip(f'{tool} not found (e2fsprogs; scripts/setup)')
+    qemu_img = os.path.join(os.path.dirname(qemu), 'qemu-img')
+    if not os.access(qemu_img, os.X_OK):
+        kvmxvm.skip(f'{qemu_img} not found (scripts/build)')
+    if DEDUP:
+        lacks = dedup_support(qemu)
+        if lacks:
+            kvmxvm.skip(f'this QEMU has no disk dedup yet: {lacks} '
+                        f'({qemu}; --dedup=off runs the baseline)')
+    print(f'note  dedup {"on" if DEDUP else "off"}', flush=True)
+    t_start = time.monotonic()
+    work = kvmxtest.workdir('dedup-')
+    disk = Disk(work)
+    disk.build(qemu_img)
+    times = {}
+
+    def timed(label, fn, *args):
+        t0 = time.monotonic()
+        r = fn(*args)
+        times[label] = time.monotonic() - t0
+        return r
+
+    for chain in chains:
+        vms = []
+        try:
+            CHAINS[chain](qemu, work, disk, timed, vms)
+        except Exception as e:      # noqa: B902 (report, go on)
+            traceback.print_exc()
+            check(False, f'{chain} chain: {type(e).__name__}: {e}')
+        finally:
+            for vm in vms:
+                stop_vm(vm)
+    for k, v in times.items():
+        print(f'time  {k}: {v:.1f} s')
+    print(f'time  whole test: {time.monotonic() - t_start:.0f} s')
+    return check.finish(work)
+
+
+def raw_chain(qemu, work, disk, timed, vms):
+    img = disk.raw
+    vm = timed('boot raw', boot, qemu, work, 'raw', disk, img, 'raw')
+    vms.append(vm)
+    for label, fn, args in (
+            ('base', case_base, ('base',)),
+            ('overwrite', case_overwrite, ('overwrite', 1, False)),
+            ('postcopy', case_overwrite, ('postcopy', 2, True)),
+            ('modified', case_modified, ('modified',)),
+            ('unreadable', case_unreadable, ('unreadable',))):
+        vm = timed(label, fn, qemu, work, disk, vm, img, 'raw', *args)
+        if vm is None:
+            return
+        vms.append(vm)
+    timed('different', case_different, qemu, work, disk, vm, 'different')
+
+
+def qcow2_chain(qemu, work, disk, timed, vms):
+    """The files as they were before the raw chain changed them."""
+    qdisk = PristineView(disk)
+    img = disk.qcow2
+    vm = timed('boot qcow2', boot, qemu, work, 'qcow2', qdisk, img, 'qcow2')
+    vms.append(vm)
+    for label, fn in (('qcow2', case_base), ('file', case_file)):
+        vm = timed(label, fn, qemu, work, qdisk, vm, img, 'qcow2', label)
+        if vm is None:
+            return
+        vms.append(vm)
+    timed('src-killed', case_src_killed, qemu, work, qdisk, vm, img, 'qcow2',
+          'src-killed')
+
+
+CHAINS = {'raw': raw_chain, 'qcow2': qcow2_chain}
+
+
+class PristineView:
+    """The disk as built (for the qcow2 image, converted before the raw
+    chain changed the raw one)."""
+
+    def __init__(self, disk):
+        self._disk = disk
+
+    def md5s(self):
+        return dict(self._disk.pristine)
+
+    def overwrite_shell(self, rnd):
+        return self._disk.overwrite_shell(rnd)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -19,28 +19,43 @@ of the whole guest RAM on the paused source equals that of the
 destination, byte for byte; then the destination runs and the guest's md5
 of every file equals the host's.
 
- raw chain
-  base        precopy (max-bandwidth BW), unix socket
+ raw chain, in this order
+  base        precopy (max-bandwidth BW), unix socket; a third QEMU cannot
+              open the image meanwhile (locking is on)
+  modified    blocks of a cached file changed in the image behind QEMU's
+              back (host pwrite) after the guest read them: the migration
+              either completes with identical memory or fails with an
+              error naming the block (QEMU 07-disk-dedup fails it), never
+              a wrong page; the blocks are restored afterwards
+  unreadable  the destination reads its image through blkdebug, which fails
+              the first read of each of 64 blocks of a cached file (EIO):
+              the same outcomes
+              (these two come right after base, while the source holds a
+              record of every cached block: a destination has records of
+              the pages it placed from references and of what its guest
+              read since)
   overwrite   the guest rewrites ~10% of its cached pages through the page
               cache and ~10% of the disk blocks with O_DIRECT while the
               migration runs
   postcopy    the same (another round of writes) with postcopy-ram and
-              migrate-start-postcopy a moment in
-  modified    a file's blocks changed in the image behind QEMU's back (host
-              pwrite) after the guest cached them: the migration either
-              completes with identical memory or fails with an error naming
-              the block, never a wrong page; then the blocks are restored
-  unreadable  the destination reads its image through blkdebug, which fails
-              the first read of each block of one cached file (EIO)
+              migrate-start-postcopy once POSTCOPY_AFTER bytes or
+              POSTCOPY_AFTER_REFS references went (references stop at
+              the switch); the destination stays paused (-S), so its RAM
+              can be compared when post-copy completes
   different   the destination opens another image of the same size with
-              other contents (a dead end: that destination is dropped)
+              other contents: with dedup the disk is refused and the
+              migration goes on without it (a dead end: that destination
+              is dropped)
  qcow2 chain
   qcow2       precopy of a guest on the qcow2 image
   file        `stop`, migrate to file:PATH, restore into a new QEMU
               (-incoming defer, migrate-incoming file:PATH)
-  src-killed  the source SIGKILLed mid-migration: the destination (which
-              would run the guest on completion) fails or exits with an
-              error and never runs
+  src-killed  the source SIGKILLed mid-migration (with dedup: references
+              on the way): the destination, which would run the guest on
+              completion, fails or exits with an error and never runs
+
+A failed hop (allowed only where said) leaves the guest on its source,
+and the chain goes on from there.
 
 Usage: test_disk_dedup.py [--dedup=on|off] [--chains=raw,qcow2]
   on (default)  migrations use the `disk-dedup` capability and a
@@ -75,7 +90,10 @@ GUEST_MEM = 768 * MIB           # all below 4 GiB on q35: one pmemsave
 DEDUP_MEM = '16M'               # kvmx-disk-dedup max-memory
 BW = 64 * MIB                   # precopy max-bandwidth
 POSTCOPY_BW = 32 * MIB          # precopy part of the post-copy case
-KILL_BW = 16 * MIB              # src-killed: slow enough to kill mid-way
+POSTCOPY_AFTER = 128 * MIB      # switch after this much was sent,
+POSTCOPY_AFTER_REFS = 8192      # or this many pages went as references
+KILL_BW = 16 * MIB              # src-killed: slow enough to kill mid-way,
+KILL_REFS = 4096                # and with dedup, references on the way
 AIO = 'threads'                 # with cache.direct=on (cache=none)
 DONE = ('completed', 'failed', 'cancelled')
 
@@ -264,7 +282,7 @@ def boot(qemu, work, name, disk, img, fmt):
           flush=True)
     if DEDUP:
         # --- dedup-specific: the reads were tracked --------------------------
-        st = vm.qmp.cmd('query-kvmx-disk-dedup')
+        st = tracking(vm)
         print(f'note  {name}: tracking {st}')
         dd_check(st.get('records', 0) >= DATA_MIB * MIB // PAGE // 2,
                  f'{name}: the guest\'s reads were recorded '
@@ -274,6 +292,12 @@ def boot(qemu, work, name, disk, img, fmt):
         dd_check(any('vd0' in i.get('device', '') for i in imgs),
                  f'{name}: the disk is listed ({imgs})')
     return vm
+
+
+def tracking(vm):
+    """query-kvmx-disk-dedup of the VM's one object."""
+    objs = vm.qmp.cmd('query-kvmx-disk-dedup')
+    return objs[0] if objs else {}
 
 
 def incoming(qemu, work, name, img, fmt, paused=True, blkdebug=None):
@@ -372,8 +396,10 @@ def dedup_stats(src_info, dst_info):
     s = src_info.get('disk-dedup') or {}
     d = dst_info.get('disk-dedup') or {}
     out = {k: s.get(k) for k in ('pages-as-reference', 'bytes-saved',
-                                 'images-refused')}
-    out.update({k: d.get(k, s.get(k)) for k in (
+                                 'images-refused', 'refused-reason')}
+    # The destination's own numbers (the source's query-migrate carries
+    # those of its own last incoming migration, if any).
+    out.update({k: d.get(k) for k in (
         'references-resolved', 'mismatches', 'read-errors', 'read-time-ms')})
     return out
 
@@ -389,7 +415,10 @@ def numbers(what, info, dd=None, extra=''):
     if dd is not None:
         s += (f'; pages as reference {dd.get("pages-as-reference")}, '
               f'bytes saved {dd.get("bytes-saved")}, images refused '
-              f'{dd.get("images-refused")}, resolved '
+              f'{dd.get("images-refused")}'
+              + (f' ({dd["refused-reason"]})' if dd.get('refused-reason')
+                 else '') +
+              f', resolved '
               f'{dd.get("references-resolved")}, mismatches '
               f'{dd.get("mismatches")}, read errors {dd.get("read-errors")}, '
               f'read time {dd.get("read-time-ms")} ms')
@@ -449,8 +478,10 @@ def case_base(qemu, work, disk, src, img, fmt, name):
     return conclude(hop, st, sinfo, disk, name, dd)
 
 
-def conclude(hop, st, sinfo, disk, name, dd, md5=True):
-    """The checks every completed hop makes; the old source is stopped."""
+def conclude(hop, st, sinfo, disk, name, dd, md5=True, min_refs=None):
+    """The checks every completed hop makes; the old source is stopped.
+    min_refs: pages that must have gone as references (default: half of
+    the data; 0: no check)."""
     check(st == 'completed', f'{name}: migration {st} '
           f'({sinfo.get("error-desc", "")})')
     if st != 'completed':
@@ -460,16 +491,22 @@ def conclude(hop, st, sinfo, disk, name, dd, md5=True):
                 hop.src.qmp.cmd('query-status')['status'] == 'running':
             return hop.src
         return None
-    if DEDUP:
+    if DEDUP and min_refs != 0:
         # --- dedup-specific: the cached files went as references -------------
         data_pages = DATA_MIB * MIB // PAGE
-        dd_check((dd.get('pages-as-reference') or 0) >= data_pages // 2,
-                 f'{name}: most of the cached data went as references '
-                 f'({dd.get("pages-as-reference")} pages of {data_pages})')
-        dd_check((dd.get('references-resolved') or 0) > 0 and
-                 (dd.get('bytes-saved') or 0) > 0,
-                 f'{name}: the destination resolved them '
+        if min_refs is None:
+            min_refs = data_pages // 2
+        refs = dd.get('pages-as-reference') or 0
+        dd_check(refs >= min_refs,
+                 f'{name}: the cached data went as references ({refs} pages '
+                 f'of {data_pages}, want >= {min_refs})')
+        dd_check(dd.get('references-resolved') == refs and
+                 (dd.get('bytes-saved') or 0) > 0 and
+                 not dd.get('mismatches') and not dd.get('read-errors'),
+                 f'{name}: the destination resolved every one '
                  f'({dd.get("references-resolved")} resolved, '
+                 f'{dd.get("mismatches")} mismatches, '
+                 f'{dd.get("read-errors")} read errors, '
                  f'{dd.get("bytes-saved")} bytes saved)')
     same_memory(hop.src, hop.dst, os.path.dirname(hop.sock), name)
     stop_vm(hop.src)
@@ -507,24 +544,39 @@ def case_overwrite(qemu, work, disk, src, img, fmt, name, rnd, postcopy):
     if postcopy:
         params['max-postcopy-bandwidth'] = BW
     hop.start(caps, params)
-    went_postcopy = False
     if postcopy:
-        st, _ = wait_status(src, ('active',) + DONE, 60)
-        time.sleep(1.5)
-        if src.qmp.cmd('query-migrate').get('status') == 'active':
+        # Switch once the first pass is past the kernel and the initramfs
+        # and into the page cache (with dedup: references went; they stop
+        # at the switch).
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            info = src.qmp.cmd('query-migrate')
+            sent = info.get('ram', {}).get('transferred', 0)
+            refs = (info.get('disk-dedup') or {}).get('pages-as-reference', 0)
+            if info.get('status') not in ('setup', 'active') or \
+                    sent >= POSTCOPY_AFTER or refs >= POSTCOPY_AFTER_REFS:
+                break
+            time.sleep(0.05)
+        print(f'note  {name}: switching to post-copy with '
+              f'{sent / MIB:.1f} MiB sent'
+              + (f', {refs} pages as reference' if DEDUP else ''))
+        if info.get('status') == 'active':
             src.qmp.cmd('migrate-start-postcopy')
     st, sinfo, dinfo, dd = hop.finish()
     if postcopy:
         evs = [e['data']['status'] for e in src.qmp.events()
                if e['event'] == 'MIGRATION']
-        went_postcopy = 'postcopy-active' in evs
-        check(went_postcopy, f'{name}: the source went post-copy ({evs})')
+        check('postcopy-active' in evs,
+              f'{name}: the source went post-copy ({evs})')
     buffered, direct = disk.apply_overwrite(rnd)
     print(f'note  {name}: round {rnd} rewrote {buffered:.1%} of the data '
           f'through the page cache and {direct:.1%} with O_DIRECT')
-    dst = conclude(hop, st, sinfo, disk, name, dd, md5=False)
-    if dst is None:
-        return None
+    # In post-copy, references stop at the switch: only some go as
+    # references.
+    dst = conclude(hop, st, sinfo, disk, name, dd, md5=False,
+                   min_refs=1 if postcopy else None)
+    if dst is None or dst is hop.src:
+        return dst
     # The round may still be running when the destination takes over.
     text = src_console = hop.src.console_text()[mark:] + dst.console_text()
     if f'OVERWRITE-DONE {rnd}' not in text:
@@ -537,6 +589,28 @@ def case_overwrite(qemu, work, disk, src, img, fmt, name, rnd, postcopy):
     print(f'note  {name}: the round ended on the {where}')
     md5_check(dst, disk, name, name)
     return dst
+
+
+def failed_naming(hop, st, sinfo, dinfo, blocks, name):
+    """A hop that dedup may fail: the error (the source's, the
+    destination's, or its stderr) names one of `blocks` (4 KiB block
+    numbers of the image), the source runs on, the destination never ran.
+    Returns the source for the next hop."""
+    err = ' '.join((sinfo.get('error-desc', ''), dinfo.get('error-desc', ''),
+                    hop.dst.stderr_text()))
+    named = [b for b in blocks if f'{b * PAGE:#x}' in err]
+    lines = [ln for ln in err.splitlines() if 'disk-dedup' in ln]
+    check(DEDUP and named, f'{name}: the migration failed with an error '
+          f'naming the block: {(lines or [err.strip()])[0][:300]!r}')
+    dst_st = None
+    if hop.dst.returncode is None:
+        dst_st = hop.dst.qmp.cmd('query-status')['status']
+    check(dst_st != 'running', f'{name}: the destination does not run '
+          f'(exit {hop.dst.returncode}, state {dst_st})')
+    src_st = hop.src.qmp.cmd('query-status')['status']
+    check(src_st == 'running', f'{name}: the source runs on ({src_st})')
+    stop_vm(hop.dst)
+    return hop.src
 
 
 def case_modified(qemu, work, disk, src, img, fmt, name):
@@ -569,23 +643,17 @@ def case_modified(qemu, work, disk, src, img, fmt, name):
             os.close(fd)
 
     if st == 'failed':
-        # Allowed only with dedup, and only with an error naming the block.
-        err = sinfo.get('error-desc', '')
-        named = any(str(b * PAGE) in err or f'{b * PAGE:#x}' in err or
-                    f'{b * PAGE:x}' in err for b in blocks)
-        check(DEDUP and named, f'{name}: the migration failed with an error '
-              f'naming a changed block: {err!r}')
-        check(src.qmp.cmd('query-status')['status'] == 'running',
-              f'{name}: the source runs on')
-        stop_vm(hop.dst)
+        # With dedup: a reference to a changed block fails the migration.
+        src = failed_naming(hop, st, sinfo, dinfo, blocks, name)
         restore()
         return src
-    # --- dedup-specific: the destination found the changed blocks -----------
-    dd_check(st != 'completed' or (dd.get('mismatches') or 0) >= 1,
+    # Completed: no wrong page (a destination that fetches the page on a
+    # mismatch instead of failing would count it).
+    dd_check((dd.get('mismatches') or 0) >= 1,
              f'{name}: the destination saw the changed blocks '
              f'({dd.get("mismatches")} mismatches) and fetched them')
     # Memory first (with the image still changed), then the guest's view.
-    dst = conclude(hop, st, sinfo, disk, name, dd, md5=False)
+    dst = conclude(hop, st, sinfo, disk, name, dd, md5=False, min_refs=0)
     restore()
     if dst is not None:
         md5_check(dst, disk, name, name)
@@ -600,26 +668,16 @@ def case_unreadable(qemu, work, disk, src, img, fmt, name):
               blkdebug=[b * (PAGE // 512) for b in blocks])
     hop.start(live_caps(), {'max-bandwidth': BW})
     st, sinfo, dinfo, dd = hop.finish()
-    # --- dedup-specific: the reads failed and were refetched (or the image
-    # was refused when the identity check hit one) ---------------------------
-    dd_check(st != 'completed' or (dd.get('read-errors') or 0) +
-             (dd.get('images-refused') or 0) >= 1,
-             f'{name}: the destination\'s read errors were seen '
+    if st == 'failed':
+        # With dedup: a reference whose block cannot be read fails it.
+        return failed_naming(hop, st, sinfo, dinfo, blocks, name)
+    # Completed: the read errors were seen (and the pages fetched), or the
+    # disk was refused when a sample block could not be read.
+    dd_check((dd.get('read-errors') or 0) + (dd.get('images-refused') or 0)
+             >= 1, f'{name}: the destination\'s read errors were seen '
              f'({dd.get("read-errors")} read errors, '
              f'{dd.get("images-refused")} images refused)')
-    if dd.get('images-refused'):
-        # Then it was not a reference that failed: no reference count check.
-        return conclude_nodd(hop, st, sinfo, disk, name)
-    return conclude(hop, st, sinfo, disk, name, dd)
-
-
-def conclude_nodd(hop, st, sinfo, disk, name, md5=True):
-    global DEDUP
-    keep, DEDUP = DEDUP, False
-    try:
-        return conclude(hop, st, sinfo, disk, name, None, md5)
-    finally:
-        DEDUP = keep
+    return conclude(hop, st, sinfo, disk, name, dd, min_refs=0)
 
 
 def case_different(qemu, work, disk, src, name):
@@ -672,9 +730,13 @@ def case_file(qemu, work, disk, src, img, fmt, name):
     t0 = time.monotonic()
     dst.qmp.cmd('migrate-incoming', uri=f'file:{path}')
     dst_st, dinfo = wait_status(dst, DONE, 300)
+    d = dedup_stats({}, dinfo) if DEDUP else {}
     print(f'numbers {name} (restore): {dst_st}, '
           f'{time.monotonic() - t0:.1f} s wall'
-          + (f', {dedup_stats({}, dinfo)}' if DEDUP else ''), flush=True)
+          + (f'; resolved {d.get("references-resolved")}, mismatches '
+             f'{d.get("mismatches")}, read errors {d.get("read-errors")}, '
+             f'read time {d.get("read-time-ms")} ms' if DEDUP else ''),
+          flush=True)
     check(dst_st == 'completed', f'{name}: restored from the file: {dst_st}'
           + ('' if dst_st == 'completed' else
              f' ({dinfo.get("error-desc", "")}; '
@@ -684,7 +746,6 @@ def case_file(qemu, work, disk, src, img, fmt, name):
         return None
     # --- dedup-specific -----------------------------------------------------
     if DEDUP:
-        d = dedup_stats({}, dinfo)
         dd_check((d.get('references-resolved') or 0) > 0 and
                  not d.get('mismatches') and not d.get('read-errors'),
                  f'{name}: the restore resolved the references ({d})')
@@ -713,7 +774,7 @@ def case_src_killed(qemu, work, disk, src, img, fmt, name):
         refs = (info.get('disk-dedup') or {}).get('pages-as-reference', 0)
         if info.get('status') not in ('setup', 'active'):
             break
-        if sent >= 32 * MIB and (not DEDUP or refs > 0):
+        if sent >= 32 * MIB and (not DEDUP or refs >= KILL_REFS):
             break
         time.sleep(0.1)
     print(f'note  {name}: source killed in {info.get("status")} with '
@@ -833,12 +894,15 @@ def raw_chain(qemu, work, disk, timed, vms):
     img = disk.raw
     vm = timed('boot raw', boot, qemu, work, 'raw', disk, img, 'raw')
     vms.append(vm)
+    # modified and unreadable right after base, while the source holds a
+    # record of every cached block (placed from references: after the
+    # overwrite rounds it has records only of what the guest read since).
     for label, fn, args in (
             ('base', case_base, ('base',)),
-            ('overwrite', case_overwrite, ('overwrite', 1, False)),
-            ('postcopy', case_overwrite, ('postcopy', 2, True)),
             ('modified', case_modified, ('modified',)),
-            ('unreadable', case_unreadable, ('unreadable',))):
+            ('unreadable', case_unreadable, ('unreadable',)),
+            ('overwrite', case_overwrite, ('overwrite', 1, False)),
+            ('postcopy', case_overwrite, ('postcopy', 2, True))):
         vm = timed(label, fn, qemu, work, disk, vm, img, 'raw', *args)
         if vm is None:
             return

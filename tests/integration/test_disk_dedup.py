@@ -596,8 +596,8 @@ def failed_naming(hop, st, sinfo, dinfo, blocks, name):
     destination's, or its stderr) names one of `blocks` (4 KiB block
     numbers of the image), the source runs on, the destination never ran.
     Returns the source for the next hop."""
-    err = ' '.join((sinfo.get('error-desc', ''), dinfo.get('error-desc', ''),
-                    hop.dst.stderr_text()))
+    err = '\n'.join((sinfo.get('error-desc', ''),
+                     dinfo.get('error-desc', ''), hop.dst.stderr_text()))
     named = [b for b in blocks if f'{b * PAGE:#x}' in err]
     lines = [ln for ln in err.splitlines() if 'disk-dedup' in ln]
     check(DEDUP and named, f'{name}: the migration failed with an error '

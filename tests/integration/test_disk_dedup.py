@@ -60,7 +60,7 @@ and the chain goes on from there.
 Usage: test_disk_dedup.py [--dedup=on|off] [--chains=raw,qcow2]
   on (default)  migrations use the `disk-dedup` capability and a
                 kvmx-disk-dedup object tracks the disk's reads; the test
-                skips (77) when this QEMU has neither
+                skips (77) when this QEMU lacks either
   off           the same cases with plain migrations: the baseline (bytes
                 on the wire to compare with), and everything but the dedup
                 assertions, which are marked `[dedup]` below
@@ -123,12 +123,11 @@ class Disk:
 
     def build(self, qemu_img):
         t0 = time.monotonic()
-        root = os.path.join(work_sub(self.work, 'root'), '')
-        other = work_sub(self.work, 'other-root')
-        os.makedirs(os.path.join(root, 'd'))
-        os.makedirs(os.path.join(root, 'p'))
-        os.makedirs(os.path.join(other, 'd'))
-        os.makedirs(os.path.join(other, 'p'))
+        root = os.path.join(self.work, 'root')
+        other = os.path.join(self.work, 'other-root')
+        for r in (root, other):
+            for d in ('d', 'p'):
+                os.makedirs(os.path.join(r, d))
         total, i = 0, 0
         while total < DATA_MIB * MIB:
             size = FILE_SIZES_MIB[i % len(FILE_SIZES_MIB)] * MIB
@@ -212,10 +211,6 @@ class Disk:
                 buffered += len(src)
         total = sum(len(d) for d in self.data.values())
         return buffered / total, direct / total
-
-
-def work_sub(work, name):
-    return os.path.join(work, name)
 
 
 def run(cmd, **kw):

@@ -597,6 +597,10 @@ def failed_naming(hop, st, sinfo, dinfo, blocks, name):
     lines = [ln for ln in err.splitlines() if 'disk-dedup' in ln]
     check(DEDUP and named, f'{name}: the migration failed with an error '
           f'naming the block: {(lines or [err.strip()])[0][:300]!r}')
+    # The destination sends its reason back on the return path; the source
+    # shows it unless its own error (the channel closing) came first.
+    print(f'note  {name}: the source says: '
+          f'{sinfo.get("error-desc", "")[:300]!r}')
     dst_st = None
     if hop.dst.returncode is None:
         dst_st = hop.dst.qmp.cmd('query-status')['status']

@@ -432,6 +432,16 @@ Result<void> check_snapshot_file(const std::string& path, bool force) {
   return {};
 }
 
+// The first bytes of a snapshot file: its configuration section.
+std::string file_head(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  if (!fd) return "";
+  std::string buf(4096, '\0');
+  ssize_t n = ::read(fd.get(), buf.data(), buf.size());
+  buf.resize(n > 0 ? static_cast<size_t>(n) : 0);
+  return buf;
+}
+
 Result<void> check_restore_file(const std::string& path) {
   struct stat st{};
   if (::lstat(path.c_str(), &st) != 0)
@@ -475,6 +485,8 @@ void Daemon::op_restore(api::ClientId client, const api::Restore& a,
   migrate::FileSettings s;
   s.restore = true;
   s.path = a.file;
+  s.file_caps = migrate::stream_capabilities(file_head(a.file))
+                    .value_or(std::vector<std::string>{});
   s.disk_dedup = migrate::parse_dedup_mode(a.disk_dedup)
                      .value_or(migrate::DedupMode::kAuto);
   s.resume = !a.paused;

@@ -136,6 +136,65 @@ Result<DedupDecision> decide_dedup_file(DedupMode mode, const DedupSide& src) {
                                  "': the file refers to their blocks"};
 }
 
+std::optional<std::vector<std::string>> stream_capabilities(
+    std::string_view head) {
+  // "QEVM", version 3, QEMU_VM_CONFIGURATION (7), the machine type, then
+  // subsections: 5, a name, a be32 version, the data.  The capabilities'
+  // data: a be32 count, then each name as a byte length and the bytes.
+  if (head.size() < 8 || head.substr(0, 4) != "QEVM") return std::nullopt;
+  static constexpr std::string_view kName = "configuration/capabilities";
+  size_t at = head.find(kName);
+  if (at == std::string_view::npos || at == 0 ||
+      static_cast<unsigned char>(head[at - 1]) != kName.size())
+    return std::nullopt;
+  size_t p = at + kName.size() + 4;  // past the version
+  auto be32 = [&](size_t off) -> std::optional<uint32_t> {
+    if (off + 4 > head.size()) return std::nullopt;
+    uint32_t v = 0;
+    for (int i = 0; i < 4; i++)
+      v = v << 8 | static_cast<unsigned char>(head[off + i]);
+    return v;
+  };
+  auto count = be32(p);
+  if (!count || *count > 64) return std::nullopt;
+  p += 4;
+  std::vector<std::string> caps;
+  for (uint32_t i = 0; i < *count; i++) {
+    if (p >= head.size()) return std::nullopt;
+    size_t len = static_cast<unsigned char>(head[p++]);
+    if (len == 0 || len > 64 || p + len > head.size()) return std::nullopt;
+    std::string name(head.substr(p, len));
+    for (char c : name)
+      if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-'))
+        return std::nullopt;
+    caps.push_back(std::move(name));
+    p += len;
+  }
+  return caps;
+}
+
+Result<DedupDecision> decide_dedup_restore(DedupMode mode, bool file_dedup,
+                                           const DedupSide& vm) {
+  if (!file_dedup) {
+    if (mode == DedupMode::kOn)
+      return make_error(kRefused,
+                        "--disk-dedup=on, but the file was written without "
+                        "disk-dedup (QEMU loads it only with the capability "
+                        "as it was written)");
+    return DedupDecision{false, "the file was written without disk-dedup"};
+  }
+  if (mode == DedupMode::kOff)
+    return make_error(kRefused,
+                      "--disk-dedup=off, but the file was written with "
+                      "disk-dedup: its pages that are disk references can "
+                      "only be read back with it");
+  if (auto why = lacks(vm); !why.empty())
+    return make_error(kUnsupported,
+                      "the file was written with disk-dedup, but " + why);
+  return DedupDecision{true, "the file was written with disk-dedup; disks " +
+                                 join(vm.disks) + " of '" + vm.vm + "'"};
+}
+
 DedupStats dedup_stats(const json& info) {
   DedupStats d;
   const json* dd = json_field(info, "disk-dedup");

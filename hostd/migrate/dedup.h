@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -63,6 +64,19 @@ Result<DedupDecision> decide_dedup(DedupMode mode, bool shared_storage,
 // The same for a snapshot of `src` to a file: no destination QEMU, no
 // shared-storage word (the file is restored on the disk it refers to).
 Result<DedupDecision> decide_dedup_file(DedupMode mode, const DedupSide& src);
+
+// The migration capabilities a QEMU migration stream (a snapshot file)
+// was written with: the ones on, from its configuration section
+// ("configuration/capabilities") near its start; QEMU refuses to load a
+// stream whose validated capabilities (x-ignore-shared, mapped-ram,
+// disk-dedup) differ from its own.  Nothing when `head` (the file's first
+// bytes) has no such section or it is malformed; at most 64 names of at
+// most 64 bytes.
+std::optional<std::vector<std::string>> stream_capabilities(
+    std::string_view head);
+// The decision for a restore from a file written with `file_dedup`.
+Result<DedupDecision> decide_dedup_restore(DedupMode mode, bool file_dedup,
+                                           const DedupSide& vm);
 
 // query-migrate's "disk-dedup" member, bounded and typed.
 struct DedupStats {

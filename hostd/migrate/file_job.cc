@@ -1,5 +1,7 @@
 #include "file_job.h"
 
+#include <algorithm>
+
 #include "common/json_util.h"
 #include "common/log.h"
 
@@ -171,7 +173,11 @@ void FileJob::probed(const json& status, const json& mig, const json& caps) {
     for (const auto& c : caps)
       if (json_string(c, "capability").value_or("") == "disk-dedup")
         dedup_cap_ = true;
-  if (s_.disk_dedup == DedupMode::kOff || !dedup_cap_)
+  bool file_dedup =
+      std::find(s_.file_caps.begin(), s_.file_caps.end(), "disk-dedup") !=
+      s_.file_caps.end();
+  if ((s_.disk_dedup == DedupMode::kOff && !(s_.restore && file_dedup)) ||
+      !dedup_cap_)
     return decided(std::nullopt);
   run("query-kvmx-disk-dedup", json(), [this](Result<json> r) {
     if (!r && r.error().code != "qmp-error") return fail(r.error());
@@ -181,7 +187,13 @@ void FileJob::probed(const json& status, const json& mig, const json& caps) {
 
 void FileJob::decided(const std::optional<json>& objects) {
   DedupSide side = dedup_side(vm_->name(), caps_, objects);
-  auto dec = decide_dedup_file(s_.disk_dedup, side);
+  auto has = [&](const char* c) {
+    return std::find(s_.file_caps.begin(), s_.file_caps.end(), c) !=
+           s_.file_caps.end();
+  };
+  auto dec = s_.restore
+                 ? decide_dedup_restore(s_.disk_dedup, has("disk-dedup"), side)
+                 : decide_dedup_file(s_.disk_dedup, side);
   if (!dec) return fail(dec.error());
   dedup_ = dec->enable;
   dedup_why_ = dec->why;
@@ -200,6 +212,13 @@ void FileJob::configure() {
   json c = json::array();
   // No return path on a file (a QEMU that was a dedup destination keeps it).
   c.push_back({{"capability", "return-path"}, {"state", false}});
+  // The whole RAM in the file, shared memory backends too (a QEMU that was
+  // the destination of a --shared-storage migration has it on); a restore
+  // as the file was written (QEMU checks).
+  bool ignore_shared =
+      s_.restore && std::find(s_.file_caps.begin(), s_.file_caps.end(),
+                              "x-ignore-shared") != s_.file_caps.end();
+  c.push_back({{"capability", "x-ignore-shared"}, {"state", ignore_shared}});
   if (dedup_cap_) c.push_back({{"capability", "disk-dedup"}, {"state", dedup_}});
   run("migrate-set-capabilities", json{{"capabilities", c}},
       [this](Result<json> r) {

@@ -18,6 +18,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -34,6 +35,9 @@ struct FileSettings {
   DedupMode disk_dedup = DedupMode::kAuto;
   bool resume = false;  // save: cont afterwards; restore: cont afterwards
   std::optional<uint64_t> max_bandwidth;  // save only
+  // restore: the capabilities the file was written with (on), from
+  // stream_capabilities(); QEMU loads it only with the same.
+  std::vector<std::string> file_caps;
   std::chrono::milliseconds interval{1000};
   std::chrono::milliseconds lost_contact{60000};
 };

@@ -1362,6 +1362,8 @@ TEST_CASE("snapshot: stop, dedup on, migrate to file:, the VM stays paused") {
   CHECK(r.q->count("cont") == 0);
   CHECK(r.q->set_caps["disk-dedup"]);
   CHECK_FALSE(r.q->set_caps["return-path"]);
+  REQUIRE(r.q->set_caps.count("x-ignore-shared"));
+  CHECK_FALSE(r.q->set_caps["x-ignore-shared"]);  // the whole RAM in the file
   auto pos = [&](const std::string& prefix) {
     for (size_t i = 0; i < r.q->log.size(); i++)
       if (r.q->log[i].rfind(prefix, 0) == 0) return static_cast<int>(i);
@@ -1429,6 +1431,7 @@ TEST_CASE("restore: migrate-incoming file: without exiting on error, then cont")
   s.restore = true;
   s.resume = true;
   s.path = "/var/lib/kvmx/web1.snap";
+  s.file_caps = {"x-ignore-shared", "disk-dedup"};
   FileRun r(s);
   r.q->run = "inmigrate";
   r.go();
@@ -1438,6 +1441,7 @@ TEST_CASE("restore: migrate-incoming file: without exiting on error, then cont")
   CHECK(r.q->count("migrate-incoming {\"exit-on-error\":false,\"uri\":"
                    "\"file:/var/lib/kvmx/web1.snap\"}") == 1);
   CHECK(r.q->set_caps["disk-dedup"]);
+  CHECK(r.q->set_caps["x-ignore-shared"]);  // as the file was written
   CHECK(r.q->count("cont") == 1);
   CHECK(r.said("references read from the disk"));
 
@@ -1447,4 +1451,52 @@ TEST_CASE("restore: migrate-incoming file: without exiting on error, then cont")
   REQUIRE_FALSE(q.job->outcome().ok());
   CHECK_THAT(q.job->outcome().error().message,
              ContainsSubstring("start it with -incoming defer"));
+}
+
+TEST_CASE("restore: the file's capabilities decide; a mismatch is a clear error") {
+  // The start of a real snapshot (QEMU 10.0 with 07-disk-dedup).
+  static const char kHead[] =
+      "QEVM\0\0\0\3\7\0\0\0\13pc-q35-10.0\5\32configuration/capabilities"
+      "\0\0\0\1\0\0\0\2\17x-ignore-shared\12disk-dedup\1\0\0\0\1\3ram";
+  std::string head(kHead, sizeof(kHead) - 1);
+  auto caps = stream_capabilities(head);
+  REQUIRE(caps);
+  CHECK(*caps == std::vector<std::string>{"x-ignore-shared", "disk-dedup"});
+  CHECK_FALSE(stream_capabilities("not a snapshot"));
+  CHECK_FALSE(stream_capabilities(head.substr(0, 60)));  // cut short
+  std::string hostile = head;
+  hostile[56] = '\x7f';  // a count of 0x7f000002
+  CHECK_FALSE(stream_capabilities(hostile));
+  std::string none("QEVM\0\0\0\3\7\0\0\0\13pc-q35-10.0\5\32configuration/capabilities"
+                   "\0\0\0\1\0\0\0\0", 60);
+  REQUIRE(stream_capabilities(none));
+  CHECK(stream_capabilities(none)->empty());
+
+  auto vm = side("b", true, dd_object({"vd0"}));
+  CHECK(decide_dedup_restore(DedupMode::kAuto, true, vm)->enable);
+  CHECK_FALSE(decide_dedup_restore(DedupMode::kAuto, false, vm)->enable);
+  auto r = decide_dedup_restore(DedupMode::kOff, true, vm);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.error().message, ContainsSubstring("the file was written with disk-dedup"));
+  r = decide_dedup_restore(DedupMode::kOn, false, vm);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.error().message, ContainsSubstring("written without disk-dedup"));
+  r = decide_dedup_restore(DedupMode::kAuto, true, side("b", true, json::array()));
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code == "migration-unsupported");
+  CHECK_THAT(r.error().message,
+             ContainsSubstring("the file was written with disk-dedup, but VM 'b' "
+                               "has no kvmx-disk-dedup object"));
+
+  // Through the job: a QEMU without the object, a file with dedup.
+  FileSettings s;
+  s.restore = true;
+  s.path = "/x.snap";
+  s.file_caps = {"disk-dedup"};
+  FileRun q(s);
+  q.q->run = "inmigrate";
+  q.q->dd = json::array();
+  q.go();
+  REQUIRE_FALSE(q.job->outcome().ok());
+  CHECK(q.q->count("migrate-incoming") == 0);
 }

@@ -756,8 +756,9 @@ std::string Job::dedup_summary() const {
                 ? ""
                 : " (" + dedup_src_.refused_reason + ")");
   out += ", the destination resolved " +
-         std::to_string(dedup_dst_.references_resolved) + " in " +
-         std::to_string(dedup_dst_.read_time_ms) + " ms";
+         std::to_string(dedup_dst_.references_resolved) + " (read time " +
+         std::to_string(dedup_dst_.read_time_ms) +
+         " ms, summed over the reads in flight)";
   if (dedup_dst_.mismatches || dedup_dst_.read_errors)
     out += ", " + std::to_string(dedup_dst_.mismatches) + " mismatches, " +
            std::to_string(dedup_dst_.read_errors) + " read errors";

@@ -463,6 +463,18 @@ void Daemon::op_snapshot(api::ClientId client, const api::Snapshot& a,
   if (auto r = migration_vm(a.vm, "the"); !r) return reply(r.error());
   if (auto r = check_snapshot_file(a.file, a.force); !r)
     return reply(r.error());
+  // Created here, not by QEMU, and never through a symlink: in a sticky
+  // directory nobody can swap it for one before QEMU opens it.
+  {
+    UniqueFd fd(::open(a.file.c_str(),
+                       O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW |
+                           (a.force ? 0 : O_EXCL),
+                       0600));
+    if (!fd)
+      return reply(make_error(api::code::kInvalid,
+                              "cannot create '" + a.file +
+                                  "': " + std::strerror(errno)));
+  }
   migrate::FileSettings s;
   s.path = a.file;
   s.disk_dedup = migrate::parse_dedup_mode(a.disk_dedup)

@@ -310,10 +310,23 @@ void FileJob::sample(Result<json> r) {
   if (auto d = dedup_stats(info); d.present) dd_ = d;
   std::string qerr = cut(json_string(info, "error-desc").value_or(""));
   if (status_ == "completed") return finish_completed();
-  if (status_ == "failed")
+  if (status_ == "failed") {
+    std::string dd;
+    if (dedup_ && s_.restore)
+      // QEMU names the page and the block of a mismatch on its stderr
+      // only (an incoming migration's error-desc is "load of migration
+      // failed"): its counts at least.
+      dd = "; disk dedup: " + std::to_string(dd_.references_resolved) +
+           " references read, " + std::to_string(dd_.mismatches) +
+           " mismatches, " + std::to_string(dd_.read_errors) +
+           " read errors (QEMU's log names the blocks)";
+    else if (dedup_)
+      dd = "; disk dedup: " + std::to_string(dd_.pages_as_reference) +
+           " pages as references";
     return fail(make_error(
         kFailed, what() + " failed: " +
-                     (qerr.empty() ? "QEMU gave no reason" : qerr)));
+                     (qerr.empty() ? "QEMU gave no reason" : qerr) + dd));
+  }
   if (status_ == "cancelled") {
     Error e = make_error(kCancelled, what() + " was cancelled");
     return fail(e);

@@ -17,8 +17,12 @@ shared storage on one host) into its page cache.
  snapshot  kvmx-hostctl snapshot of the destination to a file (dedup auto):
            progress, "pages as references", the VM stays paused; the file
            is much smaller than the guest's RAM in use
- restore   a new QEMU (-incoming defer), kvmx-hostctl restore: references
-           read from the disk, the guest runs and its md5s are right
+ restore   first onto a disk whose blocks of a cached file were changed
+           after the snapshot: the restore fails, the guest never runs,
+           the error names a changed block (hostd's, else QEMU's stderr);
+           the blocks put back, a new QEMU (-incoming defer), kvmx-hostctl
+           restore: references read from the disk, the guest runs and its
+           md5s are right
 
 Each part prints its time.  Skips (77) when the QEMU has no disk dedup.
 """
@@ -188,6 +192,57 @@ def snapshot(hostd, work, dst):
     return path
 
 
+def restore_changed(hostd, work, qemu, disk, img, path):
+    """Blocks of a cached file changed in the image after the snapshot: the
+    restore fails (never a wrong page), the guest never runs; the blocks
+    are put back afterwards."""
+    fname = 'f05'
+    blocks = disk.blocks(img, fname)[16:48]
+    saved = {}
+    fd = os.open(img, os.O_RDWR)
+    try:
+        for b in blocks:
+            saved[b] = os.pread(fd, PAGE, b * PAGE)
+            os.pwrite(fd, os.urandom(PAGE), b * PAGE)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        with incoming(qemu, work, 'bad', img) as r:
+            if not attach(hostd, work, 'bad'):
+                return
+            rc, out, err = ctl(hostd, 'restore', 'vm=bad', f'file={path}')
+            print(f'--- kvmx-hostctl restore onto a changed disk\n{out}{err}---')
+            named = [b for b in blocks if f'{b * PAGE:#x}' in err]
+            stderr = [ln for ln in r.stderr_text().splitlines()
+                      if 'disk-dedup' in ln]
+            print(f'note: the restoring QEMU\'s stderr: {stderr[:2]}')
+            st = r.qmp.cmd('query-status')['status'] \
+                if r.returncode is None else f'exit {r.returncode}'
+            check(rc == 1 and 'migration-failed' in err and st != 'running',
+                  f'restore onto a changed disk: fails, the guest does not '
+                  f'run ({st}; {err.strip()[:200]})')
+            m = re.search(r'(\d+) mismatches', err)
+            check(m and int(m[1]) > 0,
+                  f'restore onto a changed disk: hostd says the destination '
+                  f'counted mismatches ({m and m[0]})')
+            check(named or any(f'{b * PAGE:#x}' in ln for b in blocks
+                               for ln in stderr),
+                  f'restore onto a changed disk: the error names a changed '
+                  f'block (hostd: {bool(named)}, QEMU stderr: '
+                  f'{bool(stderr)})')
+            r.kill()
+        ctl(hostd, 'detach', 'vm=bad')
+    finally:
+        fd = os.open(img, os.O_RDWR)
+        try:
+            for b, data in saved.items():
+                os.pwrite(fd, data, b * PAGE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def restore(hostd, work, qemu, disk, img, path):
     with incoming(qemu, work, 'rst', img) as r:
         if not attach(hostd, work, 'rst'):
@@ -257,6 +312,9 @@ def main():
                     dst.kill()
                     dst.shutdown(timeout=5)
                     if path:
+                        t0 = time.monotonic()
+                        restore_changed(hostd, work, qemu, disk, img, path)
+                        times['restore-changed'] = time.monotonic() - t0
                         t0 = time.monotonic()
                         restore(hostd, work, qemu, disk, img, path)
                         times['restore'] = time.monotonic() - t0

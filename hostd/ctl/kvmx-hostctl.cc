@@ -171,8 +171,13 @@ int main(int argc, char** argv) {
         }
       } else if (status_op && response && msg.contains("result")) {
         const json& r = msg["result"];
-        text = r.value("vm", "") + " -> " + r.value("dest", "") + ": " +
-               kvmx::ctl::format_event(r) +
+        std::string head =
+            r.contains("kind") ? r.value("vm", "") + " " +
+                                     r.value("kind", "") + " " +
+                                     r.value("file", "")
+                               : r.value("vm", "") + " -> " +
+                                     r.value("dest", "");
+        text = head + ": " + kvmx::ctl::format_event(r) +
                (r.value("error", "").empty() ? "" : "; " + r.value("error", ""));
       }
       std::printf("%s\n", text.c_str());

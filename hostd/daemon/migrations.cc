@@ -332,9 +332,15 @@ void Daemon::op_migrate_cancel(const api::MigrateCancel& a,
 void Daemon::op_migrate_status(const api::MigrateStatus& a,
                                api::ReplyFn reply) {
   auto it = migrations_.find(a.vm);
+  auto f = file_jobs_.find(a.vm);
+  // A snapshot or restore under way counts first, then the migration.
+  if (f != file_jobs_.end() &&
+      (!f->second.job->ended() || it == migrations_.end()))
+    return reply(f->second.job->snapshot());
   if (it == migrations_.end())
     return reply(make_error(api::code::kNoMigration,
-                            "hostd has no migration of '" + a.vm + "'"));
+                            "hostd has no migration, snapshot or restore "
+                            "of '" + a.vm + "'"));
   reply(it->second.job->snapshot());
 }
 

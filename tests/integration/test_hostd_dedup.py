@@ -185,6 +185,10 @@ def snapshot(hostd, work, dst):
     check(saved >= DATA_MIB * 0.9,
           f'snapshot: the file ({size / MIB:.1f} MiB) is {saved} MiB smaller '
           f'than without dedup: most of the {DATA_MIB} MiB of cached data')
+    rc, out, err = ctl(hostd, 'migrate-status', 'vm=dst')
+    check(rc == 0 and out.startswith(f'dst snapshot {path}: ') and
+          'saved' in out,
+          f'snapshot: migrate-status shows it ({out.strip()[:160]})')
     rc, out, err = ctl(hostd, 'snapshot', 'vm=dst', f'file={path}')
     check(rc == 1 and 'exists' in err,
           f'snapshot: the same path again without --force: refused '

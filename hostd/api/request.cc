@@ -111,6 +111,80 @@ Result<std::string> dest_field(const json& obj, const std::string& vm,
   return it->get<std::string>();
 }
 
+Result<void> dedup_field(const json& obj, std::string& out) {
+  auto it = obj.find("disk_dedup");
+  if (it == obj.end()) return {};
+  if (!it->is_string() || (*it != "auto" && *it != "on" && *it != "off"))
+    return invalid("'disk_dedup' must be auto, on or off");
+  out = it->get<std::string>();
+  return {};
+}
+
+Result<std::string> file_field(const json& obj) {
+  auto it = obj.find("file");
+  if (it == obj.end()) return invalid("missing field 'file'");
+  if (!it->is_string()) return invalid("'file' must be a string");
+  const auto& f = it->get_ref<const std::string&>();
+  if (!valid_file_path(f))
+    return invalid("'file' must be an absolute path of at most 4095 bytes "
+                   "without control characters, commas, '.' or '..' "
+                   "components or a trailing '/', not " + quote(f));
+  return f;
+}
+
+Result<Op> parse_snapshot(const json& obj) {
+  if (auto r = only_fields(obj, "snapshot",
+                           {"vm", "file", "disk_dedup", "force", "resume",
+                            "max_bandwidth", "interval_ms", "wait"});
+      !r)
+    return r.error();
+  Snapshot s;
+  auto vm = vm_field(obj);
+  if (!vm) return vm.error();
+  s.vm = *vm;
+  auto f = file_field(obj);
+  if (!f) return f.error();
+  s.file = *f;
+  if (auto r = dedup_field(obj, s.disk_dedup); !r) return r.error();
+  for (auto [key, out] : {std::pair{"force", &s.force},
+                          std::pair{"resume", &s.resume},
+                          std::pair{"wait", &s.wait}})
+    if (auto r = bool_field(obj, key, *out); !r) return r.error();
+  if (auto r = opt_uint_field(obj, "max_bandwidth", 1, kMaxBandwidth,
+                              s.max_bandwidth);
+      !r)
+    return r.error();
+  if (auto r = uint_field(obj, "interval_ms", kMinIntervalMs, kMaxIntervalMs,
+                          s.interval_ms);
+      !r)
+    return r.error();
+  return Op(std::move(s));
+}
+
+Result<Op> parse_restore(const json& obj) {
+  if (auto r = only_fields(obj, "restore",
+                           {"vm", "file", "disk_dedup", "paused",
+                            "interval_ms", "wait"});
+      !r)
+    return r.error();
+  Restore s;
+  auto vm = vm_field(obj);
+  if (!vm) return vm.error();
+  s.vm = *vm;
+  auto f = file_field(obj);
+  if (!f) return f.error();
+  s.file = *f;
+  if (auto r = dedup_field(obj, s.disk_dedup); !r) return r.error();
+  for (auto [key, out] : {std::pair{"paused", &s.paused},
+                          std::pair{"wait", &s.wait}})
+    if (auto r = bool_field(obj, key, *out); !r) return r.error();
+  if (auto r = uint_field(obj, "interval_ms", kMinIntervalMs, kMaxIntervalMs,
+                          s.interval_ms);
+      !r)
+    return r.error();
+  return Op(std::move(s));
+}
+
 Result<Op> parse_migrate(const json& obj) {
   if (auto r = only_fields(
           obj, "migrate",
@@ -118,7 +192,7 @@ Result<Op> parse_migrate(const json& obj) {
            "shared_storage", "switch", "switch_after_passes",
            "switch_stall_samples", "switch_after_s", "max_bandwidth",
            "max_postcopy_bandwidth", "downtime_limit_ms", "recover_attempts",
-           "interval_ms", "wait"});
+           "interval_ms", "wait", "disk_dedup"});
       !r)
     return r.error();
   Migrate m;
@@ -148,6 +222,7 @@ Result<Op> parse_migrate(const json& obj) {
       return invalid("'prefetch' must be off, pattern, page-table or both");
     m.prefetch = it->get<std::string>();
   }
+  if (auto r = dedup_field(obj, m.disk_dedup); !r) return r.error();
   bool switch_given = obj.contains("switch") ||
                       obj.contains("switch_after_passes") ||
                       obj.contains("switch_stall_samples") ||
@@ -289,6 +364,8 @@ Result<Op> parse_args(const std::string& op, const json& obj) {
   }
   if (op == "migrate") return parse_migrate(obj);
   if (op == "migrate-recover") return parse_migrate_recover(obj);
+  if (op == "snapshot") return parse_snapshot(obj);
+  if (op == "restore") return parse_restore(obj);
   if (op == "migrate-postcopy" || op == "migrate-cancel" ||
       op == "migrate-status") {
     if (auto r = only_fields(obj, op, {"vm"}); !r) return r.error();
@@ -344,6 +421,24 @@ bool valid_migration_uri(std::string_view uri) {
     return p >= 1 && p <= 65535 && valid_host(host);
   }
   return false;
+}
+
+bool valid_file_path(std::string_view path) {
+  if (path.empty() || path.front() != '/' || path.size() > kMaxFilePath ||
+      path.back() == '/')
+    return false;
+  for (char c : path)
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f || c == ',')
+      return false;
+  size_t i = 1;
+  while (i <= path.size()) {
+    size_t j = path.find('/', i);
+    if (j == std::string_view::npos) j = path.size();
+    std::string_view comp = path.substr(i, j - i);
+    if (comp.empty() || comp == "." || comp == "..") return false;
+    i = j + 1;
+  }
+  return true;
 }
 
 bool valid_qmp_path(std::string_view path) {

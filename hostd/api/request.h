@@ -98,6 +98,7 @@ struct Migrate {
   bool postcopy = false;
   std::string prefetch = "off";  // off, pattern, page-table, both
   bool shared_storage = false;
+  std::string disk_dedup = "auto";  // auto, on, off (migrate/dedup.h)
   // The switch to post-copy (with postcopy only).  manual: only on
   // migrate-postcopy.  auto: also when one of the rules below holds (0
   // turns a rule off).
@@ -111,6 +112,29 @@ struct Migrate {
   uint32_t recover_attempts = 3;  // automatic migrate-recover when paused
   uint32_t interval_ms = 1000;    // progress and policy sampling
   bool wait = true;  // answer at the end (progress events meanwhile)
+};
+// A VM's memory to a file and back (QEMU's migrate file:PATH).
+constexpr size_t kMaxFilePath = 4095;
+// An absolute path without control characters, commas (QEMU reads options
+// after one), "." or ".." components, or a trailing slash.
+bool valid_file_path(std::string_view path);
+struct Snapshot {
+  std::string vm;
+  std::string file;
+  std::string disk_dedup = "auto";
+  bool force = false;   // overwrite an earlier snapshot file
+  bool resume = false;  // run the guest again afterwards
+  std::optional<uint64_t> max_bandwidth;
+  uint32_t interval_ms = 1000;
+  bool wait = true;
+};
+struct Restore {
+  std::string vm;  // a QEMU started with -incoming defer
+  std::string file;
+  std::string disk_dedup = "auto";
+  bool paused = false;  // leave the guest paused once loaded
+  uint32_t interval_ms = 1000;
+  bool wait = true;
 };
 struct MigratePostcopy {
   std::string vm;
@@ -131,7 +155,8 @@ struct MigrateStatus {
 
 using Op = std::variant<Ping, Version, Attach, Detach, ListVms, Protections,
                         Violations, Stats, Subscribe, Migrate, MigratePostcopy,
-                        MigrateRecover, MigrateCancel, MigrateStatus>;
+                        MigrateRecover, MigrateCancel, MigrateStatus, Snapshot,
+                        Restore>;
 
 struct Request {
   nlohmann::json id;  // null when the request carried none

@@ -21,6 +21,10 @@ struct Flags {
   bool shared_storage = false;        // --shared-storage
   std::optional<std::string> switch_mode;  // --switch=auto|manual
   bool no_wait = false;               // --no-wait
+  std::optional<std::string> disk_dedup;  // --disk-dedup[=auto|on|off]: migrate, snapshot, restore
+  bool force = false;                 // --force: snapshot
+  bool resume = false;                // --resume: snapshot
+  bool paused = false;                // --paused: restore
 };
 
 // {"op": op, KEY: VALUE..., and the flags' fields}.  VALUE is taken as
@@ -34,8 +38,8 @@ Result<nlohmann::json> build_request(const std::string& op,
                                      const std::vector<std::string>& args,
                                      const Flags& flags);
 
-// Ops whose answer comes at the end of a migration, with progress events
-// before it (unless --no-wait).
+// Ops whose answer comes at the end of a migration (or a snapshot or
+// restore), with progress events before it (unless --no-wait).
 bool follows_migration(const std::string& op);
 
 // "812.0 MiB"

@@ -4,6 +4,8 @@
 //   kvmx-hostctl [-s SOCKET] --raw '{"op":"ping"}'
 //   kvmx-hostctl subscribe --follow                 prints events until EOF
 //   kvmx-hostctl migrate vm=a dest=b --postcopy     progress, then how it ended
+//   kvmx-hostctl snapshot vm=a file=/var/lib/kvmx/a.snap    the same
+//   kvmx-hostctl restore vm=a-new file=/var/lib/kvmx/a.snap
 //
 // VALUE is taken as JSON when it parses (numbers, true), else as a string
 // (always a string for names, paths and URIs: ctl/args.h).
@@ -68,15 +70,32 @@ int main(int argc, char** argv) {
                             "migrate: switch to post-copy by policy (auto) "
                             "or only on migrate-postcopy (manual)");
   app.add_flag("--no-wait", flags.no_wait,
-               "migrate, migrate-recover: answer once it began");
+               "migrate, migrate-recover, snapshot, restore: answer once it "
+               "began");
+  std::string disk_dedup;
+  auto* dd = app.add_flag("--disk-dedup{on}", disk_dedup,
+                          "migrate, snapshot, restore: disk pages as "
+                          "references: auto (default: when both sides have "
+                          "a kvmx-disk-dedup object with disks and "
+                          "--shared-storage), on (required), off; "
+                          "--disk-dedup alone is on");
+  app.add_flag("--force", flags.force,
+               "snapshot: overwrite an earlier snapshot file");
+  app.add_flag("--resume", flags.resume,
+               "snapshot: run the guest again once saved (default: it "
+               "stays paused)");
+  app.add_flag("--paused", flags.paused,
+               "restore: leave the guest paused once loaded");
   app.add_option("op", op, "ping, version, attach, detach, list-vms, "
                            "protections, violations, stats, subscribe, "
                            "migrate, migrate-postcopy, migrate-recover, "
-                           "migrate-cancel, migrate-status");
+                           "migrate-cancel, migrate-status, snapshot, "
+                           "restore");
   app.add_option("args", args, "KEY=VALUE fields of the request");
   CLI11_PARSE(app, argc, argv);
   if (pf->count()) flags.prefetch = prefetch;
   if (sw->count()) flags.switch_mode = switch_mode;
+  if (dd->count()) flags.disk_dedup = disk_dedup;
 
   std::string line;
   bool migration = false, status_op = false;
@@ -152,8 +171,13 @@ int main(int argc, char** argv) {
         }
       } else if (status_op && response && msg.contains("result")) {
         const json& r = msg["result"];
-        text = r.value("vm", "") + " -> " + r.value("dest", "") + ": " +
-               kvmx::ctl::format_event(r) +
+        std::string head =
+            r.contains("kind") ? r.value("vm", "") + " " +
+                                     r.value("kind", "") + " " +
+                                     r.value("file", "")
+                               : r.value("vm", "") + " -> " +
+                                     r.value("dest", "");
+        text = head + ": " + kvmx::ctl::format_event(r) +
                (r.value("error", "").empty() ? "" : "; " + r.value("error", ""));
       }
       std::printf("%s\n", text.c_str());

@@ -84,6 +84,7 @@ Daemon::~Daemon() {
   stopping_ = true;
   compactor_.reset();  // waits for a compaction under way
   migrations_.clear();  // their endpoints use vms_
+  file_jobs_.clear();
   vms_.reset();
   follower_.reset();
   libvirt_.reset();  // joins the libvirt thread
@@ -228,6 +229,7 @@ void Daemon::stop(int code) {
   markers_.clear();
   // QEMU's migrations go on; hostd stops following them.
   migrations_.clear();
+  file_jobs_.clear();
   vms_->clear();
   follower_.reset();
   libvirt_.reset();  // closes the libvirt connection, joins its thread

@@ -23,6 +23,7 @@
 #include "common/log.h"
 #include "loop/event_loop.h"
 #include "loop/worker.h"
+#include "migrate/file_job.h"
 #include "migrate/job.h"
 #include "violations/store.h"
 #include "vm/backoff.h"
@@ -144,6 +145,21 @@ class Daemon {
   void migration_started(const std::string& vm);
   void migration_ended(const std::string& vm);
   nlohmann::json migration_stats() const;
+  // snapshot and restore: a migrate::FileJob per VM, kept like a
+  // migration's until the next one of that VM or its detach.
+  struct FileRun {
+    std::unique_ptr<migrate::FileJob> job;
+    std::vector<Waiter> waiters;
+  };
+  void op_snapshot(api::ClientId client, const api::Snapshot& a,
+                   api::ReplyFn reply);
+  void op_restore(api::ClientId client, const api::Restore& a,
+                  api::ReplyFn reply);
+  void start_file_job(api::ClientId client, const std::string& vm,
+                      migrate::FileSettings s, bool wait, api::ReplyFn reply);
+  void file_job_event(const std::string& vm, const nlohmann::json& ev);
+  void file_job_started(const std::string& vm);
+  void file_job_ended(const std::string& vm);
 
   EventLoop& loop_;
   config::Config cfg_;
@@ -169,6 +185,7 @@ class Daemon {
   uint64_t marker_gen_ = 0;
   std::unique_ptr<vm::Manager> vms_;
   std::map<std::string, Migration> migrations_;  // by source VM
+  std::map<std::string, FileRun> file_jobs_;     // by VM
   // With libvirt-uri: libvirt's client (its own thread) and the lifecycle
   // logic on top of it.
   std::unique_ptr<libvirt::Backend> libvirt_;

@@ -1,11 +1,15 @@
 // The migration ops (docs/specs/hostd-api.md, "migrate"): a migrate::Job
 // per source VM, driving two `qmp` VMs of the registry.
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 
 #include <filesystem>
 
+#include "common/fd.h"
 #include "common/log.h"
 #include "common/unix_socket.h"
 #include "daemon.h"
@@ -126,6 +130,13 @@ Result<void> Daemon::migration_vm(const std::string& name, const char* role) {
     return make_error(api::code::kNotConnected,
                       std::string(role) + " VM '" + name + "' is " +
                           vm::to_string(v->state()) + ", not attached");
+  if (auto f = file_jobs_.find(name);
+      f != file_jobs_.end() && !f->second.job->ended())
+    return make_error(api::code::kMigrationBusy,
+                      std::string(role) + " VM '" + name + "' is in a " +
+                          (f->second.job->settings().restore ? "restore"
+                                                             : "snapshot") +
+                          " (" + f->second.job->settings().path + ")");
   for (const auto& [src, m] : migrations_) {
     if (!live(*m.job)) continue;
     if (m.job->source() == name || m.job->dest() == name)
@@ -200,6 +211,8 @@ void Daemon::op_migrate(api::ClientId client, const api::Migrate& a,
   s.postcopy = a.postcopy;
   s.prefetch = a.prefetch;
   s.shared_storage = a.shared_storage;
+  s.disk_dedup = migrate::parse_dedup_mode(a.disk_dedup)
+                     .value_or(migrate::DedupMode::kAuto);
   s.policy.manual = a.switch_manual;
   s.policy.after_passes = a.switch_after_passes;
   s.policy.stall_samples = a.switch_stall_samples;
@@ -215,7 +228,8 @@ void Daemon::op_migrate(api::ClientId client, const api::Migrate& a,
   log::info("Migration requested",
             {{"vm", a.vm}, {"dest", a.dest}, {"uri", *uri},
              {"postcopy", a.postcopy}, {"prefetch", a.prefetch},
-             {"shared_storage", a.shared_storage}});
+             {"shared_storage", a.shared_storage},
+             {"disk_dedup", a.disk_dedup}});
   Migration& m = new_migration(a.vm, a.dest, std::move(s));
   m.waiters.push_back(Waiter{client, std::move(reply), a.wait});
   m.job->start();
@@ -318,9 +332,15 @@ void Daemon::op_migrate_cancel(const api::MigrateCancel& a,
 void Daemon::op_migrate_status(const api::MigrateStatus& a,
                                api::ReplyFn reply) {
   auto it = migrations_.find(a.vm);
+  auto f = file_jobs_.find(a.vm);
+  // A snapshot or restore under way counts first, then the migration.
+  if (f != file_jobs_.end() &&
+      (!f->second.job->ended() || it == migrations_.end()))
+    return reply(f->second.job->snapshot());
   if (it == migrations_.end())
     return reply(make_error(api::code::kNoMigration,
-                            "hostd has no migration of '" + a.vm + "'"));
+                            "hostd has no migration, snapshot or restore "
+                            "of '" + a.vm + "'"));
   reply(it->second.job->snapshot());
 }
 
@@ -367,9 +387,215 @@ void Daemon::migration_ended(const std::string& vm) {
   for (auto& w : waiters) w.reply(outcome);
 }
 
+// -- snapshot and restore ----------------------------------------------------------
+
+namespace {
+
+// QEMU's migration stream starts with "QEVM" (QEMU_VM_FILE_MAGIC).
+bool looks_like_snapshot(const std::string& path, bool empty_ok) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  if (!fd) return false;
+  char magic[4];
+  ssize_t n = ::read(fd.get(), magic, sizeof(magic));
+  if (n == 0) return empty_ok;
+  return n == 4 && std::memcmp(magic, "QEVM", 4) == 0;
+}
+
+}  // namespace
+
+// What hostd lets a client name as a snapshot file.  hostd runs as root and
+// QEMU opens the file for writing: only a new file in an existing
+// directory, or, with force, a regular file (no symlink) that is empty or
+// a former snapshot; never a device, a directory or any other file.
+Result<void> check_snapshot_file(const std::string& path, bool force) {
+  auto dir = std::filesystem::path(path).parent_path();
+  struct stat st{};
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+    return make_error(api::code::kInvalid,
+                      "snapshot directory '" + dir.string() +
+                          "' does not exist");
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return {};
+    return make_error(api::code::kInvalid, "cannot look at '" + path +
+                                               "': " + std::strerror(errno));
+  }
+  if (!S_ISREG(st.st_mode))
+    return make_error(api::code::kInvalid,
+                      "'" + path +
+                          "' exists and is not a regular file (a symlink, "
+                          "directory or device): name a new file");
+  if (!force)
+    return make_error(api::code::kInvalid,
+                      "'" + path +
+                          "' exists: name a new file, or give force (true) "
+                          "to overwrite an earlier snapshot");
+  if (!looks_like_snapshot(path, true))
+    return make_error(api::code::kInvalid,
+                      "'" + path +
+                          "' exists and is not a QEMU snapshot (no QEVM "
+                          "magic): force overwrites only an earlier snapshot "
+                          "or an empty file");
+  return {};
+}
+
+// The first bytes of a snapshot file: its configuration section.
+std::string file_head(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  if (!fd) return "";
+  std::string buf(4096, '\0');
+  ssize_t n = ::read(fd.get(), buf.data(), buf.size());
+  buf.resize(n > 0 ? static_cast<size_t>(n) : 0);
+  return buf;
+}
+
+Result<void> check_restore_file(const std::string& path) {
+  struct stat st{};
+  if (::lstat(path.c_str(), &st) != 0)
+    return make_error(api::code::kInvalid, "cannot restore from '" + path +
+                                               "': " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode))
+    return make_error(api::code::kInvalid,
+                      "'" + path + "' is not a regular file");
+  if (!looks_like_snapshot(path, false))
+    return make_error(api::code::kInvalid,
+                      "'" + path +
+                          "' is not a QEMU snapshot (no QEVM magic at its "
+                          "start)");
+  return {};
+}
+
+void Daemon::op_snapshot(api::ClientId client, const api::Snapshot& a,
+                         api::ReplyFn reply) {
+  if (auto r = migration_vm(a.vm, "the"); !r) return reply(r.error());
+  if (auto r = check_snapshot_file(a.file, a.force); !r)
+    return reply(r.error());
+  // Created here, not by QEMU, and never through a symlink: in a sticky
+  // directory nobody can swap it for one before QEMU opens it.
+  {
+    UniqueFd fd(::open(a.file.c_str(),
+                       O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW |
+                           (a.force ? 0 : O_EXCL),
+                       0600));
+    if (!fd)
+      return reply(make_error(api::code::kInvalid,
+                              "cannot create '" + a.file +
+                                  "': " + std::strerror(errno)));
+  }
+  migrate::FileSettings s;
+  s.path = a.file;
+  s.disk_dedup = migrate::parse_dedup_mode(a.disk_dedup)
+                     .value_or(migrate::DedupMode::kAuto);
+  s.resume = a.resume;
+  s.max_bandwidth = a.max_bandwidth;
+  s.interval = milliseconds(a.interval_ms);
+  s.lost_contact = std::max(milliseconds(cfg_.qmp_timeout_ms) * 6,
+                            s.interval * 6);
+  log::info("Snapshot requested", {{"vm", a.vm}, {"file", a.file},
+                                   {"disk_dedup", a.disk_dedup},
+                                   {"resume", a.resume}});
+  start_file_job(client, a.vm, std::move(s), a.wait, std::move(reply));
+}
+
+void Daemon::op_restore(api::ClientId client, const api::Restore& a,
+                        api::ReplyFn reply) {
+  if (auto r = migration_vm(a.vm, "the"); !r) return reply(r.error());
+  if (auto r = check_restore_file(a.file); !r) return reply(r.error());
+  migrate::FileSettings s;
+  s.restore = true;
+  s.path = a.file;
+  s.file_caps = migrate::stream_capabilities(file_head(a.file))
+                    .value_or(std::vector<std::string>{});
+  s.disk_dedup = migrate::parse_dedup_mode(a.disk_dedup)
+                     .value_or(migrate::DedupMode::kAuto);
+  s.resume = !a.paused;
+  s.interval = milliseconds(a.interval_ms);
+  s.lost_contact = std::max(milliseconds(cfg_.qmp_timeout_ms) * 6,
+                            s.interval * 6);
+  log::info("Restore requested", {{"vm", a.vm}, {"file", a.file},
+                                  {"disk_dedup", a.disk_dedup}});
+  start_file_job(client, a.vm, std::move(s), a.wait, std::move(reply));
+}
+
+void Daemon::start_file_job(api::ClientId client, const std::string& vm,
+                            migrate::FileSettings s, bool wait,
+                            api::ReplyFn reply) {
+  auto old = file_jobs_.find(vm);
+  if (old != file_jobs_.end()) {
+    auto waiters = std::move(old->second.waiters);
+    auto outcome = old->second.job->outcome();
+    file_jobs_.erase(old);
+    for (auto& w : waiters) w.reply(outcome);
+  } else if (file_jobs_.size() >= cfg_.max_vms) {
+    // Forget an ended one to make room.
+    for (auto it = file_jobs_.begin(); it != file_jobs_.end(); ++it)
+      if (it->second.job->ended() && it->second.waiters.empty()) {
+        file_jobs_.erase(it);
+        break;
+      }
+    if (file_jobs_.size() >= cfg_.max_vms)
+      return reply(make_error(api::code::kMigrationBusy,
+                              "hostd follows " +
+                                  std::to_string(file_jobs_.size()) +
+                                  " snapshots and restores (max-vms)"));
+  }
+  migrate::Job::Callbacks cb;
+  cb.on_event = [this, vm](const json& ev) { file_job_event(vm, ev); };
+  cb.on_started = [this, vm] { file_job_started(vm); };
+  cb.on_end = [this, vm] { loop_.defer([this, vm] { file_job_ended(vm); }); };
+  FileRun& f = file_jobs_[vm];
+  f.job = std::make_unique<migrate::FileJob>(
+      loop_, std::move(s), std::make_unique<VmEndpoint>(loop_, *vms_, vm),
+      std::move(cb));
+  f.waiters.push_back(Waiter{client, std::move(reply), wait});
+  stats_.migrations++;
+  f.job->start();
+}
+
+void Daemon::file_job_event(const std::string& vm, const json& ev) {
+  auto it = file_jobs_.find(vm);
+  if (it != file_jobs_.end()) {
+    auto& w = it->second.waiters;
+    for (auto x = w.begin(); x != w.end();) {
+      if (!server_->notify(x->client, ev))
+        x = w.erase(x);
+      else
+        ++x;
+    }
+  }
+  server_->broadcast(ev);
+}
+
+void Daemon::file_job_started(const std::string& vm) {
+  auto it = file_jobs_.find(vm);
+  if (it == file_jobs_.end()) return;
+  auto& w = it->second.waiters;
+  for (auto x = w.begin(); x != w.end();) {
+    if (x->wait) {
+      ++x;
+      continue;
+    }
+    x->reply(it->second.job->snapshot());
+    x = w.erase(x);
+  }
+}
+
+void Daemon::file_job_ended(const std::string& vm) {
+  auto it = file_jobs_.find(vm);
+  if (it == file_jobs_.end() || !it->second.job->ended()) return;
+  auto outcome = it->second.job->outcome();
+  if (it->second.job->state() == migrate::State::kCompleted)
+    stats_.migrations_completed++;
+  else
+    stats_.migrations_failed++;
+  auto waiters = std::move(it->second.waiters);
+  it->second.waiters.clear();
+  for (auto& w : waiters) w.reply(outcome);
+}
+
 json Daemon::migration_stats() const {
   size_t running = 0;
   for (const auto& [vm, m] : migrations_) running += m.job->ended() ? 0 : 1;
+  for (const auto& [vm, f] : file_jobs_) running += f.job->ended() ? 0 : 1;
   return json{{"running", running},
               {"started", stats_.migrations},
               {"completed", stats_.migrations_completed},

@@ -65,6 +65,10 @@ void Daemon::handle(api::ClientId client, const api::Request& req,
           op_migrate_cancel(a, std::move(reply));
         } else if constexpr (std::is_same_v<T, api::MigrateStatus>) {
           op_migrate_status(a, std::move(reply));
+        } else if constexpr (std::is_same_v<T, api::Snapshot>) {
+          op_snapshot(client, a, std::move(reply));
+        } else if constexpr (std::is_same_v<T, api::Restore>) {
+          op_restore(client, a, std::move(reply));
         }
       },
       req.args);
@@ -184,6 +188,10 @@ void Daemon::op_detach(const api::Detach& d, api::ReplyFn reply) {
       m != migrations_.end() && m->second.job->ended() &&
       m->second.waiters.empty())
     migrations_.erase(m);
+  if (auto f = file_jobs_.find(d.vm);
+      f != file_jobs_.end() && f->second.job->ended() &&
+      f->second.waiters.empty())
+    file_jobs_.erase(f);
   commit_pending();  // its last violations count in the totals it drops
   store_.reset_totals(d.vm);
   vms_->remove(d.vm);

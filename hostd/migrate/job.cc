@@ -45,6 +45,24 @@ std::string qemu_text(const Error& e) {
   return e.message;
 }
 
+// "812.0 MiB" (ctl/args.cc has the same for the command line).
+std::string format_size(uint64_t bytes) {
+  static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    u++;
+  }
+  char buf[32];
+  if (u == 0)
+    std::snprintf(buf, sizeof(buf), "%llu B",
+                  static_cast<unsigned long long>(bytes));
+  else
+    std::snprintf(buf, sizeof(buf), "%.1f %s", v, units[u]);
+  return buf;
+}
+
 std::string shorten(std::string s, size_t max = 512) {
   if (s.size() > max) s.resize(max);
   return s;
@@ -94,7 +112,7 @@ Identity same_file(const std::string& a, const std::string& b) {
 std::string check_storage(const std::vector<Backend>& src,
                           const std::vector<Backend>& dst, bool shared_storage,
                           const std::string& src_name,
-                          const std::string& dst_name) {
+                          const std::string& dst_name, bool shared_disks) {
   // With x-ignore-shared QEMU sends no shared file-backed block: each must
   // be the same file on both sides.  Without it, a file both QEMUs map
   // would be copied onto itself while the guest still writes it: a page
@@ -127,10 +145,11 @@ std::string check_storage(const std::vector<Backend>& src,
                "' (" + s.id + ") shared and VM '" + dst_name +
                "' does not map it shared: its contents would not be migrated";
     }
-    if (!any)
+    if (!any && !shared_disks)
       return "--shared-storage, but VM '" + dst_name +
              "' has no shared file-backed memory (memory-backend-file with "
-             "share=on): there is nothing to share";
+             "share=on) and no disk for disk-dedup: there is nothing to "
+             "share";
     return "";
   }
   for (const auto& d : dst)
@@ -321,6 +340,10 @@ void Job::check(const std::vector<json>& src, const std::vector<json>& dst) {
                      : "")));
   src_prefetch_ = scaps.count("postcopy-prefetch") > 0;
   dst_prefetch_ = dcaps.count("postcopy-prefetch") > 0;
+  src_dedup_cap_ = scaps.count("disk-dedup") > 0;
+  dst_dedup_cap_ = dcaps.count("disk-dedup") > 0;
+  src_caps_ = src[2];
+  dst_caps_ = dst[2];
   if (s_.prefetch != "off")
     for (auto [params, name] : {std::pair{&src[3], &sn}, std::pair{&dst[3], &dn}})
       if (!params->is_object() || !params->contains("postcopy-prefetch-mode"))
@@ -329,7 +352,51 @@ void Job::check(const std::vector<json>& src, const std::vector<json>& dst) {
                               "' has no migration parameter "
                               "'postcopy-prefetch-mode': post-copy prefetch "
                               "is not in this QEMU (use --prefetch=off)"));
-  probe_backends();
+  probe_dedup();
+}
+
+// query-kvmx-disk-dedup where QEMU has the capability (stock QEMU has
+// neither the command nor the capability), then the decision.
+void Job::probe_dedup() {
+  auto st = std::make_shared<std::pair<std::optional<Result<json>>,
+                                       std::optional<Result<json>>>>();
+  auto done = guard([this, st] {
+    if (!st->first || !st->second) return;
+    std::optional<json> so, dobj;
+    for (auto [r, out] : {std::pair{&*st->first, &so},
+                          std::pair{&*st->second, &dobj}}) {
+      if (*r) {
+        *out = **r;
+      } else if (r->error().code != "qmp-error") {
+        return fail_prepare(r->error());  // not answering: not "no object"
+      }
+    }
+    DedupSide s = dedup_side(src_->name(), src_caps_, so);
+    DedupSide d = dedup_side(dst_->name(), dst_caps_, dobj);
+    auto dec = decide_dedup(s_.disk_dedup, s_.shared_storage, s, d);
+    if (!dec) return fail_prepare(dec.error());
+    dedup_ = dec->enable;
+    dedup_why_ = dec->why;
+    probe_backends();
+  });
+  auto ask = [this](Endpoint& ep, bool cap,
+                    std::function<void(Result<json>)> fn) {
+    if (s_.disk_dedup == DedupMode::kOff || !cap)
+      return loop_.defer([fn] { fn(json()); });  // not an array: no object
+    seq(ep, {{"query-kvmx-disk-dedup", json()}},
+        [fn](Result<std::vector<json>> r) {
+          if (!r) return fn(r.error());
+          fn(std::move((*r)[0]));
+        });
+  };
+  ask(*src_, src_dedup_cap_, [st, done](Result<json> r) mutable {
+    st->first = std::move(r);
+    done();
+  });
+  ask(*dst_, dst_dedup_cap_, [st, done](Result<json> r) mutable {
+    st->second = std::move(r);
+    done();
+  });
 }
 
 void Job::backends_of(Endpoint& ep,
@@ -386,7 +453,7 @@ void Job::probe_backends() {
     if (!*st->second) return fail_prepare(st->second->error());
     std::string why = check_storage(**st->first, **st->second,
                                     s_.shared_storage, src_->name(),
-                                    dst_->name());
+                                    dst_->name(), dedup_);
     if (!why.empty()) return fail_prepare(make_error(kRefused, why));
     configure();
   });
@@ -401,8 +468,13 @@ void Job::probe_backends() {
 }
 
 void Job::configure() {
-  auto caps = [&](bool prefetch_known) {
+  auto caps = [&](bool prefetch_known, bool dedup_known) {
     json c = json::array();
+    // disk-dedup needs the return path (a destination refuses a disk on
+    // it); set before disk-dedup, which QEMU validates against it.
+    if (dedup_) c.push_back({{"capability", "return-path"}, {"state", true}});
+    if (dedup_known)
+      c.push_back({{"capability", "disk-dedup"}, {"state", dedup_}});
     c.push_back({{"capability", "postcopy-ram"}, {"state", s_.postcopy}});
     c.push_back({{"capability", "x-ignore-shared"},
                  {"state", s_.shared_storage}});
@@ -411,8 +483,10 @@ void Job::configure() {
                    {"state", s_.prefetch != "off"}});
     return json{{"capabilities", std::move(c)}};
   };
-  std::vector<Cmd> dcmds = {{"migrate-set-capabilities", caps(dst_prefetch_)}};
-  std::vector<Cmd> scmds = {{"migrate-set-capabilities", caps(src_prefetch_)}};
+  std::vector<Cmd> dcmds = {
+      {"migrate-set-capabilities", caps(dst_prefetch_, dst_dedup_cap_)}};
+  std::vector<Cmd> scmds = {
+      {"migrate-set-capabilities", caps(src_prefetch_, src_dedup_cap_)}};
   json sp = json::object();
   if (s_.prefetch != "off") {
     dcmds.push_back({"migrate-set-parameters",
@@ -475,7 +549,11 @@ void Job::begin() {
                                            ? ", prefetch " + s_.prefetch
                                            : "")
                                 : "; precopy only") +
-                   (s_.shared_storage ? "; shared storage not sent" : ""));
+                   (s_.shared_storage ? "; shared storage not sent" : "") +
+                   (dedup_ ? "; disk dedup on: " + dedup_why_
+                    : s_.disk_dedup == DedupMode::kAuto
+                        ? "; disk dedup off: " + dedup_why_
+                        : ""));
               if (cb_.on_started) cb_.on_started();
               arm_poll();
             }));
@@ -493,7 +571,7 @@ void Job::arm_poll() {
 }
 
 void Job::poll() {
-  if (ended_) return;
+  if (ended_ || finishing_) return;
   arm_poll();
   // The destination's answer only updates dest_status: during post-copy
   // its main loop can wait for a page, and the progress must go on.
@@ -505,9 +583,11 @@ void Job::poll() {
     seq(*dst_, {{"query-migrate", json()}},
         guard([this](Result<std::vector<json>> r) {
           polling_dest_ = false;
-          if (r)
+          if (r) {
             dest_status_ =
                 shorten(json_string((*r)[0], "status").value_or("none"), 64);
+            if (auto d = dedup_stats((*r)[0]); d.present) dedup_dst_ = d;
+          }
           else
             dest_status_ = dst_->lost().empty() ? "unknown" : "lost";
         }));
@@ -546,6 +626,7 @@ void Job::absorb(const json& info) {
     have_sample_ = true;
     last_sample_at_ = now;
   }
+  if (auto d = dedup_stats(info); d.present) dedup_src_ = d;
   if (auto d = json_u64(info, "downtime")) downtime_ms_ = *d;
   if (auto t = json_u64(info, "total-time")) total_time_ms_ = *t;
 }
@@ -587,24 +668,33 @@ void Job::sample(Result<json> src) {
     next_backoff_ = s_.recover_backoff_min;
     emit("post-copy resumed (recovery " + std::to_string(recoveries_) + ")");
   }
-  if (status_ == "completed") {
-    std::string how =
-        switched_ ? "post-copy (" + switch_reason_ + "), " +
-                        std::to_string(postcopy_requests_) + " page requests"
-                  : "precopy only";
-    return end(State::kCompleted, std::nullopt,
-               "completed in " + seconds(now - started_) + ", " + how +
-                   (downtime_ms_ ? ", downtime " +
-                                       std::to_string(*downtime_ms_) + " ms"
-                                 : ""));
+  if ((status_ == "completed" || status_ == "failed") && !finishing_) {
+    // The destination's own numbers (references resolved, mismatches)
+    // once more, then the end.
+    finishing_ = true;
+    return with_dest_stats(guard([this, qerr, now] {
+      if (status_ == "completed") {
+        std::string how =
+            switched_ ? "post-copy (" + switch_reason_ + "), " +
+                            std::to_string(postcopy_requests_) +
+                            " page requests"
+                      : "precopy only";
+        return end(State::kCompleted, std::nullopt,
+                   "completed in " + seconds(now - started_) + ", " + how +
+                       (downtime_ms_ ? ", downtime " +
+                                           std::to_string(*downtime_ms_) + " ms"
+                                     : "") +
+                       dedup_summary());
+      }
+      std::string why = qerr.empty() ? "QEMU gave no reason" : qerr;
+      end(State::kFailed,
+          make_error(kFailed, "migration of '" + src_->name() + "' to '" +
+                                  dst_->name() + "' failed: " + why +
+                                  dedup_summary()),
+          "failed: " + why + dedup_summary());
+    }));
   }
-  if (status_ == "failed")
-    return end(State::kFailed,
-               make_error(kFailed,
-                          "migration of '" + src_->name() + "' to '" +
-                              dst_->name() + "' failed: " +
-                              (qerr.empty() ? "QEMU gave no reason" : qerr)),
-               "failed: " + (qerr.empty() ? "QEMU gave no reason" : qerr));
+  if (finishing_) return;
   if (status_ == "cancelled")
     return end(State::kCancelled,
                make_error(kCancelled, "migration of '" + src_->name() +
@@ -633,6 +723,46 @@ void Job::sample(Result<json> src) {
     }
   }
   emit("");
+}
+
+void Job::with_dest_stats(std::function<void()> then) {
+  if (!dedup_) return then();
+  auto fired = std::make_shared<bool>(false);
+  auto once = [fired, then] {
+    if (*fired) return;
+    *fired = true;
+    then();
+  };
+  dst_->command("query-migrate", json(), guard([this, once](Result<json> r) {
+                  if (r)
+                    if (auto d = dedup_stats(*r); d.present) dedup_dst_ = d;
+                  once();
+                }));
+  // A destination that does not answer does not hold up the end.
+  loop_.after(std::min(s_.interval * 2, milliseconds(5000)), guard(once));
+}
+
+std::string Job::dedup_summary() const {
+  if (!dedup_) return "";
+  std::string out = "; disk dedup: " +
+                    std::to_string(dedup_src_.pages_as_reference) +
+                    " pages as references (" +
+                    format_size(dedup_src_.bytes_saved) + " saved)";
+  if (dedup_src_.images_refused > 0)
+    out += ", the destination refused " +
+           std::to_string(dedup_src_.images_refused) + " disk" +
+           (dedup_src_.images_refused == 1 ? "" : "s") +
+           (dedup_src_.refused_reason.empty()
+                ? ""
+                : " (" + dedup_src_.refused_reason + ")");
+  out += ", the destination resolved " +
+         std::to_string(dedup_dst_.references_resolved) + " (read time " +
+         std::to_string(dedup_dst_.read_time_ms) +
+         " ms, summed over the reads in flight)";
+  if (dedup_dst_.mismatches || dedup_dst_.read_errors)
+    out += ", " + std::to_string(dedup_dst_.mismatches) + " mismatches, " +
+           std::to_string(dedup_dst_.read_errors) + " read errors";
+  return out;
 }
 
 // -- post-copy: switch, pause, recovery -------------------------------------------------
@@ -916,6 +1046,19 @@ json Job::snapshot() const {
             {"recoveries", recoveries_},
             {"recover_attempts_left", attempts_left_},
             {"error", error_ ? error_->message : ""}};
+  j["disk_dedup"] = to_string(s_.disk_dedup);
+  j["dedup"] = dedup_;
+  j["dedup_reason"] = dedup_why_;
+  if (dedup_)
+    j["dedup_stats"] = {
+        {"pages_as_reference", dedup_src_.pages_as_reference},
+        {"bytes_saved", dedup_src_.bytes_saved},
+        {"images_refused", dedup_src_.images_refused},
+        {"refused_reason", dedup_src_.refused_reason},
+        {"references_resolved", dedup_dst_.references_resolved},
+        {"mismatches", dedup_dst_.mismatches},
+        {"read_errors", dedup_dst_.read_errors},
+        {"read_time_ms", dedup_dst_.read_time_ms}};
   j["downtime_ms"] = downtime_ms_ ? json(*downtime_ms_) : json(nullptr);
   j["total_time_ms"] = total_time_ms_ ? json(*total_time_ms_) : json(nullptr);
   return j;

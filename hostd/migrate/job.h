@@ -31,6 +31,7 @@
 
 #include "common/result.h"
 #include "loop/event_loop.h"
+#include "dedup.h"
 #include "policy.h"
 
 namespace kvmx::migrate {
@@ -65,6 +66,7 @@ struct Settings {
   bool postcopy = false;
   std::string prefetch = "off";  // off, pattern, page-table, both
   bool shared_storage = false;
+  DedupMode disk_dedup = DedupMode::kAuto;  // dedup.h
   PolicyConfig policy;
   std::optional<uint64_t> max_bandwidth;
   std::optional<uint64_t> max_postcopy_bandwidth;
@@ -95,11 +97,14 @@ struct Backend {
 enum class Identity { kSame, kDifferent, kUnknown };
 Identity same_file(const std::string& a, const std::string& b);
 // The check of --shared-storage against what both QEMUs map: "" when
-// consistent, else why not.
+// consistent, else why not.  `shared_disks`: disk-dedup is on, so the
+// shared storage is (also) that of the disks, and no shared memory backend
+// is needed.
 std::string check_storage(const std::vector<Backend>& src,
                           const std::vector<Backend>& dst, bool shared_storage,
                           const std::string& src_name,
-                          const std::string& dst_name);
+                          const std::string& dst_name,
+                          bool shared_disks = false);
 
 class Job {
  public:
@@ -162,6 +167,7 @@ class Job {
   void probe();
   void check(const std::vector<nlohmann::json>& src,
              const std::vector<nlohmann::json>& dst);
+  void probe_dedup();
   void probe_backends();
   void backends_of(Endpoint& ep,
                    std::function<void(Result<std::vector<Backend>>)> fn);
@@ -172,6 +178,8 @@ class Job {
   void poll();
   void sample(Result<nlohmann::json> src);
   void absorb(const nlohmann::json& info);
+  void with_dest_stats(std::function<void()> then);
+  std::string dedup_summary() const;
   void on_paused(const std::string& why);
   void try_recover(std::chrono::steady_clock::time_point dest_deadline);
   void listen_and_resume(std::chrono::steady_clock::time_point dest_deadline);
@@ -212,6 +220,11 @@ class Job {
   bool resume_sent_ = false;  // the source accepted migrate resume=true
   // What the probe found.
   bool src_prefetch_ = false, dst_prefetch_ = false;
+  bool src_dedup_cap_ = false, dst_dedup_cap_ = false;
+  nlohmann::json src_caps_, dst_caps_;  // query-migrate-capabilities
+  bool dedup_ = false;      // disk-dedup is set on both
+  std::string dedup_why_;   // why (not)
+  DedupStats dedup_src_, dedup_dst_;
   uint32_t attempts_left_ = 0;
   uint32_t attempt_ = 0;
   std::chrono::milliseconds next_backoff_{0};
@@ -225,6 +238,7 @@ class Job {
   std::optional<uint64_t> downtime_ms_, total_time_ms_;
   std::chrono::steady_clock::time_point last_sample_at_{};
   bool have_sample_ = false;
+  bool finishing_ = false;  // completed or failed: a last look at the destination
 };
 
 }  // namespace kvmx::migrate

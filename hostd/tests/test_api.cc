@@ -753,3 +753,76 @@ TEST_CASE("api: migration URIs") {
   CHECK_FALSE(valid_migration_uri("UNIX:/x"));
   CHECK_FALSE(valid_migration_uri(std::string("unix:/a\0b", 9)));
 }
+
+TEST_CASE("api: disk_dedup, snapshot and restore requests; hostile ones refused") {
+  auto why = [](const json& req) {
+    json id;
+    auto r = parse_request(req.dump(), &id);
+    if (r) return std::string("ok");
+    CHECK(r.error().code == code::kInvalid);
+    return r.error().message;
+  };
+  json id;
+  auto r = parse_request(
+      R"({"op":"migrate","vm":"a","dest":"b","disk_dedup":"on","shared_storage":true})",
+      &id);
+  REQUIRE(r.ok());
+  CHECK(std::get<Migrate>(r->args).disk_dedup == "on");
+  r = parse_request(R"({"op":"migrate","vm":"a","dest":"b"})", &id);
+  REQUIRE(r.ok());
+  CHECK(std::get<Migrate>(r->args).disk_dedup == "auto");
+  for (json bad : {json("yes"), json(true), json(1), json("ON")})
+    CHECK_THAT(why(json{{"op", "migrate"}, {"vm", "a"}, {"dest", "b"},
+                        {"disk_dedup", bad}}),
+               ContainsSubstring("'disk_dedup' must be auto, on or off"));
+
+  r = parse_request(
+      R"({"op":"snapshot","vm":"a","file":"/var/lib/kvmx/a.snap","force":true,"resume":true,"max_bandwidth":1000,"disk_dedup":"off"})",
+      &id);
+  REQUIRE(r.ok());
+  auto s = std::get<Snapshot>(r->args);
+  CHECK(s.file == "/var/lib/kvmx/a.snap");
+  CHECK(s.force);
+  CHECK(s.resume);
+  CHECK(s.max_bandwidth == 1000u);
+  CHECK(s.disk_dedup == "off");
+  r = parse_request(R"({"op":"restore","vm":"b","file":"/x.snap","paused":true})",
+                    &id);
+  REQUIRE(r.ok());
+  CHECK(std::get<Restore>(r->args).paused);
+  CHECK(std::get<Restore>(r->args).disk_dedup == "auto");
+
+  json snap = {{"op", "snapshot"}, {"vm", "a"}};
+  CHECK(why(snap) == "missing field 'file'");
+  for (const std::string& bad : std::vector<std::string>{
+       "rel/path", "", "/a/../etc/shadow", "/a/./b", "/a//b", "/a/",
+        "/a,offset=4096", "/a\nb", std::string("/a\0b", 4),
+        "/" + std::string(4095, 'x')}) {
+    CAPTURE(bad);
+    json j = snap;
+    j["file"] = bad;
+    CHECK_THAT(why(j), ContainsSubstring("'file' must be an absolute path"));
+  }
+  json j = snap;
+  j["file"] = 5;
+  CHECK(why(j) == "'file' must be a string");
+  j["file"] = "/" + std::string(4094, 'x');
+  CHECK(why(j) == "ok");
+  j["file"] = "/x";
+  j["max_bandwidth"] = 0;
+  CHECK_THAT(why(j), ContainsSubstring("'max_bandwidth' must be an integer"));
+  j.erase("max_bandwidth");
+  j["interval_ms"] = 10;
+  CHECK_THAT(why(j), ContainsSubstring("'interval_ms' must be an integer"));
+  j.erase("interval_ms");
+  j["force"] = "yes";
+  CHECK_THAT(why(j), ContainsSubstring("'force' must be true or false"));
+  j.erase("force");
+  j["paused"] = true;
+  CHECK_THAT(why(j), ContainsSubstring("unknown field 'paused'"));
+  CHECK_THAT(why(json{{"op", "restore"}, {"vm", "a"}, {"file", "/x"},
+                      {"resume", true}}),
+             ContainsSubstring("unknown field 'resume'"));
+  CHECK_THAT(why(json{{"op", "restore"}, {"vm", "../a"}, {"file", "/x"}}),
+             ContainsSubstring("'vm' must be"));
+}

@@ -93,7 +93,7 @@ TEST_CASE("ctl: usage errors") {
   Flags nw;
   nw.no_wait = true;
   CHECK_THAT(usage_error("ping", {}, nw),
-             ContainsSubstring("--no-wait is for migrate and migrate-recover"));
+             ContainsSubstring("--no-wait is for migrate, migrate-recover, snapshot and restore"));
   CHECK(usage_error("migrate", {"vm=a", "dest=b"}, pc) == "ok");
 }
 
@@ -138,4 +138,103 @@ TEST_CASE("ctl: progress and outcome lines") {
                               {"state", "precopy"}, {"status", "active"}}}};
   CHECK_THAT(format_outcome(started),
              ContainsSubstring("is precopy (QEMU: active)"));
+}
+
+TEST_CASE("ctl: --disk-dedup, snapshot and restore flags") {
+  Flags f;
+  f.disk_dedup = "on";
+  f.shared_storage = true;
+  auto r = build_request("migrate", {"vm=a", "dest=b"}, f);
+  REQUIRE(r.ok());
+  CHECK((*r)["disk_dedup"] == "on");
+  CHECK((*r)["shared_storage"] == true);
+  f = {};
+  f.disk_dedup = "maybe";
+  CHECK(usage_error("migrate", {"vm=a", "dest=b"}, f) ==
+        "--disk-dedup takes auto, on or off, not 'maybe'");
+  f.disk_dedup = "off";
+  CHECK(usage_error("attach", {"vm=a"}, f) ==
+        "--disk-dedup is for migrate, snapshot and restore");
+  CHECK(usage_error("migrate", {"vm=a", "dest=b", "disk_dedup=on"}, f) ==
+        "--disk-dedup and disk_dedup= both given");
+
+  Flags s;
+  s.force = s.resume = true;
+  s.disk_dedup = "auto";
+  s.no_wait = true;
+  r = build_request("snapshot", {"vm=a", "file=/var/lib/kvmx/a=1.snap"}, s);
+  REQUIRE(r.ok());
+  CHECK(*r == json{{"op", "snapshot"}, {"vm", "a"},
+                   {"file", "/var/lib/kvmx/a=1.snap"}, {"disk_dedup", "auto"},
+                   {"force", true}, {"resume", true}, {"wait", false}});
+  CHECK(usage_error("restore", {"vm=a", "file=/x"}, s) == "--force is for snapshot");
+  Flags p;
+  p.paused = true;
+  r = build_request("restore", {"vm=a", "file=123"}, p);
+  REQUIRE(r.ok());
+  CHECK((*r)["file"] == "123");  // a string, never a number
+  CHECK((*r)["paused"] == true);
+  CHECK(usage_error("snapshot", {"vm=a", "file=/x"}, p) == "--paused is for restore");
+  Flags pc;
+  pc.postcopy = true;
+  CHECK(usage_error("snapshot", {"vm=a", "file=/x"}, pc) == "--postcopy is for migrate");
+  CHECK(follows_migration("snapshot"));
+  CHECK(follows_migration("restore"));
+}
+
+TEST_CASE("ctl: progress and outcome lines with disk dedup") {
+  json ev = {{"event", "migration"}, {"elapsed_ms", 3000}, {"state", "precopy"},
+             {"pass", 1}, {"remaining", 1048576}, {"transferred", 2097152},
+             {"bytes_per_s", 1048576}, {"status", "active"},
+             {"dest_status", "active"}, {"dedup", true},
+             {"dedup_stats", {{"pages_as_reference", 1234},
+                              {"bytes_saved", 5033164},
+                              {"references_resolved", 1200}}}};
+  CHECK(format_event(ev) ==
+        "[    3.0 s] precopy    pass 1  remaining 1.0 MiB  sent 2.0 MiB  "
+        "1.0 MiB/s  refs 1234 (4.8 MiB saved) resolved 1200  (source active, "
+        "destination active)");
+  json done = {{"result",
+                {{"vm", "a"}, {"dest", "b"}, {"state", "completed"},
+                 {"transferred", 1048576}, {"switched", false},
+                 {"downtime_ms", 5}, {"dedup", true},
+                 {"dedup_stats",
+                  {{"pages_as_reference", 10}, {"bytes_saved", 40960},
+                   {"images_refused", 1},
+                   {"refused_reason", "disk vd1: a different image"},
+                   {"references_resolved", 10}, {"mismatches", 0},
+                   {"read_errors", 0}}}}}};
+  CHECK(format_outcome(done) ==
+        "migration of 'a' to 'b' completed: 1.0 MiB sent, precopy only, "
+        "downtime 5 ms; disk dedup: 10 pages as references (40.0 KiB saved), "
+        "the destination resolved 10, refused 1 disks (disk vd1: a different "
+        "image), 0 mismatches, 0 read errors");
+  done["result"]["dedup"] = false;
+  done["result"]["dedup_reason"] = "no --shared-storage";
+  CHECK_THAT(format_outcome(done),
+             ContainsSubstring("; disk dedup off (no --shared-storage)"));
+
+  json snap = {{"event", "migration"}, {"kind", "snapshot"}, {"elapsed_ms", 1000},
+               {"state", "saving"}, {"remaining", 0}, {"transferred", 1048576},
+               {"bytes_per_s", 1048576}, {"status", "active"}, {"dedup", true},
+               {"dedup_stats", {{"pages_as_reference", 5}, {"bytes_saved", 20480}}}};
+  CHECK(format_event(snap) ==
+        "[    1.0 s] saving     remaining 0 B  written 1.0 MiB  1.0 MiB/s  "
+        "refs 5 (20.0 KiB saved)  (QEMU active)");
+  json sdone = {{"result", snap}};
+  sdone["result"]["state"] = "completed";
+  sdone["result"]["vm"] = "a";
+  sdone["result"]["file"] = "/s/a.snap";
+  sdone["result"]["resume"] = false;
+  sdone["result"]["was_running"] = true;
+  CHECK(format_outcome(sdone) ==
+        "snapshot of 'a' to '/s/a.snap' completed: 1.0 MiB written, 5 pages as "
+        "references (20.0 KiB saved); the VM is paused");
+  json rdone = {{"result", {{"kind", "restore"}, {"vm", "b"}, {"file", "/s/a.snap"},
+                            {"state", "completed"}, {"resume", true},
+                            {"dedup", true},
+                            {"dedup_stats", {{"references_resolved", 5}}}}}};
+  CHECK(format_outcome(rdone) ==
+        "restore of 'b' from '/s/a.snap' completed, 5 pages read from the disk "
+        "by reference; the guest runs");
 }

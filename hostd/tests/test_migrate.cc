@@ -6,6 +6,8 @@
 #include <map>
 #include <set>
 
+#include "migrate/dedup.h"
+#include "migrate/file_job.h"
 #include "migrate/job.h"
 #include "migrate/policy.h"
 #include "test_helpers.h"
@@ -146,6 +148,10 @@ struct Pair {
   std::string listening;          // the destination's URI
   std::vector<std::string> oob;   // commands sent out of band
   bool dst_hangs = false;  // the destination answers out of band only
+  // query-kvmx-disk-dedup's answer on each side (none: an unknown command).
+  std::optional<json> src_dd, dst_dd;
+  std::set<std::string> caps_on;  // reported on by query-migrate-capabilities
+  uint64_t refs = 0;              // pages as reference so far
 
   json answer(const std::string& side, const std::string& cmd,
               const json& args, std::string* err) {
@@ -158,8 +164,15 @@ struct Pair {
     if (cmd == "query-status") return {{"status", src ? src_run : dst_run}};
     if (cmd == "query-migrate-capabilities") {
       json a = json::array();
-      for (const auto& c : caps) a.push_back({{"capability", c}, {"state", false}});
+      for (const auto& c : caps)
+        a.push_back({{"capability", c}, {"state", caps_on.count(c) > 0}});
       return a;
+    }
+    if (cmd == "query-kvmx-disk-dedup") {
+      const auto& dd = src ? src_dd : dst_dd;
+      if (dd) return *dd;
+      *err = "The command query-kvmx-disk-dedup has not been found";
+      return nullptr;
     }
     if (cmd == "query-migrate-parameters") {
       json p = {{"max-bandwidth", 1}};
@@ -250,6 +263,14 @@ struct Pair {
                     {"postcopy-requests", requests}, {"mbps", 8.0}};
       if (src && src_mig == "completed") r["downtime"] = 12;
       if (src && src_mig == "failed") r["error-desc"] = fail_desc;
+      auto& c = src ? src_caps : dst_caps;
+      if (c.count("disk-dedup") && c["disk-dedup"])
+        r["disk-dedup"] = {{"pages-as-reference", src ? refs : 0},
+                           {"bytes-saved", src ? refs * 4000 : 0},
+                           {"images-refused", 0},
+                           {"references-resolved", src ? 0 : refs},
+                           {"mismatches", 0}, {"read-errors", 0},
+                           {"read-time-ms", src ? 0 : 7}};
       return r;
     }
     *err = "The command " + cmd + " has not been found";
@@ -263,6 +284,7 @@ struct Pair {
         return;
       }
       transferred += step;
+      refs += 10;
       if (remaining > step) {
         remaining -= step;
       } else {
@@ -919,4 +941,562 @@ TEST_CASE("job: destroyed mid-way, its answers arrive to nobody") {
   auto t = r.loop->after(20ms, [&] { r.loop->stop(); });
   r.loop->run();
   (void)t;
+}
+
+// -- disk dedup ---------------------------------------------------------------------------
+
+namespace {
+
+json dd_caps(std::initializer_list<std::pair<const char*, bool>> caps) {
+  json a = json::array();
+  for (auto [c, on] : caps) a.push_back({{"capability", c}, {"state", on}});
+  return a;
+}
+
+json dd_object(std::vector<std::string> disks) {
+  json images = json::array();
+  int i = 0;
+  for (const auto& d : disks)
+    images.push_back({{"index", i++}, {"device", d}, {"generation", 1},
+                      {"records", 100}, {"tracking", true}});
+  return json::array({{{"max-memory", 16777216}, {"records", 100},
+                       {"images", images}}});
+}
+
+DedupSide side(const std::string& vm, bool cap, std::optional<json> objects,
+               std::initializer_list<std::pair<const char*, bool>> more = {}) {
+  json caps = dd_caps(more);
+  if (cap) caps.push_back({{"capability", "disk-dedup"}, {"state", false}});
+  return dedup_side(vm, caps, objects);
+}
+
+}  // namespace
+
+TEST_CASE("dedup: what a QEMU offers") {
+  auto s = side("a", true, dd_object({"/machine/peripheral/vd0/virtio-backend"}),
+                {{"multifd", true}, {"xbzrle", false}, {"mapped-ram", true}});
+  CHECK(s.capability);
+  CHECK(s.queried);
+  CHECK(s.objects == 1);
+  REQUIRE(s.disks.size() == 1);
+  CHECK(s.conflicts == std::vector<std::string>{"multifd", "mapped-ram"});
+  auto stock = side("b", false, std::nullopt);
+  CHECK_FALSE(stock.capability);
+  CHECK_FALSE(stock.queried);
+  CHECK(side("c", true, json::array()).objects == 0);
+  // Bounded: a hostile answer of 1000 objects and disks.
+  json many = json::array();
+  for (int i = 0; i < 1000; i++) many.push_back(dd_object({"x", "y"})[0]);
+  auto m = side("d", true, many);
+  CHECK(m.objects == 64);
+  CHECK(m.disks.size() == 64);
+  CHECK(parse_dedup_mode("auto") == DedupMode::kAuto);
+  CHECK(parse_dedup_mode("on") == DedupMode::kOn);
+  CHECK(parse_dedup_mode("off") == DedupMode::kOff);
+  CHECK_FALSE(parse_dedup_mode("yes"));
+}
+
+TEST_CASE("dedup: auto turns it on only with both objects, disks and shared storage") {
+  auto ok = side("src", true, dd_object({"vd0"}));
+  auto ok2 = side("dst", true, dd_object({"vd0"}));
+  auto r = decide_dedup(DedupMode::kAuto, true, ok, ok2);
+  REQUIRE(r.ok());
+  CHECK(r->enable);
+  CHECK_THAT(r->why, ContainsSubstring("disks vd0 of 'src' and vd0 of 'dst'"));
+
+  r = decide_dedup(DedupMode::kAuto, false, ok, ok2);
+  REQUIRE(r.ok());
+  CHECK_FALSE(r->enable);
+  CHECK_THAT(r->why, ContainsSubstring("not said to be shared (--shared-storage)"));
+
+  auto noobj = side("dst", true, json::array());
+  r = decide_dedup(DedupMode::kAuto, true, ok, noobj);
+  REQUIRE(r.ok());
+  CHECK_FALSE(r->enable);
+  CHECK_THAT(r->why, ContainsSubstring("VM 'dst' has no kvmx-disk-dedup object"));
+
+  auto nodisk = side("dst", true, dd_object({}));
+  r = decide_dedup(DedupMode::kAuto, true, ok, nodisk);
+  REQUIRE(r.ok());
+  CHECK_FALSE(r->enable);
+  CHECK_THAT(r->why, ContainsSubstring("but no disk attached to it"));
+
+  auto stock = side("src", false, std::nullopt);
+  r = decide_dedup(DedupMode::kAuto, true, stock, ok2);
+  REQUIRE(r.ok());
+  CHECK_FALSE(r->enable);
+  CHECK_THAT(r->why, ContainsSubstring("has no migration capability 'disk-dedup'"));
+
+  auto multifd = side("dst", true, dd_object({"vd0"}), {{"multifd", true}});
+  r = decide_dedup(DedupMode::kAuto, true, ok, multifd);
+  REQUIRE(r.ok());
+  CHECK_FALSE(r->enable);
+  CHECK_THAT(r->why, ContainsSubstring("has multifd on"));
+
+  r = decide_dedup(DedupMode::kOff, true, ok, ok2);
+  REQUIRE(r.ok());
+  CHECK_FALSE(r->enable);
+}
+
+TEST_CASE("dedup: on is an error for whatever is missing") {
+  auto ok = side("src", true, dd_object({"vd0"}));
+  auto ok2 = side("dst", true, dd_object({"vd0"}));
+  auto r = decide_dedup(DedupMode::kOn, true, ok, ok2);
+  REQUIRE(r.ok());
+  CHECK(r->enable);
+
+  r = decide_dedup(DedupMode::kOn, false, ok, ok2);
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code == "migration-refused");
+  CHECK_THAT(r.error().message,
+             ContainsSubstring("--disk-dedup=on, but the storage is not said "
+                               "to be shared (--shared-storage)"));
+
+  r = decide_dedup(DedupMode::kOn, true, ok, side("dst", false, std::nullopt));
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code == "migration-unsupported");
+  CHECK_THAT(r.error().message,
+             ContainsSubstring("the QEMU of VM 'dst' has no migration "
+                               "capability 'disk-dedup'"));
+
+  r = decide_dedup(DedupMode::kOn, true, side("src", true, json::array()), ok2);
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code == "migration-unsupported");
+  CHECK_THAT(r.error().message,
+             ContainsSubstring("VM 'src' has no kvmx-disk-dedup object"));
+
+  r = decide_dedup(DedupMode::kOn, true, ok,
+                   side("dst", true, dd_object({"vd0"}), {{"xbzrle", true}}));
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code == "migration-refused");
+  CHECK_THAT(r.error().message, ContainsSubstring("has xbzrle on"));
+}
+
+TEST_CASE("dedup: to a file") {
+  auto r = decide_dedup_file(DedupMode::kAuto, side("a", true, dd_object({"vd0"})));
+  REQUIRE(r.ok());
+  CHECK(r->enable);
+  r = decide_dedup_file(DedupMode::kAuto, side("a", true, json::array()));
+  REQUIRE(r.ok());
+  CHECK_FALSE(r->enable);
+  r = decide_dedup_file(DedupMode::kOn, side("a", false, std::nullopt));
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code == "migration-unsupported");
+  r = decide_dedup_file(DedupMode::kOn,
+                        side("a", true, dd_object({"vd0"}), {{"mapped-ram", true}}));
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code == "migration-refused");
+  CHECK_THAT(r.error().message, ContainsSubstring("has mapped-ram on"));
+}
+
+TEST_CASE("dedup: query-migrate's numbers, bounded") {
+  json info = {{"status", "completed"},
+               {"disk-dedup",
+                {{"pages-as-reference", 10}, {"bytes-saved", 40000},
+                 {"images-refused", 1},
+                 {"refused-reason", std::string(5000, 'x')},
+                 {"references-resolved", 9}, {"mismatches", 1},
+                 {"read-errors", 0}, {"read-time-ms", 3}}}};
+  auto d = dedup_stats(info);
+  CHECK(d.present);
+  CHECK(d.pages_as_reference == 10);
+  CHECK(d.refused_reason.size() == 512);
+  CHECK(d.mismatches == 1);
+  CHECK_FALSE(dedup_stats(json{{"status", "active"}}).present);
+  CHECK_FALSE(dedup_stats(json{{"disk-dedup", "garbage"}}).present);
+}
+
+TEST_CASE("job: disk dedup auto with shared storage: return-path and disk-dedup on both") {
+  Settings s = Run::base();
+  s.postcopy = false;
+  s.shared_storage = true;
+  Run r(s);
+  Pair& p = *r.pair;
+  p.caps.insert({"disk-dedup", "return-path"});
+  p.src_dd = dd_object({"vd0"});
+  p.dst_dd = dd_object({"vd0"});
+  // A disk-only VM: no shared memory backend, and that is fine with dedup.
+  p.src_backends.clear();
+  p.dst_backends.clear();
+  p.first = 2000;
+  p.dirty = 0;
+  // Precopy converges: complete once a pass has nothing left.
+  r.on_event = [&](const json& e) {
+    if (e["message"] == "" && p.pass >= 2) p.src_mig = p.dst_mig = "completed";
+  };
+  r.job->start();
+  r.run();
+  REQUIRE(r.job->ended());
+  auto out = r.job->outcome();
+  REQUIRE(out.ok());
+  CHECK(p.src_caps["disk-dedup"]);
+  CHECK(p.src_caps["return-path"]);
+  CHECK(p.dst_caps["disk-dedup"]);
+  CHECK(p.dst_caps["return-path"]);
+  CHECK((*out)["dedup"] == true);
+  CHECK((*out)["disk_dedup"] == "auto");
+  CHECK((*out)["dedup_stats"]["pages_as_reference"].get<uint64_t>() > 0);
+  // The destination's own count, asked once more at the end.
+  CHECK((*out)["dedup_stats"]["references_resolved"] ==
+        (*out)["dedup_stats"]["pages_as_reference"]);
+  CHECK(r.said("disk dedup on: disks vd0 of 'web1' and vd0 of 'web1-new'"));
+  CHECK(r.said("pages as references"));
+  CHECK(r.said("the destination resolved"));
+  bool sample_has_stats = false;
+  for (const auto& e : r.events)
+    if (e["message"] == "" && e.contains("dedup_stats")) sample_has_stats = true;
+  CHECK(sample_has_stats);
+}
+
+TEST_CASE("job: disk dedup auto without shared storage: off on both, and why") {
+  Settings s = Run::base();
+  s.postcopy = false;
+  Run r(s);
+  Pair& p = *r.pair;
+  p.caps.insert({"disk-dedup", "return-path"});
+  p.src_dd = dd_object({"vd0"});
+  p.dst_dd = dd_object({"vd0"});
+  p.fail_desc = "stop here";
+  r.job->start();
+  r.run();
+  CHECK(p.src_caps["disk-dedup"] == false);
+  CHECK(p.dst_caps["disk-dedup"] == false);
+  CHECK_FALSE(p.src_caps.count("return-path"));
+  CHECK(r.said("disk dedup off: the storage is not said to be shared"));
+}
+
+TEST_CASE("job: --disk-dedup=on where a side lacks it: a clear error, nothing set") {
+  for (int variant = 0; variant < 3; variant++) {
+    Settings s = Run::base();
+    s.postcopy = false;
+    s.shared_storage = true;
+    s.disk_dedup = DedupMode::kOn;
+    Run r(s);
+    Pair& p = *r.pair;
+    p.caps.insert({"disk-dedup", "return-path"});
+    p.src_dd = dd_object({"vd0"});
+    p.dst_dd = dd_object({"vd0"});
+    std::string want;
+    if (variant == 0) {
+      p.dst_dd = json::array();
+      want = "VM 'web1-new' has no kvmx-disk-dedup object";
+    } else if (variant == 1) {
+      p.caps.erase("disk-dedup");  // stock QEMU
+      p.src_dd.reset();
+      p.dst_dd.reset();
+      want = "the QEMU of VM 'web1' has no migration capability 'disk-dedup'";
+    } else {
+      p.caps_on.insert("multifd");
+      p.caps.insert("multifd");
+      want = "has multifd on";
+    }
+    r.job->start();
+    r.run();
+    REQUIRE(r.job->ended());
+    auto out = r.job->outcome();
+    REQUIRE_FALSE(out.ok());
+    CHECK_THAT(out.error().message, ContainsSubstring("--disk-dedup=on, but"));
+    CHECK_THAT(out.error().message, ContainsSubstring(want));
+    CHECK(p.count("dst migrate-set") == 0);
+    CHECK(p.count("src migrate-set") == 0);
+    CHECK(p.count("src migrate") == 0);
+  }
+}
+
+TEST_CASE("job: a mismatch fails the migration with QEMU's words and the numbers") {
+  Settings s = Run::base();
+  s.postcopy = false;
+  s.shared_storage = true;
+  Run r(s);
+  Pair& p = *r.pair;
+  p.caps.insert({"disk-dedup", "return-path"});
+  p.src_dd = dd_object({"vd0"});
+  p.dst_dd = dd_object({"vd0"});
+  p.src_backends.clear();
+  p.dst_backends.clear();
+  r.on_event = [&](const json& e) {
+    if (e["message"] == "" && p.transferred >= 2000)
+      p.fail_desc =
+          "the destination failed: disk-dedup: page 0x1000 of RAM block "
+          "'pc.ram' refers to block 42 of disk vd0, whose contents differ";
+  };
+  r.job->start();
+  r.run();
+  REQUIRE(r.job->ended());
+  CHECK(r.job->state() == State::kFailed);
+  auto out = r.job->outcome();
+  REQUIRE_FALSE(out.ok());
+  CHECK(out.error().code == "migration-failed");
+  CHECK_THAT(out.error().message, ContainsSubstring("block 42 of disk vd0"));
+  CHECK_THAT(out.error().message, ContainsSubstring("pages as references"));
+}
+
+// -- snapshot and restore ---------------------------------------------------------------
+
+namespace {
+
+// One QEMU saving to or loading from a file.
+struct Single {
+  explicit Single(EventLoop& l) : loop(l) {}
+  EventLoop& loop;
+  std::string run = "running", mig = "";
+  std::set<std::string> caps = {"disk-dedup", "return-path", "events"};
+  std::map<std::string, bool> set_caps;
+  std::optional<json> dd = dd_object({"vd0"});
+  std::string fail_desc;
+  int queries = 0;
+  std::vector<std::string> log;
+  int count(const std::string& prefix) const {
+    int n = 0;
+    for (const auto& l : log) n += l.rfind(prefix, 0) == 0 ? 1 : 0;
+    return n;
+  }
+  json answer(const std::string& cmd, const json& args, std::string* err) {
+    log.push_back(cmd + (args.is_null() ? "" : " " + args.dump()));
+    if (cmd == "query-status") return {{"status", run}};
+    if (cmd == "query-migrate-capabilities") {
+      json a = json::array();
+      for (const auto& c : caps) a.push_back({{"capability", c}, {"state", false}});
+      return a;
+    }
+    if (cmd == "query-kvmx-disk-dedup") {
+      if (dd) return *dd;
+      *err = "The command query-kvmx-disk-dedup has not been found";
+      return nullptr;
+    }
+    if (cmd == "stop") { run = "paused"; return json::object(); }
+    if (cmd == "cont") { run = "running"; return json::object(); }
+    if (cmd == "migrate-set-capabilities") {
+      for (const auto& c : args["capabilities"]) set_caps[c["capability"]] = c["state"];
+      return json::object();
+    }
+    if (cmd == "migrate-set-parameters") return json::object();
+    if (cmd == "migrate" || cmd == "migrate-incoming") {
+      mig = "active";
+      return json::object();
+    }
+    if (cmd == "query-migrate") {
+      json r = json::object();
+      if (mig.empty()) return r;
+      if (mig == "active" && ++queries >= 3)
+        mig = fail_desc.empty() ? "completed" : "failed";
+      r["status"] = mig;
+      r["ram"] = {{"transferred", queries * 1000}, {"remaining", 0}, {"total", 4000}};
+      if (mig == "failed") r["error-desc"] = fail_desc;
+      if (set_caps["disk-dedup"])
+        r["disk-dedup"] = {{"pages-as-reference", 77}, {"bytes-saved", 300000},
+                           {"images-refused", 0}, {"references-resolved", 77},
+                           {"mismatches", 0}, {"read-errors", 0},
+                           {"read-time-ms", 2}};
+      return r;
+    }
+    *err = "The command " + cmd + " has not been found";
+    return nullptr;
+  }
+};
+
+class SingleEndpoint final : public Endpoint {
+ public:
+  explicit SingleEndpoint(Single& q) : q_(q) {}
+  const std::string& name() const override { return name_; }
+  void command(const std::string& cmd, const json& args, ReplyFn fn,
+               bool) override {
+    std::string err;
+    json r = q_.answer(cmd, args, &err);
+    Result<json> res = err.empty() ? Result<json>(std::move(r))
+                                   : Result<json>(make_error(
+                                         "qmp-error", "GenericError: " + err));
+    q_.loop.defer([fn, res]() mutable { fn(std::move(res)); });
+  }
+  std::string lost() const override { return ""; }
+
+ private:
+  Single& q_;
+  std::string name_ = "web1";
+};
+
+struct FileRun {
+  std::unique_ptr<EventLoop> loop;
+  std::unique_ptr<Single> q;
+  std::unique_ptr<FileJob> job;
+  std::vector<json> events;
+  explicit FileRun(FileSettings s) {
+    loop = std::move(*EventLoop::create());
+    q = std::make_unique<Single>(*loop);
+    Job::Callbacks cb;
+    cb.on_event = [this](const json& e) { events.push_back(e); };
+    cb.on_end = [this] { loop->stop(); };
+    s.interval = 1ms;
+    job = std::make_unique<FileJob>(*loop, std::move(s),
+                                    std::make_unique<SingleEndpoint>(*q),
+                                    std::move(cb));
+  }
+  void go() {
+    job->start();
+    auto guard = loop->after(5000ms, [this] { loop->stop(); });
+    loop->run();
+    loop->cancel(guard);
+  }
+  bool said(const std::string& text) const {
+    for (const auto& e : events)
+      if (e["message"].get<std::string>().find(text) != std::string::npos)
+        return true;
+    return false;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("snapshot: stop, dedup on, migrate to file:, the VM stays paused") {
+  FileSettings s;
+  s.path = "/var/lib/kvmx/web1.snap";
+  FileRun r(s);
+  r.go();
+  REQUIRE(r.job->ended());
+  auto out = r.job->outcome();
+  REQUIRE(out.ok());
+  CHECK((*out)["kind"] == "snapshot");
+  CHECK((*out)["dedup"] == true);
+  CHECK((*out)["dedup_stats"]["pages_as_reference"] == 77);
+  CHECK(r.q->run == "paused");
+  CHECK(r.q->count("cont") == 0);
+  CHECK(r.q->set_caps["disk-dedup"]);
+  CHECK_FALSE(r.q->set_caps["return-path"]);
+  REQUIRE(r.q->set_caps.count("x-ignore-shared"));
+  CHECK_FALSE(r.q->set_caps["x-ignore-shared"]);  // the whole RAM in the file
+  auto pos = [&](const std::string& prefix) {
+    for (size_t i = 0; i < r.q->log.size(); i++)
+      if (r.q->log[i].rfind(prefix, 0) == 0) return static_cast<int>(i);
+    return -1;
+  };
+  CHECK(pos("stop") < pos("migrate-set-capabilities"));
+  CHECK(pos("migrate-set-capabilities") < pos("migrate {"));
+  CHECK(r.q->count("migrate {\"uri\":\"file:/var/lib/kvmx/web1.snap\"}") == 1);
+  CHECK(r.said("saving 'web1' to /var/lib/kvmx/web1.snap; disk dedup on"));
+  CHECK(r.said("the VM stays paused"));
+  bool progress = false;
+  for (const auto& e : r.events)
+    if (e["message"] == "" && e["state"] == "saving") progress = true;
+  CHECK(progress);
+}
+
+TEST_CASE("snapshot: --resume runs it again; a failure runs it again too") {
+  FileSettings s;
+  s.path = "/tmp/x.snap";
+  s.resume = true;
+  s.disk_dedup = DedupMode::kOff;
+  FileRun r(s);
+  r.go();
+  REQUIRE(r.job->outcome().ok());
+  CHECK(r.q->run == "running");
+  CHECK(r.q->count("query-kvmx-disk-dedup") == 0);
+  CHECK_FALSE(r.q->set_caps["disk-dedup"]);
+
+  FileSettings f;
+  f.path = "/tmp/y.snap";
+  FileRun q(f);
+  q.q->fail_desc = "Failed to write: No space left on device";
+  q.go();
+  auto out = q.job->outcome();
+  REQUIRE_FALSE(out.ok());
+  CHECK(out.error().code == "migration-failed");
+  CHECK_THAT(out.error().message, ContainsSubstring("No space left on device"));
+  CHECK_THAT(out.error().message, ContainsSubstring("the VM runs again"));
+  CHECK(q.q->run == "running");
+}
+
+TEST_CASE("snapshot: on without the object; a busy VM") {
+  FileSettings s;
+  s.path = "/tmp/x.snap";
+  s.disk_dedup = DedupMode::kOn;
+  FileRun r(s);
+  r.q->dd = json::array();
+  r.go();
+  auto out = r.job->outcome();
+  REQUIRE_FALSE(out.ok());
+  CHECK(out.error().code == "migration-unsupported");
+  CHECK_THAT(out.error().message, ContainsSubstring("no kvmx-disk-dedup object"));
+  CHECK(r.q->run == "running");  // never stopped
+  CHECK(r.q->count("stop") == 0);
+
+  FileRun b(FileSettings{});
+  b.q->mig = "active";
+  b.go();
+  REQUIRE_FALSE(b.job->outcome().ok());
+  CHECK(b.job->outcome().error().code == "migration-busy");
+}
+
+TEST_CASE("restore: migrate-incoming file: without exiting on error, then cont") {
+  FileSettings s;
+  s.restore = true;
+  s.resume = true;
+  s.path = "/var/lib/kvmx/web1.snap";
+  s.file_caps = {"x-ignore-shared", "disk-dedup"};
+  FileRun r(s);
+  r.q->run = "inmigrate";
+  r.go();
+  auto out = r.job->outcome();
+  REQUIRE(out.ok());
+  CHECK((*out)["kind"] == "restore");
+  CHECK(r.q->count("migrate-incoming {\"exit-on-error\":false,\"uri\":"
+                   "\"file:/var/lib/kvmx/web1.snap\"}") == 1);
+  CHECK(r.q->set_caps["disk-dedup"]);
+  CHECK(r.q->set_caps["x-ignore-shared"]);  // as the file was written
+  CHECK(r.q->count("cont") == 1);
+  CHECK(r.said("references read from the disk"));
+
+  FileSettings n = s;
+  FileRun q(n);  // not started with -incoming
+  q.go();
+  REQUIRE_FALSE(q.job->outcome().ok());
+  CHECK_THAT(q.job->outcome().error().message,
+             ContainsSubstring("start it with -incoming defer"));
+}
+
+TEST_CASE("restore: the file's capabilities decide; a mismatch is a clear error") {
+  // The start of a real snapshot (QEMU 10.0 with 07-disk-dedup).
+  static const char kHead[] =
+      "QEVM\0\0\0\3\7\0\0\0\13pc-q35-10.0\5\32configuration/capabilities"
+      "\0\0\0\1\0\0\0\2\17x-ignore-shared\12disk-dedup\1\0\0\0\1\3ram";
+  std::string head(kHead, sizeof(kHead) - 1);
+  auto caps = stream_capabilities(head);
+  REQUIRE(caps);
+  CHECK(*caps == std::vector<std::string>{"x-ignore-shared", "disk-dedup"});
+  CHECK_FALSE(stream_capabilities("not a snapshot"));
+  CHECK_FALSE(stream_capabilities(head.substr(0, 60)));  // cut short
+  std::string hostile = head;
+  hostile[56] = '\x7f';  // a count of 0x7f000002
+  CHECK_FALSE(stream_capabilities(hostile));
+  std::string none("QEVM\0\0\0\3\7\0\0\0\13pc-q35-10.0\5\32configuration/capabilities"
+                   "\0\0\0\1\0\0\0\0", 60);
+  REQUIRE(stream_capabilities(none));
+  CHECK(stream_capabilities(none)->empty());
+
+  auto vm = side("b", true, dd_object({"vd0"}));
+  CHECK(decide_dedup_restore(DedupMode::kAuto, true, vm)->enable);
+  CHECK_FALSE(decide_dedup_restore(DedupMode::kAuto, false, vm)->enable);
+  auto r = decide_dedup_restore(DedupMode::kOff, true, vm);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.error().message, ContainsSubstring("the file was written with disk-dedup"));
+  r = decide_dedup_restore(DedupMode::kOn, false, vm);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.error().message, ContainsSubstring("written without disk-dedup"));
+  r = decide_dedup_restore(DedupMode::kAuto, true, side("b", true, json::array()));
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code == "migration-unsupported");
+  CHECK_THAT(r.error().message,
+             ContainsSubstring("the file was written with disk-dedup, but VM 'b' "
+                               "has no kvmx-disk-dedup object"));
+
+  // Through the job: a QEMU without the object, a file with dedup.
+  FileSettings s;
+  s.restore = true;
+  s.path = "/x.snap";
+  s.file_caps = {"disk-dedup"};
+  FileRun q(s);
+  q.q->run = "inmigrate";
+  q.q->dd = json::array();
+  q.go();
+  REQUIRE_FALSE(q.job->outcome().ok());
+  CHECK(q.q->count("migrate-incoming") == 0);
 }

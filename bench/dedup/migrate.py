@@ -153,7 +153,8 @@ class Bench:
         self.port += 1
         dst = kvmxvm.start_guest(
             self.qemu[which], None,
-            self.args(which, img, direct) + ['-incoming', 'defer', '-S'],
+            self.args(which, img, direct) + ['-incoming', 'defer', '-S',
+                                             '-name', 'dst,debug-threads=on'],
             self.work, f'dst{self.n}', mem=self.a.mem,
             prefix=self.prefix('dst'))
         try:
@@ -321,7 +322,7 @@ def line(r):
     if r.get('dst_cpu'):
         s += '; destination CPU s: ' + ', '.join(
             f'{k} {v}' for k, v in sorted(r['dst_cpu'].items(),
-                                          key=lambda kv: -kv[1])[:4])
+                                          key=lambda kv: -kv[1])[:5])
     if r['error']:
         s += f"; error: {r['error']}"
     return s

@@ -307,8 +307,9 @@ def plot(res, path):
         ax.set_xticks([0, 1])
         ax.set_xticklabels(['tracking off', 'tracking on'])
         ax.set_xlim(-0.6, 1.6)
-        ax.set_title(f"{wl} ({r['unit']}), on/off "
-                     f"{r.get('ratio', 0):.3f}", fontsize=9)
+        ax.set_title(f"{wl} ({r['unit']}), on/off {r.get('ratio', 0):.3f}"
+                     + (f", paired rounds {r['paired_ratio']:.3f}"
+                        if r.get('paired_ratio') else ''), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -30,6 +30,9 @@ socket and max-bandwidth = --mbit; bytes are QEMU's ram.transferred.
   kvmx-dedup-hostcache  kvmx-dedup with the destination's image in the
                     host page cache (cache.direct=off there): its reads
                     of referenced blocks cost no disk I/O
+  kvmx-dedup-iouring  kvmx-dedup with the destination's image on
+                    aio=io_uring instead of the thread pool (not in the
+                    default cells)
   stock-file        `stop`, migrate to file:PATH (plain file: format),
   kvmx-dedup-file   `cont`; the file's size (no return path)
   light/...         stock-precopy, kvmx-off, kvmx-dedup of the light guest
@@ -68,17 +71,18 @@ DONE = ('completed', 'failed', 'cancelled')
 UNLIMITED = 10 << 30            # max-bandwidth when the link caps the rate
 
 DEDUP = {'disk-dedup': True, 'return-path': True}
-# cell -> (qemu, kind, capabilities on, parameters, destination's image
-# bypasses the host page cache)
+# cell -> (qemu, kind, capabilities on, parameters, how the destination
+# opens the image: dedupdisk.image_args' direct and aio)
 CELLS = {
-    'stock-precopy': ('stock', 'live', {}, {}, True),
-    'kvmx-dedup': ('kvmx', 'live', DEDUP, {}, True),
+    'stock-precopy': ('stock', 'live', {}, {}, {}),
+    'kvmx-dedup': ('kvmx', 'live', DEDUP, {}, {}),
     'stock-multifd': ('stock', 'live', {'multifd': True},
-                      {'multifd-channels': 2}, True),
-    'kvmx-off': ('kvmx', 'live', {}, {}, True),
-    'kvmx-dedup-hostcache': ('kvmx', 'live', DEDUP, {}, False),
-    'stock-file': ('stock', 'file', {}, {}, True),
-    'kvmx-dedup-file': ('kvmx', 'file', {'disk-dedup': True}, {}, True),
+                      {'multifd-channels': 2}, {}),
+    'kvmx-off': ('kvmx', 'live', {}, {}, {}),
+    'kvmx-dedup-hostcache': ('kvmx', 'live', DEDUP, {}, {'direct': False}),
+    'kvmx-dedup-iouring': ('kvmx', 'live', DEDUP, {}, {'aio': 'io_uring'}),
+    'stock-file': ('stock', 'file', {}, {}, {}),
+    'kvmx-dedup-file': ('kvmx', 'file', {'disk-dedup': True}, {}, {}),
 }
 LIGHT_CELLS = ('stock-precopy', 'kvmx-dedup', 'kvmx-off')
 
@@ -113,9 +117,9 @@ class Bench:
             return ()
         return self.link.src_exec if side == 'src' else self.link.dst_exec
 
-    def args(self, which, img, direct=True):
+    def args(self, which, img, opts=None):
         return dedupdisk.disk_args(img, tracked=(which == 'kvmx'),
-                                   direct=direct)
+                                   **(opts or {}))
 
     def boot(self, which, guest, img):
         name = f'{guest}-{which}'
@@ -148,12 +152,12 @@ class Bench:
         caps.update(cell_caps)
         return caps
 
-    def live(self, src, which, img, cell_caps, params, direct):
+    def live(self, src, which, img, cell_caps, params, opts):
         self.n += 1
         self.port += 1
         dst = kvmxvm.start_guest(
             self.qemu[which], None,
-            self.args(which, img, direct) + ['-incoming', 'defer', '-S',
+            self.args(which, img, opts) + ['-incoming', 'defer', '-S',
                                              '-name', 'dst,debug-threads=on'],
             self.work, f'dst{self.n}', mem=self.a.mem,
             prefix=self.prefix('dst'))
@@ -251,9 +255,9 @@ class Bench:
         time.sleep(1.0)
 
     def cell(self, src, which, img, name):
-        _, kind, caps, params, direct = CELLS[name]
+        _, kind, caps, params, opts = CELLS[name]
         if kind == 'live':
-            return self.live(src, which, img, caps, params, direct)
+            return self.live(src, which, img, caps, params, opts)
         return self.to_file(src, which, caps)
 
     def group(self, guest, cells, imgs, res):
@@ -444,7 +448,8 @@ def plot(res, path):
     t = res['summary']
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     live = [c for c in ('stock-precopy', 'stock-multifd', 'kvmx-off',
-                        'kvmx-dedup', 'kvmx-dedup-hostcache') if c in t]
+                        'kvmx-dedup', 'kvmx-dedup-hostcache',
+                        'kvmx-dedup-iouring') if c in t]
     ax = axes[0]
     w = 0.38
     for i, (k, lab) in enumerate((('wire_bytes', 'bytes on the wire'),
@@ -510,7 +515,8 @@ def main():
     ap.add_argument('--mbit', type=int, default=1000)
     ap.add_argument('--repeat', type=int, default=3)
     ap.add_argument('--cap', choices=('netns', 'qemu'), default='netns')
-    ap.add_argument('--cells', default=','.join(CELLS))
+    ap.add_argument('--cells', default=','.join(
+        c for c in CELLS if c != 'kvmx-dedup-iouring'))
     ap.add_argument('--no-light', action='store_true')
     ap.add_argument('--only-light', action='store_true',
                     help='the little-cache guest only (e.g. with a larger '

@@ -59,11 +59,11 @@ def image_args(img, node='d0', fmt='raw', direct=True, aio='threads'):
 
 
 def disk_args(img, tracked, node='d0', dev_id='vd0', direct=True,
-              max_memory='16M', with_object=True):
+              max_memory='16M', with_object=True, aio='threads'):
     """The image on a virtio-blk device; tracked: a kvmx-disk-dedup object
     dd0 records the device's reads (with_object=False: the device only,
     for a second disk of a VM that already has the object)."""
-    args = image_args(img, node, direct=direct)
+    args = image_args(img, node, direct=direct, aio=aio)
     dev = f'virtio-blk-pci,drive={node},id={dev_id}'
     if tracked:
         if with_object:

@@ -36,6 +36,8 @@ socket and max-bandwidth = --mbit; bytes are QEMU's ram.transferred.
   stock-file        `stop`, migrate to file:PATH (plain file: format),
   kvmx-dedup-file   `cont`; the file's size (no return path)
   light/...         stock-precopy, kvmx-off, kvmx-dedup of the light guest
+  dropped/...       the same, of a guest that read the files and then
+                    dropped its page cache (--dropped)
 
 Per cell: median of --repeat runs of bytes, total-time (QEMU's, from the
 source), downtime, and each as a ratio to stock-precopy; the disk-dedup
@@ -44,7 +46,7 @@ results/<stamp>.{json,txt,png}.
 
 Usage: bench/dedup/migrate.py [--mib 512] [--mem 1G] [--mbit 1000]
        [--repeat 3] [--cap netns|qemu] [--cells a,b,...] [--no-light]
-       [--only-light]
+       [--only-light] [--dropped]
        bench/dedup/migrate.py --report results/STAMP.json
 """
 import argparse
@@ -94,6 +96,11 @@ echo "CACHED $(( $(date +%s) - t )) s, $(grep '^Cached' /proc/meminfo | tr -s ' 
 echo READY
 while true; do sleep 3600; done
 '''
+# Reads the files, then drops the page cache: the freed pages still hold
+# the files' bytes (nothing zeroes them) and their records stay valid.
+DROPPED_SCRIPT = HEAVY_SCRIPT.replace('cat /mnt/d/* > /dev/null\n', '''cat /mnt/d/* > /dev/null
+sync; echo 3 > /proc/sys/vm/drop_caches
+''')
 LIGHT_SCRIPT = r'''
 echo "CACHED 0 s, $(grep '^Cached' /proc/meminfo | tr -s ' ')"
 echo READY
@@ -126,7 +133,8 @@ class Bench:
         t0 = time.monotonic()
         vm = kvmxvm.start_guest(
             self.qemu[which],
-            HEAVY_SCRIPT if guest == 'heavy' else LIGHT_SCRIPT,
+            {'heavy': HEAVY_SCRIPT, 'light': LIGHT_SCRIPT,
+             'dropped': DROPPED_SCRIPT}[guest],
             self.args(which, img), self.work, name, mem=self.a.mem,
             append_extra='kvmx.modules=virtio_blk,ext4',
             prefix=self.prefix('src'))
@@ -274,7 +282,7 @@ class Bench:
                 for c in cells:
                     which = CELLS[c][0]
                     r = self.cell(vms[which], which, imgs[which], c)
-                    r.update(cell=c if guest == 'heavy' else f'light/{c}',
+                    r.update(cell=c if guest == 'heavy' else f'{guest}/{c}',
                              rep=rep, loadavg=os.getloadavg()[0])
                     res['runs'].append(r)
                     print(line(r), flush=True)
@@ -351,7 +359,7 @@ def summarize(res):
                 r['dedup'].get('pages-as-reference') is not None]
         row['refs'] = statistics.median(refs) if refs else None
         t[c] = row
-    for prefix in ('', 'light/'):
+    for prefix in ('', 'light/', 'dropped/'):
         base = t.get(prefix + 'stock-precopy')
         for c, row in t.items():
             if not c.startswith(prefix) or (not prefix and '/' in c):
@@ -518,6 +526,9 @@ def main():
     ap.add_argument('--cells', default=','.join(
         c for c in CELLS if c != 'kvmx-dedup-iouring'))
     ap.add_argument('--no-light', action='store_true')
+    ap.add_argument('--dropped', action='store_true',
+                    help='also a guest that reads the files and then drops '
+                    'its page cache (drop_caches)')
     ap.add_argument('--only-light', action='store_true',
                     help='the little-cache guest only (e.g. with a larger '
                     '--repeat, to resolve a 2%% difference)')
@@ -571,6 +582,9 @@ def main():
             bench.group('heavy', cells, imgs, res)
         if not a.no_light:
             bench.group('light', [c for c in LIGHT_CELLS if c in CELLS],
+                        imgs, res)
+        if a.dropped:
+            bench.group('dropped', [c for c in LIGHT_CELLS if c in CELLS],
                         imgs, res)
     finally:
         if link:

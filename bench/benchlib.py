@@ -26,12 +26,15 @@ def new_results(**extra):
             **extra}
 
 
-def save(res, here, report, plot):
+def save(res, here, report, plot, name=None):
     """Write here/results/<stamp>.json, .txt (report(res)) and .png
-    (plot(res, path)); print the report and where it went."""
+    (plot(res, path)); print the report and where it went.  name: a
+    prefix (<name>-<stamp>.*) for directories shared by several runners."""
     outdir = os.path.join(here, 'results')
     os.makedirs(outdir, exist_ok=True)
     stamp = res['date'].replace(':', '')
+    if name:
+        stamp = f'{name}-{stamp}'
     with open(os.path.join(outdir, f'{stamp}.json'), 'w') as f:
         json.dump(res, f, indent=1)
     text = report(res)

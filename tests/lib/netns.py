@@ -81,6 +81,14 @@ class CappedLink:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         return False
 
+    def tx_bytes(self, side="src"):
+        """Bytes the veth end in the source (or destination) namespace has
+        sent so far: what crossed the capped link, headers included."""
+        dev, ns = ((self._veth[0], self.src_ns) if side == "src" else
+                   (self._veth[1], self.dst_ns))
+        return int(_run("ip", "netns", "exec", ns, "cat",
+                        f"/sys/class/net/{dev}/statistics/tx_bytes"))
+
     def describe(self):
         return (f"veth between netns {self.src_ns} and {self.dst_ns}, "
                 f"tbf {self.mbit} Mbit/s" +

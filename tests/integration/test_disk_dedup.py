@@ -27,6 +27,9 @@ of every file equals the host's.
               either completes with identical memory or fails with an
               error naming the block (QEMU 07-disk-dedup fails it), never
               a wrong page; the blocks are restored afterwards
+  modified-postcopy  the same with another file, switched to post-copy
+              once the source was asked to send a page again: the page
+              comes through post-copy's discard and fault path
   unreadable  the destination reads its image through blkdebug, which fails
               the first read of each of 64 blocks of a cached file (EIO):
               the same outcomes
@@ -91,6 +94,7 @@ DEDUP_MEM = '16M'               # kvmx-disk-dedup max-memory
 BW = 64 * MIB                   # precopy max-bandwidth
 POSTCOPY_BW = 32 * MIB          # precopy part of the post-copy case
 POSTCOPY_AFTER = 128 * MIB      # switch after this much was sent,
+MODIFIED_POSTCOPY_REFS = 60000  # modified-postcopy: switch after these
 POSTCOPY_AFTER_REFS = 8192      # or this many pages went as references
 KILL_BW = 16 * MIB              # src-killed: slow enough to kill mid-way,
 KILL_REFS = 4096                # and with dedup, references on the way
@@ -612,9 +616,12 @@ def failed_naming(hop, st, sinfo, dinfo, blocks, name):
     return hop.src
 
 
-def case_modified(qemu, work, disk, src, img, fmt, name):
-    """Blocks of a cached file changed in the image behind QEMU's back."""
-    fname = 'f05'
+def case_modified(qemu, work, disk, src, img, fmt, name, fname='f05',
+                  postcopy=False):
+    """Blocks of a cached file changed in the image behind QEMU's back.
+    With postcopy: switched to post-copy once the source has been asked to
+    send such a page again, so that the page must reach the destination
+    through post-copy's discard and fault path."""
     blocks = disk.blocks(img, fname)[16:48]
     saved = {}
     fd = os.open(img, os.O_RDWR)
@@ -629,8 +636,34 @@ def case_modified(qemu, work, disk, src, img, fmt, name):
           f'image (blocks {blocks[0]}..{blocks[-1]}, byte offset '
           f'{blocks[0] * PAGE:#x})')
     hop = Hop(qemu, work, name, src, img, fmt)
-    hop.start(live_caps(), {'max-bandwidth': BW})
+    if postcopy:
+        hop.start(live_caps(True), {'max-bandwidth': POSTCOPY_BW,
+                                    'max-postcopy-bandwidth': BW})
+        deadline = time.monotonic() + 120
+        resent = 0
+        while time.monotonic() < deadline:
+            info = src.qmp.cmd('query-migrate')
+            dd = info.get('disk-dedup') or {}
+            resent = dd.get('pages-resent', 0)
+            # Late, so that the destination (the next hop's source) holds
+            # records of nearly every cached page, as after a precopy.
+            if info.get('status') not in ('setup', 'active') or (
+                    resent and dd.get('pages-as-reference', 0) >=
+                    MODIFIED_POSTCOPY_REFS):
+                break
+            time.sleep(0.05)
+        print(f'note  {name}: {resent} pages to send again before the '
+              f'switch to post-copy (status {info.get("status")})')
+        if info.get('status') == 'active':
+            src.qmp.cmd('migrate-start-postcopy')
+    else:
+        hop.start(live_caps(), {'max-bandwidth': BW})
     st, sinfo, dinfo, dd = hop.finish()
+    if postcopy:
+        evs = [e['data']['status'] for e in src.qmp.events()
+               if e['event'] == 'MIGRATION']
+        check('postcopy-active' in evs,
+              f'{name}: the source went post-copy ({evs})')
 
     def restore():
         fd = os.open(img, os.O_RDWR)
@@ -899,6 +932,8 @@ def raw_chain(qemu, work, disk, timed, vms):
     for label, fn, args in (
             ('base', case_base, ('base',)),
             ('modified', case_modified, ('modified',)),
+            ('modified-postcopy', case_modified,
+             ('modified-postcopy', 'f06', True)),
             ('unreadable', case_unreadable, ('unreadable',)),
             ('overwrite', case_overwrite, ('overwrite', 1, False)),
             ('postcopy', case_overwrite, ('postcopy', 2, True))):

@@ -81,6 +81,7 @@ import traceback
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
+from dedupdisk import dedup_support, run, tracking  # noqa: E402
 from migwork import wait_status  # noqa: E402
 
 MIB = 1 << 20
@@ -217,15 +218,6 @@ class Disk:
         return buffered / total, direct / total
 
 
-def run(cmd, **kw):
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                       **kw)
-    if p.returncode != 0:
-        raise RuntimeError(f'{" ".join(map(str, cmd))}: exit {p.returncode}: '
-                           f'{p.stderr.strip()}')
-    return p
-
-
 # -- the guest ----------------------------------------------------------------
 def guest_script(disk):
     return disk.overwrite_shell(1) + disk.overwrite_shell(2) + r'''
@@ -291,12 +283,6 @@ def boot(qemu, work, name, disk, img, fmt):
         dd_check(any('vd0' in i.get('device', '') for i in imgs),
                  f'{name}: the disk is listed ({imgs})')
     return vm
-
-
-def tracking(vm):
-    """query-kvmx-disk-dedup of the VM's one object."""
-    objs = vm.qmp.cmd('query-kvmx-disk-dedup')
-    return objs[0] if objs else {}
 
 
 def incoming(qemu, work, name, img, fmt, paused=True, blkdebug=None):
@@ -849,23 +835,6 @@ def case_src_killed(qemu, work, disk, src, img, fmt, name):
 
 
 # -- main -----------------------------------------------------------------------
-def dedup_support(qemu):
-    """None if this QEMU has disk dedup, else what it lacks."""
-    cmds = ('{"execute":"qmp_capabilities"}\n'
-            '{"execute":"qom-list-types"}\n'
-            '{"execute":"query-migrate-capabilities"}\n'
-            '{"execute":"quit"}\n')
-    p = subprocess.run([qemu, '-machine', 'none', '-nodefaults', '-display',
-                        'none', '-S', '-qmp', 'stdio'], input=cmds,
-                       capture_output=True, text=True, timeout=30)
-    lacks = []
-    if '"kvmx-disk-dedup"' not in p.stdout:
-        lacks.append('no kvmx-disk-dedup object (qom-list-types)')
-    if '"disk-dedup"' not in p.stdout:
-        lacks.append('no disk-dedup migration capability')
-    return '; '.join(lacks) or None
-
-
 def main():
     global DEDUP
     chains = ('raw', 'qcow2')

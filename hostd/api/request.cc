@@ -161,6 +161,96 @@ Result<Op> parse_snapshot(const json& obj) {
   return Op(std::move(s));
 }
 
+// A memory backend's id: QEMU's id syntax (a letter, then letters, digits,
+// '-', '.', '_'), at most kMaxBackendId bytes.
+Result<std::string> nvdimm_field(const json& obj, bool required_field) {
+  auto it = obj.find("nvdimm");
+  if (it == obj.end()) {
+    if (required_field) return invalid("'nvdimm' is required");
+    return std::string();
+  }
+  if (!it->is_string()) return invalid("'nvdimm' must be a string");
+  const auto& id = it->get_ref<const std::string&>();
+  bool ok = !id.empty() && id.size() <= kMaxBackendId &&
+            std::isalpha(static_cast<unsigned char>(id[0]));
+  for (char c : id)
+    ok = ok && (std::isalnum(static_cast<unsigned char>(c)) || c == '-' ||
+                c == '.' || c == '_');
+  if (!ok)
+    return invalid("'nvdimm' must be a memory backend id (a letter, then "
+                   "letters, digits, '-', '.', '_'; at most " +
+                   std::to_string(kMaxBackendId) + ")");
+  return id;
+}
+
+Result<Op> parse_purge(const json& obj, const std::string& op) {
+  if (op == "purge-status") {
+    if (auto r = only_fields(obj, op, {"vm", "nvdimm"}); !r) return r.error();
+    auto vm = vm_field(obj, false);
+    if (!vm) return vm.error();
+    auto nv = nvdimm_field(obj, false);
+    if (!nv) return nv.error();
+    if (vm->empty() && !nv->empty()) return invalid("'nvdimm' needs 'vm'");
+    return Op(PurgeStatus{*vm, *nv});
+  }
+  if (op == "purge-policy") {
+    if (auto r = only_fields(obj, op, {"vm", "nvdimm", "policy", "block_size",
+                                       "probe_interval_ms", "table_dir"});
+        !r)
+      return r.error();
+    PurgePolicy p;
+    auto vm = vm_field(obj);
+    if (!vm) return vm.error();
+    auto nv = nvdimm_field(obj, true);
+    if (!nv) return nv.error();
+    p.vm = *vm;
+    p.nvdimm = *nv;
+    if (auto it = obj.find("policy"); it != obj.end()) {
+      if (!it->is_object()) return invalid("'policy' must be an object");
+      p.policy = *it;
+    }
+    uint64_t bs = 0;
+    if (auto r = uint_field(obj, "block_size", 65536, 1ull << 30, bs); !r)
+      return r.error();
+    if (bs) {
+      if (bs & (bs - 1))
+        return invalid("'block_size' must be a power of two");
+      p.block_shift = static_cast<uint32_t>(__builtin_ctzll(bs));
+    }
+    if (auto r = uint_field(obj, "probe_interval_ms", kMinIntervalMs,
+                            kMaxIntervalMs, p.probe_interval_ms);
+        !r)
+      return r.error();
+    if (auto it = obj.find("table_dir"); it != obj.end()) {
+      if (!it->is_string() || !valid_file_path(it->get<std::string>()))
+        return invalid("'table_dir' must be an absolute path without "
+                       "commas, '.' or '..'");
+      p.table_dir = it->get<std::string>();
+    }
+    return Op(std::move(p));
+  }
+  bool now = op == "purge-now";
+  if (auto r = now ? only_fields(obj, op, {"vm", "nvdimm", "first", "count",
+                                           "ignore_idle"})
+                   : only_fields(obj, op, {"vm", "nvdimm", "first", "count"});
+      !r)
+    return r.error();
+  auto vm = vm_field(obj);
+  if (!vm) return vm.error();
+  auto nv = nvdimm_field(obj, true);
+  if (!nv) return nv.error();
+  uint64_t first = 0, count = 0;
+  if (auto r = uint_field(obj, "first", 0, kMaxBlocks, first); !r)
+    return r.error();
+  if (auto r = uint_field(obj, "count", 0, kMaxBlocks, count); !r)
+    return r.error();
+  if (!now) return Op(Unpurge{*vm, *nv, first, count});
+  PurgeNow p{*vm, *nv, first, count, false};
+  if (auto r = bool_field(obj, "ignore_idle", p.ignore_idle); !r)
+    return r.error();
+  return Op(std::move(p));
+}
+
 Result<Op> parse_restore(const json& obj) {
   if (auto r = only_fields(obj, "restore",
                            {"vm", "file", "disk_dedup", "paused",
@@ -366,6 +456,9 @@ Result<Op> parse_args(const std::string& op, const json& obj) {
   if (op == "migrate-recover") return parse_migrate_recover(obj);
   if (op == "snapshot") return parse_snapshot(obj);
   if (op == "restore") return parse_restore(obj);
+  if (op == "purge-status" || op == "purge-policy" || op == "purge-now" ||
+      op == "unpurge")
+    return parse_purge(obj, op);
   if (op == "migrate-postcopy" || op == "migrate-cancel" ||
       op == "migrate-status") {
     if (auto r = only_fields(obj, op, {"vm"}); !r) return r.error();

@@ -153,10 +153,45 @@ struct MigrateStatus {
   std::string vm;
 };
 
+// Virtblock purging of one NVDIMM backend (docs/design/virtblock-purging.md).
+// `nvdimm` is the id of the memory backend with purge-agent set.
+constexpr size_t kMaxBackendId = 64;
+constexpr uint64_t kMaxBlocks = 1ull << 40;
+struct PurgeStatus {
+  std::string vm;      // "": every VM
+  std::string nvdimm;  // "": every NVDIMM of the VM
+};
+struct PurgePolicy {
+  std::string vm;
+  std::string nvdimm;
+  nlohmann::json policy = nlohmann::json::object();  // purge/policy/policy.h
+  uint32_t block_shift = 21;          // block_size: 64 KiB .. 1 GiB
+  uint32_t probe_interval_ms = 1000;  // access tracking round
+  std::string table_dir;              // "": beside the backend file
+};
+struct PurgeNow {
+  std::string vm;
+  std::string nvdimm;
+  uint64_t first = 0;
+  uint64_t count = 0;  // 0: every block from `first` on
+  bool ignore_idle = false;
+};
+struct Unpurge {
+  std::string vm;
+  std::string nvdimm;
+  uint64_t first = 0;
+  uint64_t count = 0;
+};
+namespace code {
+inline constexpr const char* kPurgeNotEnabled = "purge-not-enabled";
+inline constexpr const char* kPurgeBusy = "purge-busy";
+inline constexpr const char* kPurgeFailed = "purge-failed";
+}  // namespace code
+
 using Op = std::variant<Ping, Version, Attach, Detach, ListVms, Protections,
                         Violations, Stats, Subscribe, Migrate, MigratePostcopy,
                         MigrateRecover, MigrateCancel, MigrateStatus, Snapshot,
-                        Restore>;
+                        Restore, PurgeStatus, PurgePolicy, PurgeNow, Unpurge>;
 
 struct Request {
   nlohmann::json id;  // null when the request carried none

@@ -26,7 +26,7 @@ bool valid_key(const std::string& key) {
 const std::set<std::string>& string_fields() {
   static const std::set<std::string> k = {
       "vm", "dest", "qmp", "uri", "recover_uri", "prefetch", "switch",
-      "file", "disk_dedup"};
+      "file", "disk_dedup", "nvdimm", "table_dir"};
   return k;
 }
 

@@ -107,6 +107,7 @@ Result<void> Daemon::start() {
   crash::set_journal_fd(journal_->fd());
   if (auto r = server_->listen(cfg_.socket, cfg_.socket_mode); !r) return r;
   if (auto r = watch_signals(); !r) return r;
+  if (auto r = watch_purge_faults(); !r) return r;
   loop_.on_round_end([this] {
     commit_pending();
     maybe_compact();

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <deque>
 #include <map>
+#include <mutex>
 #include <memory>
 #include <set>
 #include <string>
@@ -25,6 +26,7 @@
 #include "loop/worker.h"
 #include "migrate/file_job.h"
 #include "migrate/job.h"
+#include "purge/engine/engine.h"
 #include "violations/store.h"
 #include "vm/backoff.h"
 #include "vm/manager.h"
@@ -161,6 +163,22 @@ class Daemon {
   void file_job_started(const std::string& vm);
   void file_job_ended(const std::string& vm);
 
+  // purge.cc: virtblock purging, one engine per NVDIMM backend.
+  struct PurgeSlot {
+    std::unique_ptr<purge::Engine> engine;
+    std::unique_ptr<Worker> worker;  // destroyed first: its job uses engine
+  };
+  Result<void> watch_purge_faults();
+  void op_purge_policy(const api::PurgePolicy& a, api::ReplyFn reply);
+  void start_purge_engine(const std::string& key, const std::string& vm,
+                          purge::EngineConfig c, api::ReplyFn reply);
+  void op_purge_status(const api::PurgeStatus& a, api::ReplyFn reply);
+  void op_purge_move(bool purge, const std::string& vm,
+                     const std::string& nvdimm, uint64_t first,
+                     uint64_t count, bool ignore_idle, api::ReplyFn reply);
+  void drop_purges(const std::string& vm);
+  nlohmann::json purge_stats() const;
+
   EventLoop& loop_;
   config::Config cfg_;
   std::chrono::steady_clock::time_point started_;
@@ -204,6 +222,11 @@ class Daemon {
   std::chrono::steady_clock::time_point compact_not_before_{};
   DaemonStats stats_;
   bool stopping_ = false;
+  // Engines' unrecoverable errors, handed to the loop through purge_event_.
+  UniqueFd purge_event_;
+  std::mutex purge_fatal_mu_;
+  std::vector<std::pair<std::string, std::string>> purge_fatal_;
+  std::map<std::string, PurgeSlot> purges_;  // "vm/nvdimm"; last: first gone
 };
 
 }  // namespace kvmx

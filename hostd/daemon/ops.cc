@@ -69,6 +69,16 @@ void Daemon::handle(api::ClientId client, const api::Request& req,
           op_snapshot(client, a, std::move(reply));
         } else if constexpr (std::is_same_v<T, api::Restore>) {
           op_restore(client, a, std::move(reply));
+        } else if constexpr (std::is_same_v<T, api::PurgeStatus>) {
+          op_purge_status(a, std::move(reply));
+        } else if constexpr (std::is_same_v<T, api::PurgePolicy>) {
+          op_purge_policy(a, std::move(reply));
+        } else if constexpr (std::is_same_v<T, api::PurgeNow>) {
+          op_purge_move(true, a.vm, a.nvdimm, a.first, a.count, a.ignore_idle,
+                        std::move(reply));
+        } else if constexpr (std::is_same_v<T, api::Unpurge>) {
+          op_purge_move(false, a.vm, a.nvdimm, a.first, a.count, false,
+                        std::move(reply));
         }
       },
       req.args);
@@ -192,6 +202,7 @@ void Daemon::op_detach(const api::Detach& d, api::ReplyFn reply) {
       f != file_jobs_.end() && f->second.job->ended() &&
       f->second.waiters.empty())
     file_jobs_.erase(f);
+  drop_purges(d.vm);
   commit_pending();  // its last violations count in the totals it drops
   store_.reset_totals(d.vm);
   vms_->remove(d.vm);
@@ -261,6 +272,7 @@ json Daemon::stats() const {
       {"qmp_protocol_errors", protocol_errors},
       {"libvirt", follower_ ? follower_->stats() : json{{"enabled", false}}},
       {"migrations", migration_stats()},
+      {"purge", purge_stats()},
       {"journal",
        {{"bytes", journal_->size_bytes()},
         {"records", journal_->records()},

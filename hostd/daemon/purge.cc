@@ -1,0 +1,239 @@
+// Virtblock purging: purge-policy, purge-status, purge-now, unpurge
+// (docs/specs/hostd-api.md; docs/design/virtblock-purging.md).  One
+// purge::Engine per NVDIMM backend with purge-agent set; its slow work
+// (attaching, purge-now, unpurge) runs on the NVDIMM's Worker so that the
+// loop keeps serving.  Not journaled: the table itself is the record, and
+// purge-policy attaches again after a restart of hostd or QEMU.
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "daemon.h"
+
+namespace kvmx {
+
+using nlohmann::json;
+
+namespace {
+
+std::string purge_key(const std::string& vm, const std::string& nvdimm) {
+  return vm + "/" + nvdimm;
+}
+
+json move_json(const purge::MoveResult& m) {
+  return json{{"blocks", m.blocks}, {"zero", m.zero}, {"skipped", m.skipped},
+              {"failed", m.failed}, {"bytes", m.bytes},
+              {"seconds", m.seconds}};
+}
+
+}  // namespace
+
+Result<void> Daemon::watch_purge_faults() {
+  purge_event_.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!purge_event_) return sys_error("purge", "eventfd");
+  return loop_.add(purge_event_.get(), EPOLLIN, [this](uint32_t) {
+    uint64_t n;
+    (void)!::read(purge_event_.get(), &n, sizeof(n));
+    std::vector<std::pair<std::string, std::string>> lost;
+    {
+      std::lock_guard g(purge_fatal_mu_);
+      lost.swap(purge_fatal_);
+    }
+    for (auto& [vm, what] : lost) {
+      // The thread waiting for the block stays blocked; stop the rest of
+      // the guest too, visibly, rather than let it run half-frozen.
+      log::error("Purged block lost; stopping the VM",
+                 {{"vm", vm}, {"error", what}});
+      if (server_)
+        server_->broadcast(json{{"event", "purge-failed"}, {"vm", vm},
+                                {"error", what}});
+      if (auto* q = dynamic_cast<vm::QmpVm*>(vms_->find(vm)))
+        q->execute("stop", json::object(), [](Result<json>) {});
+    }
+  });
+}
+
+void Daemon::op_purge_policy(const api::PurgePolicy& a, api::ReplyFn reply) {
+  vm::Vm* v = vms_->find(a.vm);
+  if (!v)
+    return reply(make_error(api::code::kVmNotFound,
+                            "no VM named '" + a.vm + "' is attached"));
+  auto* q = dynamic_cast<vm::QmpVm*>(v);
+  if (!q)
+    return reply(make_error(api::code::kInvalid,
+                            "purging needs a VM attached by its QMP socket"));
+  std::string key = purge_key(a.vm, a.nvdimm);
+  auto& slot = purges_[key];
+  if (!slot.worker) slot.worker = std::make_unique<Worker>(loop_);
+  purge::PolicyConfig base =
+      slot.engine ? slot.engine->policy() : purge::PolicyConfig{};
+  auto pol = purge::parse_policy(a.policy, base);
+  if (!pol) {
+    if (!slot.engine && !slot.worker->busy()) purges_.erase(key);
+    return reply(make_error(api::code::kInvalid, pol.error().message));
+  }
+  if (slot.engine) {
+    if (!slot.engine->alive()) {
+      // QEMU restarted or the block was lost: attach again below.
+      if (slot.worker->busy())
+        return reply(make_error(api::code::kPurgeBusy,
+                                "a purge request is running on " + key));
+      slot.engine.reset();
+    } else {
+      (void)slot.engine->set_policy(*pol);
+      return reply(slot.engine->status());
+    }
+  }
+  if (slot.worker->busy())
+    return reply(make_error(api::code::kPurgeBusy,
+                            "purging of " + key + " is starting"));
+  // Where QEMU's agent listens, and which file backs the NVDIMM.
+  std::string path = "/objects/" + a.nvdimm;
+  q->execute(
+      "qom-get", json{{"path", path}, {"property", "purge-agent"}},
+      [this, a, key, q, pol = *pol, reply](Result<json> agent) {
+        if (!agent || !agent->is_string() || agent->get<std::string>().empty()) {
+          purges_.erase(key);
+          return reply(make_error(
+              api::code::kPurgeNotEnabled,
+              "memory backend '" + a.nvdimm + "' of VM '" + a.vm +
+                  "' has no purge-agent" +
+                  (agent ? std::string() : ": " + agent.error().message)));
+        }
+        q->execute(
+            "qom-get",
+            json{{"path", "/objects/" + a.nvdimm}, {"property", "mem-path"}},
+            [this, a, key, pol, reply,
+             agent_path = agent->get<std::string>()](Result<json> mp) {
+              purge::EngineConfig c;
+              c.name = key;
+              c.agent_path = agent_path;
+              c.block_shift = a.block_shift;
+              c.probe_interval_ms = a.probe_interval_ms;
+              c.policy = pol;
+              std::string base;
+              std::string stem = a.vm + "-" + a.nvdimm;
+              if (!a.table_dir.empty())
+                base = a.table_dir + "/" + stem;
+              else if (mp && mp->is_string() && !mp->get<std::string>().empty())
+                base = mp->get<std::string>();  // beside the backend file
+              else
+                base = cfg_.state_dir + "/purge-" + stem;  // a memfd
+              c.vbt_path = base + ".vbt";
+              c.vbd_path = base + ".vbd";
+              start_purge_engine(key, a.vm, std::move(c), reply);
+            });
+      });
+}
+
+void Daemon::start_purge_engine(const std::string& key, const std::string& vm,
+                                purge::EngineConfig c, api::ReplyFn reply) {
+  auto it = purges_.find(key);
+  if (it == purges_.end()) return reply(make_error(api::code::kInternal,
+                                                   "purge slot vanished"));
+  auto result = std::make_shared<Result<std::unique_ptr<purge::Engine>>>(
+      make_error("purge-failed", "not started"));
+  auto fatal = [this, vm](const std::string& what) {
+    {
+      std::lock_guard g(purge_fatal_mu_);
+      if (purge_fatal_.size() < 64) purge_fatal_.emplace_back(vm, what);
+    }
+    uint64_t one = 1;
+    (void)!::write(purge_event_.get(), &one, sizeof(one));
+  };
+  log::info("Purging: attaching", {{"nvdimm", key}, {"agent", c.agent_path},
+                                   {"table", c.vbt_path}});
+  auto r = it->second.worker->run(
+      [result, c = std::move(c), fatal]() mutable {
+        *result = purge::Engine::start(std::move(c), fatal);
+      },
+      [this, key, result, reply] {
+        auto s = purges_.find(key);
+        if (s == purges_.end()) return;  // detached meanwhile
+        if (!*result) {
+          log::warn("Purging: attach failed",
+                    {{"nvdimm", key}, {"error", result->error().message}});
+          purges_.erase(s);
+          return reply(Error{api::code::kPurgeFailed,
+                             result->error().message, 0});
+        }
+        s->second.engine = std::move(**result);
+        reply(s->second.engine->status());
+      });
+  if (!r) {
+    purges_.erase(key);
+    reply(r.error());
+  }
+}
+
+void Daemon::op_purge_status(const api::PurgeStatus& a, api::ReplyFn reply) {
+  json items = json::array();
+  for (auto& [key, slot] : purges_) {
+    if (!slot.engine) continue;
+    if (!a.vm.empty() && key.rfind(a.vm + "/", 0) != 0) continue;
+    if (!a.nvdimm.empty() && key != purge_key(a.vm, a.nvdimm)) continue;
+    json s = slot.engine->status();
+    s["busy"] = slot.worker && slot.worker->busy();
+    items.push_back(std::move(s));
+  }
+  if (!a.nvdimm.empty() && items.empty())
+    return reply(make_error(api::code::kPurgeNotEnabled,
+                            "purging is not enabled on " +
+                                purge_key(a.vm, a.nvdimm)));
+  reply(json{{"nvdimms", std::move(items)}});
+}
+
+void Daemon::op_purge_move(bool purge, const std::string& vm,
+                           const std::string& nvdimm, uint64_t first,
+                           uint64_t count, bool ignore_idle,
+                           api::ReplyFn reply) {
+  std::string key = purge_key(vm, nvdimm);
+  auto it = purges_.find(key);
+  if (it == purges_.end() || !it->second.engine)
+    return reply(make_error(api::code::kPurgeNotEnabled,
+                            "purging is not enabled on " + key +
+                                " (purge-policy enables it)"));
+  auto& slot = it->second;
+  if (first >= slot.engine->block_count())
+    return reply(make_error(api::code::kInvalid,
+                            "'first' is past the last block (" +
+                                std::to_string(slot.engine->block_count() - 1) +
+                                ")"));
+  auto result = std::make_shared<Result<purge::MoveResult>>(purge::MoveResult{});
+  purge::Engine* e = slot.engine.get();
+  auto r = slot.worker->run(
+      [=] {
+        *result = purge ? e->purge_now(first, count, ignore_idle)
+                        : e->unpurge(first, count);
+      },
+      [result, reply] {
+        if (!*result)
+          return reply(Error{api::code::kPurgeFailed,
+                             result->error().message, 0});
+        reply(move_json(**result));
+      });
+  if (!r)
+    reply(make_error(api::code::kPurgeBusy,
+                     "a purge request is already running on " + key));
+}
+
+void Daemon::drop_purges(const std::string& vm) {
+  for (auto it = purges_.begin(); it != purges_.end();) {
+    if (it->first.rfind(vm + "/", 0) == 0)
+      it = purges_.erase(it);  // the worker waits for its job first
+    else
+      ++it;
+  }
+}
+
+json Daemon::purge_stats() const {
+  uint64_t running = 0, purged = 0;
+  for (auto& [key, slot] : purges_) {
+    if (!slot.engine) continue;
+    running++;
+    purged += slot.engine->status().value("purged", uint64_t{0});
+  }
+  return json{{"nvdimms", running}, {"purged-blocks", purged}};
+}
+
+}  // namespace kvmx

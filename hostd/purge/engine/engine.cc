@@ -1,0 +1,891 @@
+#include "purge/engine/engine.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "common/log.h"
+
+namespace kvmx::purge {
+
+using nlohmann::json;
+
+namespace {
+
+uint64_t mono_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+uint64_t mono_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool all_zero(const uint8_t* p, size_t n) {
+  // Word at a time: the buffers are 4 KiB-aligned and block-sized.
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
+  for (size_t i = 0; i < n / 8; i++)
+    if (w[i]) return false;
+  return true;
+}
+
+Result<void> write_all(int fd, const uint8_t* p, size_t n, uint64_t at) {
+  while (n) {
+    ssize_t w = pwrite(fd, p, n, static_cast<off_t>(at));
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) return sys_error("backend-write", "write to the backend");
+    if (w == 0) return make_error("backend-write", "backend write stalled");
+    p += w;
+    n -= static_cast<size_t>(w);
+    at += static_cast<uint64_t>(w);
+  }
+  return {};
+}
+
+}  // namespace
+
+uint64_t Engine::now_ms() const { return mono_ms(); }
+
+uint64_t Engine::len(uint64_t b) const {
+  uint64_t bs = block_size();
+  return std::min(bs, hello_.size - off(b));
+}
+
+Result<std::unique_ptr<Engine>> Engine::start(EngineConfig cfg,
+                                              FatalFn on_fatal) {
+  if (cfg.block_shift < 16 || cfg.block_shift > 30)
+    return make_error("bad-block-size",
+                      "block size must be a power of two from 64 KiB to 1 GiB");
+  if (cfg.batch_blocks == 0 || cfg.batch_blocks > 64)
+    return make_error("bad-batch", "batch must be 1..64 blocks");
+  std::unique_ptr<Engine> e(new Engine(std::move(cfg)));
+  e->on_fatal_ = std::move(on_fatal);
+  if (auto r = e->attach(); !r) return r.error();
+  Engine* raw = e.get();
+  e->fault_thread_ = std::thread([raw] { raw->fault_loop(); });
+  e->control_thread_ = std::thread([raw] { raw->control_loop(); });
+  return e;
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard g(mu_);
+    stop_ = true;
+    cv_.notify_all();
+  }
+  if (fault_thread_.joinable()) fault_thread_.join();
+  if (control_thread_.joinable()) control_thread_.join();
+  agent_.reset();  // joins the reader; no callback after this
+}
+
+Result<void> Engine::attach() {
+  auto a = AgentClient::connect(
+      cfg_.agent_path, &hello_,
+      [this](uint64_t offset, bool) { on_fault(offset); },
+      [this](const std::string& why) {
+        std::lock_guard g(mu_);
+        agent_lost_ = true;
+        agent_lost_why_ = why;
+        cv_.notify_all();
+      });
+  if (!a) return a.error();
+  agent_ = std::move(*a);
+  if (hello_.page_size > block_size())
+    return make_error("bad-block-size", "block size is below the page size");
+  nblocks_ = (hello_.size + block_size() - 1) >> cfg_.block_shift;
+  {
+    std::lock_guard g(mu_);
+    st_.assign(nblocks_, St::kResident);
+    cancelled_.assign(nblocks_, 0);
+    queued_.assign(nblocks_, 0);
+  }
+
+  RecoveryReport rep;
+  struct stat sb{};
+  bool exists = stat(cfg_.vbt_path.c_str(), &sb) == 0;
+  // An xattr ties a file backend to its table; a memfd has no name.
+  int xattr_fd = hello_.backend_fd.get();
+  {
+    char probe;
+    if (fgetxattr(xattr_fd, "user.kvmx.probe", &probe, 1) < 0 &&
+        errno == EOPNOTSUPP)
+      xattr_fd = -1;
+  }
+  if (exists) {
+    auto t = Table::open(cfg_.vbt_path, cfg_.vbd_path, xattr_fd, hello_.size,
+                         &rep);
+    if (!t) return t.error();
+    table_ = std::move(*t);
+    if (table_->block_shift() != cfg_.block_shift)
+      return make_error("size-mismatch",
+                        "the table at " + cfg_.vbt_path + " has blocks of " +
+                            std::to_string(table_->block_size()) +
+                            " bytes, not " + std::to_string(block_size()));
+  } else {
+    TableParams p;
+    p.vbt_path = cfg_.vbt_path;
+    p.vbd_path = cfg_.vbd_path;
+    p.block_shift = cfg_.block_shift;
+    p.backend_size = hello_.size;
+    p.disk_slots = cfg_.disk_slots ? cfg_.disk_slots : nblocks_;
+    p.journal_bytes = cfg_.journal_bytes;
+    auto t = Table::create(p, xattr_fd);
+    if (!t) return t.error();
+    table_ = std::move(*t);
+  }
+  vbd_fd_.reset(open(cfg_.vbd_path.c_str(), O_RDWR | O_CLOEXEC | O_DIRECT));
+  if (!vbd_fd_)
+    return sys_error("vbd-open", "open " + cfg_.vbd_path + " with O_DIRECT");
+  if (auto r = recover(rep); !r) return r;
+
+  auto pm = PagemapSource::open(agent_->peer_pid());
+  if (pm) {
+    pagemap_ = std::move(*pm);
+    tracker_ = std::make_unique<Tracker>(hello_.host_addr, nblocks_,
+                                         block_size(), hello_.page_size);
+  } else {
+    log::warn("purge: no access tracking",
+              {{"nvdimm", cfg_.name}, {"error", pm.error().message}});
+  }
+  policy_ = std::make_unique<Policy>(cfg_.policy, block_size());
+  return {};
+}
+
+bool Engine::fully_allocated(uint64_t b) const {
+  off_t start = static_cast<off_t>(hello_.fd_offset + off(b));
+  off_t hole = lseek(hello_.backend_fd.get(), start, SEEK_HOLE);
+  return hole >= 0 && static_cast<uint64_t>(hole) >= start + len(b);
+}
+
+// After a restart of hostd or QEMU.  A purged block whose range in the
+// backend is fully allocated was not punched yet, or was restored but not
+// committed: the backend holds its data (the same as the disk copy, or
+// newer), so it becomes resident.  Every other purged block goes behind a
+// placeholder and is punched; everything else is mapped back.
+Result<void> Engine::recover(const RecoveryReport& rep) {
+  if (!rep.bad_entries.empty())
+    return make_error("bad-entries",
+                      std::to_string(rep.bad_entries.size()) +
+                          " table entries fail their checksum (first: block " +
+                          std::to_string(rep.bad_entries.front()) + ")");
+  std::vector<uint64_t> purged, back;
+  Tx undo{TxType::Unpurge, {}};
+  for (uint64_t b : rep.purged) {
+    if (b >= nblocks_) continue;
+    if (fully_allocated(b)) {
+      Entry e = table_->entry(b);
+      undo.ops.push_back({b, Entry{BlockState::Resident, 0, 0, e.generation,
+                                   kNoSlot, 0}});
+    } else {
+      purged.push_back(b);
+    }
+  }
+  if (!undo.ops.empty()) {
+    std::vector<uint64_t> slots;
+    for (auto& op : undo.ops) slots.push_back(table_->entry(op.block).disk_slot);
+    if (auto r = table_->commit(std::move(undo)); !r) return r.error();
+    for (uint64_t s : slots)
+      if (s != kNoSlot) table_->release_slot(s);
+  }
+  std::sort(purged.begin(), purged.end());
+  if (auto r = agent_runs(AgentClient::kSwapOut, purged); !r) return r;
+  for (uint64_t b : purged) {
+    if (fallocate(hello_.backend_fd.get(),
+                  FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  static_cast<off_t>(hello_.fd_offset + off(b)),
+                  static_cast<off_t>(len(b))))
+      log::warn("purge: cannot punch a purged block",
+                {{"nvdimm", cfg_.name}, {"block", b},
+                 {"error", std::strerror(errno)}});
+  }
+  {
+    std::lock_guard g(mu_);
+    for (uint64_t b : purged) st_[b] = St::kPurged;
+    for (uint64_t b = 0; b < nblocks_; b++)
+      if (st_[b] == St::kResident) back.push_back(b);
+  }
+  if (auto r = agent_runs(AgentClient::kMapBack, back); !r) return r;
+  // Threads that waited for an earlier hostd fault again and are heard.
+  if (auto r = agent_->request(AgentClient::kWake, 0, hello_.size); !r)
+    return r.error();
+  log::info("purge: attached",
+            {{"nvdimm", cfg_.name}, {"blocks", nblocks_},
+             {"purged", purged.size()},
+             {"replayed", rep.commits_replayed},
+             {"moving-dropped", rep.moving_to_resident.size()}});
+  return {};
+}
+
+// One request per run of consecutive blocks.
+Result<void> Engine::agent_runs(AgentClient::Op op,
+                                const std::vector<uint64_t>& sorted) {
+  size_t i = 0;
+  while (i < sorted.size()) {
+    size_t j = i + 1;
+    while (j < sorted.size() && sorted[j] == sorted[j - 1] + 1) j++;
+    uint64_t first = sorted[i], last = sorted[j - 1];
+    uint64_t length = off(last) + len(last) - off(first);
+    if (auto r = agent_->request(op, off(first), length); !r) return r.error();
+    i = j;
+  }
+  return {};
+}
+
+void Engine::on_fault(uint64_t offset) {
+  if (offset >= hello_.size) return;
+  uint64_t b = offset >> cfg_.block_shift;
+  std::lock_guard g(mu_);
+  stats_.faults++;
+  if (queued_[b]) return;  // concurrent faults on a block: one restore
+  queued_[b] = 1;
+  faults_.push_back(b);  // at most one entry per block: bounded
+  cv_.notify_all();
+}
+
+void Engine::fault_loop() {
+  auto m = Mover::create(4);
+  if (!m) {
+    fatal(0, "no mover for fault-back: " + m.error().message);
+    return;
+  }
+  for (;;) {
+    uint64_t b;
+    {
+      std::unique_lock g(mu_);
+      cv_.wait(g, [&] { return stop_ || !faults_.empty(); });
+      if (stop_) return;
+      b = faults_.front();
+      faults_.pop_front();
+      queued_[b] = 0;
+    }
+    restore(b, **m, true);
+  }
+}
+
+void Engine::record_latency(uint64_t us) {
+  uint32_t v = static_cast<uint32_t>(std::min<uint64_t>(us, UINT32_MAX));
+  if (latencies_us_.size() < kLatencies)
+    latencies_us_.push_back(v);
+  else
+    latencies_us_[latency_next_] = v;
+  latency_next_ = (latency_next_ + 1) % kLatencies;
+}
+
+bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
+  uint64_t t0 = mono_us();
+  Entry e;
+  {
+    std::unique_lock g(mu_);
+    cv_.wait(g, [&] { return stop_ || st_[b] != St::kSealing; });
+    if (stop_) return false;
+    switch (st_[b]) {
+      case St::kPurged:
+        st_[b] = St::kRestoring;
+        break;
+      case St::kMoving:
+        // Not punched yet: the backend still has it; the purge drops it.
+        cancelled_[b] = 1;
+        stats_.cancels++;
+        [[fallthrough]];
+      case St::kResident: {
+        g.unlock();
+        // A hole hidden at QEMU's start, a cancel, or a stale fault.
+        auto r = agent_->request(AgentClient::kMapBack, off(b), len(b));
+        if (!r) {
+          std::lock_guard g2(mu_);
+          stats_.agent_errors++;
+        }
+        return r.ok();
+      }
+      case St::kRestoring:
+      case St::kLost:
+      case St::kSealing:
+        return false;  // another thread has it, or it is lost for good
+    }
+    e = table_->entry(b);
+  }
+
+  // Read the disk copy, check it, write it into the backend, make that
+  // durable, commit `resident`, and only then let anything see the range.
+  AlignedBuf buf(block_size());
+  if (!buf) {
+    fatal(b, "cannot allocate a block buffer");
+    return false;
+  }
+  uint64_t n = len(b);
+  if (e.flags & 1) {
+    std::memset(buf.data(), 0, n);
+  } else {
+    IoReq rq{vbd_fd_.get(), table_->slot_offset(e.disk_slot), buf.data(),
+             static_cast<uint32_t>(block_size()), false};
+    auto r = mover.run(std::span<IoReq>(&rq, 1));
+    if (!r || rq.result != static_cast<int64_t>(block_size())) {
+      {
+        std::lock_guard g(mu_);
+        stats_.io_errors++;
+      }
+      fatal(b, "cannot read its disk copy: " +
+                   (r ? std::string(std::strerror(
+                            rq.result < 0 ? static_cast<int>(-rq.result) : EIO))
+                      : r.error().message));
+      return false;
+    }
+  }
+  if (table_->data_crc(b, e.generation, buf.data(), n) != e.data_crc) {
+    {
+      std::lock_guard g(mu_);
+      stats_.checksum_errors++;
+    }
+    fatal(b, "its disk copy fails its checksum (changed behind hostd's back)");
+    return false;
+  }
+  int bfd = hello_.backend_fd.get();
+  uint64_t at = hello_.fd_offset + off(b);
+  if (fallocate(bfd, 0, static_cast<off_t>(at), static_cast<off_t>(n))) {
+    fatal(b, std::string("no space for it in the backend: ") +
+                 std::strerror(errno));
+    return false;
+  }
+  if (!(e.flags & 1)) {
+    if (auto r = write_all(bfd, buf.bytes(), n, at); !r) {
+      fatal(b, r.error().message);
+      return false;
+    }
+  }
+  if (fdatasync(bfd)) {
+    fatal(b, std::string("backend sync failed: ") + std::strerror(errno));
+    return false;
+  }
+  auto c = table_->commit(
+      Tx{TxType::FaultBackDone,
+         {{b, Entry{BlockState::Resident, 0, 0, e.generation, kNoSlot, 0}}}});
+  if (!c) {
+    // The backend has the data, durably and fully allocated: recovery takes
+    // it as resident.  The guest may have it; purging stops (table-broken).
+    std::lock_guard g(mu_);
+    stats_.commit_errors++;
+    log::error("purge: fault-back not committed",
+               {{"nvdimm", cfg_.name}, {"block", b},
+                {"error", c.error().message}});
+  }
+  auto m = agent_->request(AgentClient::kMapBack, off(b), n);
+  {
+    std::lock_guard g(mu_);
+    st_[b] = St::kResident;
+    if (!m) stats_.agent_errors++;
+    stats_.fault_backs++;
+    stats_.restored_bytes += n;
+    if (from_fault) record_latency(mono_us() - t0);
+    cv_.notify_all();
+  }
+  if (c && e.disk_slot != kNoSlot) table_->release_slot(e.disk_slot);
+  return m.ok();
+}
+
+void Engine::fatal(uint64_t b, const std::string& why) {
+  std::string what = "block " + std::to_string(b) + " of " + cfg_.name +
+                     " cannot be brought back: " + why;
+  bool first;
+  {
+    std::lock_guard g(mu_);
+    if (b < st_.size()) st_[b] = St::kLost;
+    first = !fatal_seen_;
+    fatal_seen_ = true;
+    if (first) fatal_what_ = what;
+    cv_.notify_all();
+  }
+  log::error("purge: block lost", {{"nvdimm", cfg_.name}, {"block", b},
+                                   {"error", why}});
+  if (first && on_fatal_) on_fatal_(what);
+}
+
+Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
+                                        Mover& mover) {
+  MoveResult total;
+  uint64_t t0 = mono_us();
+  for (size_t i = 0; i < blocks.size(); i += cfg_.batch_blocks) {
+    std::vector<uint64_t> batch(
+        blocks.begin() + i,
+        blocks.begin() + std::min(blocks.size(), i + cfg_.batch_blocks));
+    auto r = purge_batch(batch, mover);
+    if (!r) return r.error();
+    total.blocks += r->blocks;
+    total.zero += r->zero;
+    total.skipped += r->skipped;
+    total.failed += r->failed;
+    total.bytes += r->bytes;
+    std::lock_guard g(mu_);
+    if (stop_ || fatal_seen_ || agent_lost_) break;
+  }
+  total.seconds = (mono_us() - t0) / 1e6;
+  std::lock_guard g(mu_);
+  stats_.purge_seconds += total.seconds;
+  return total;
+}
+
+// One batch: swap out, read, write the disk copies, sync, commit, punch.
+// Until the commit a fault cancels the block (its data is still in the
+// backend); from the commit to the punch a fault waits (kSealing).
+Result<MoveResult> Engine::purge_batch(const std::vector<uint64_t>& blocks,
+                                       Mover& mover) {
+  MoveResult res;
+  struct Item {
+    uint64_t b;
+    uint64_t slot = kNoSlot;
+    Entry old;
+    AlignedBuf buf;
+    bool zero = false;
+    bool ok = true;
+  };
+  std::vector<Item> items;
+  {
+    std::lock_guard g(mu_);
+    for (uint64_t b : blocks) {
+      if (b >= nblocks_ || st_[b] != St::kResident) {
+        res.skipped++;
+        continue;
+      }
+      st_[b] = St::kMoving;
+      cancelled_[b] = 0;
+      items.emplace_back();
+      items.back().b = b;
+    }
+  }
+  auto back_to_resident = [&](Item& it, bool map_back) {
+    if (map_back) (void)agent_->request(AgentClient::kMapBack, off(it.b),
+                                        len(it.b));
+    if (it.slot != kNoSlot) table_->release_slot(it.slot);
+    it.slot = kNoSlot;
+    it.ok = false;
+    std::lock_guard g(mu_);
+    st_[it.b] = St::kResident;
+    cv_.notify_all();
+  };
+
+  // 1. Out of QEMU's reach; a slot each.
+  Error first_error{"", "", 0};
+  for (auto& it : items) {
+    it.old = table_->entry(it.b);
+    it.buf = AlignedBuf(block_size());
+    if (!it.buf) {
+      first_error = make_error("no-memory", "cannot allocate a block buffer");
+      back_to_resident(it, false);
+      continue;
+    }
+    auto s = table_->alloc_slot();
+    if (!s) {
+      std::lock_guard g(mu_);
+      stats_.disk_full++;
+      first_error = s.error();
+    } else {
+      it.slot = *s;
+    }
+    if (!s) {
+      back_to_resident(it, false);
+      continue;
+    }
+    if (auto r = agent_->request(AgentClient::kSwapOut, off(it.b), len(it.b));
+        !r) {
+      {
+        std::lock_guard g(mu_);
+        stats_.agent_errors++;
+      }
+      first_error = r.error();
+      back_to_resident(it, false);
+    }
+  }
+  // 2. Read the blocks from the backend (nothing can change them now).
+  std::vector<IoReq> reads;
+  for (auto& it : items)
+    if (it.ok)
+      reads.push_back(IoReq{hello_.backend_fd.get(),
+                            hello_.fd_offset + off(it.b), it.buf.data(),
+                            static_cast<uint32_t>(len(it.b)), false});
+  if (!reads.empty()) {
+    auto r = mover.run(reads);
+    size_t k = 0;
+    for (auto& it : items) {
+      if (!it.ok) continue;
+      IoReq& rq = reads[k++];
+      if (!r || rq.result != static_cast<int64_t>(len(it.b))) {
+        std::lock_guard g(mu_);
+        stats_.io_errors++;
+        first_error = make_error("backend-read", "cannot read the backend");
+        it.ok = false;
+      }
+    }
+    for (auto& it : items)
+      if (!it.ok && it.slot != kNoSlot) back_to_resident(it, true);
+  }
+  // 3. Disk copies, then one sync.
+  std::vector<IoReq> writes;
+  std::vector<Item*> written;
+  for (auto& it : items) {
+    if (!it.ok) continue;
+    uint64_t n = len(it.b);
+    if (n < block_size()) std::memset(it.buf.bytes() + n, 0, block_size() - n);
+    it.zero = all_zero(it.buf.bytes(), block_size());
+    if (it.zero) continue;
+    writes.push_back(IoReq{vbd_fd_.get(), table_->slot_offset(it.slot),
+                           it.buf.data(),
+                           static_cast<uint32_t>(block_size()), true});
+    written.push_back(&it);
+  }
+  if (!writes.empty()) {
+    auto r = mover.run(writes);
+    bool synced = r.ok() && fdatasync(vbd_fd_.get()) == 0;
+    for (size_t k = 0; k < writes.size(); k++) {
+      if (synced && writes[k].result == static_cast<int64_t>(block_size()))
+        continue;
+      {
+        std::lock_guard g(mu_);
+        stats_.io_errors++;
+      }
+      first_error = make_error(
+          "disk-write", std::string("cannot write the disk copy: ") +
+                            std::strerror(writes[k].result < 0
+                                              ? static_cast<int>(-writes[k].result)
+                                              : EIO));
+      back_to_resident(*written[k], true);
+    }
+  }
+  // 4. Commit the ones no fault cancelled.
+  Tx tx{TxType::PurgeDone, {}};
+  {
+    std::lock_guard g(mu_);
+    for (auto& it : items) {
+      if (!it.ok) continue;
+      if (cancelled_[it.b]) continue;
+      st_[it.b] = St::kSealing;
+      uint32_t crc = table_->data_crc(it.b, it.old.generation + 1,
+                                      it.buf.data(), len(it.b));
+      tx.ops.push_back(
+          {it.b, Entry{BlockState::Purged, static_cast<uint8_t>(it.zero),
+                       crc, it.old.generation + 1,
+                       it.zero ? kNoSlot : it.slot, 0}});
+    }
+  }
+  for (auto& it : items) {
+    bool cancelled;
+    {
+      std::lock_guard g(mu_);
+      cancelled = it.ok && cancelled_[it.b];
+    }
+    // The fault already mapped it back.
+    if (cancelled) back_to_resident(it, false);
+  }
+  if (!tx.ops.empty()) {
+    auto c = table_->commit(tx);
+    if (!c) {
+      {
+        std::lock_guard g(mu_);
+        stats_.commit_errors++;
+      }
+      first_error = c.error();
+      for (auto& it : items)
+        if (it.ok) back_to_resident(it, true);
+      tx.ops.clear();
+    }
+  }
+  // 5. Free the NVM space, then let faults in.
+  for (auto& it : items) {
+    if (!it.ok) continue;
+    if (it.zero && it.slot != kNoSlot) table_->release_slot(it.slot);
+    if (fallocate(hello_.backend_fd.get(),
+                  FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  static_cast<off_t>(hello_.fd_offset + off(it.b)),
+                  static_cast<off_t>(len(it.b))))
+      log::warn("purge: punch failed; the space stays allocated",
+                {{"nvdimm", cfg_.name}, {"block", it.b},
+                 {"error", std::strerror(errno)}});
+    res.blocks++;
+    res.bytes += len(it.b);
+    if (it.zero) res.zero++;
+  }
+  {
+    std::lock_guard g(mu_);
+    for (auto& it : items) {
+      if (!it.ok) {
+        res.failed++;
+        continue;
+      }
+      st_[it.b] = St::kPurged;
+      stats_.purged_blocks++;
+      stats_.purged_bytes += len(it.b);
+      if (it.zero) stats_.zero_blocks++;
+    }
+    cv_.notify_all();
+  }
+  if (res.blocks == 0 && !first_error.code.empty()) return first_error;
+  if (!first_error.code.empty())
+    log::warn("purge: some blocks stayed resident",
+              {{"nvdimm", cfg_.name}, {"failed", res.failed},
+               {"error", first_error.message}});
+  return res;
+}
+
+void Engine::probe_round() {
+  if (!tracker_ || !pagemap_) return;
+  std::vector<uint64_t> tracked;
+  {
+    std::lock_guard g(mu_);
+    for (uint64_t b = 0; b < nblocks_; b++)
+      if (st_[b] == St::kResident) tracked.push_back(b);
+  }
+  auto z = tracker_->probe(now_ms(), *pagemap_, tracked);
+  std::lock_guard g(mu_);
+  stats_.probe_rounds++;
+  if (!z) {
+    stats_.probe_errors++;
+    return;
+  }
+  std::vector<uint64_t> zap = std::move(*z);
+  mu_.unlock();
+  // Zap runs of blocks; a block swapped out meanwhile refuses (EBUSY) and
+  // is looked at again next round.
+  size_t i = 0;
+  uint64_t zapped = 0;
+  while (i < zap.size()) {
+    size_t j = i + 1;
+    while (j < zap.size() && zap[j] == zap[j - 1] + 1) j++;
+    uint64_t first = zap[i], last = zap[j - 1];
+    auto r = agent_->request(AgentClient::kZap, off(first),
+                             off(last) + len(last) - off(first));
+    if (r) {
+      zapped += j - i;
+    } else {
+      for (size_t k = i; k < j; k++) tracker_->reset(zap[k], now_ms());
+    }
+    i = j;
+  }
+  mu_.lock();
+  stats_.zapped_blocks += zapped;
+}
+
+void Engine::control_loop() {
+  auto m = Mover::create(16);
+  if (!m) {
+    fatal(0, "no mover: " + m.error().message);
+    return;
+  }
+  Mover& mover = **m;
+  uint64_t next_probe = now_ms();
+  for (;;) {
+    Command* cmd = nullptr;
+    {
+      std::unique_lock g(mu_);
+      cv_.wait_for(g, std::chrono::milliseconds(100), [&] {
+        return stop_ || !commands_.empty();
+      });
+      if (stop_) {
+        for (Command* c : commands_) {
+          *c->result = make_error("shutting-down", "purging stopped");
+          c->done = true;
+        }
+        commands_.clear();
+        cv_.notify_all();
+        return;
+      }
+      if (!commands_.empty()) {
+        cmd = commands_.front();
+        commands_.pop_front();
+      }
+    }
+    if (cmd) {
+      Result<MoveResult> r = MoveResult{};
+      uint64_t end = std::min(nblocks_, cmd->first + (cmd->count ? cmd->count
+                                                                 : nblocks_));
+      std::vector<uint64_t> sel;
+      uint64_t skipped = 0;
+      {
+        std::lock_guard g(mu_);
+        uint64_t now = now_ms();
+        for (uint64_t b = cmd->first; b < end; b++) {
+          St want = cmd->purge ? St::kResident : St::kPurged;
+          if (st_[b] != want) continue;
+          if (cmd->purge && !cmd->ignore_idle && tracker_) {
+            uint64_t last = tracker_->last_access_ms(b);
+            if (last == Tracker::kNeverSeen ||
+                now - std::min(now, last) < policy_->config().min_idle_ms) {
+              skipped++;
+              continue;
+            }
+          }
+          sel.push_back(b);
+        }
+      }
+      if (cmd->purge) {
+        r = purge_blocks(sel, mover);
+      } else {
+        MoveResult mr;
+        uint64_t t0 = mono_us();
+        for (uint64_t b : sel) {
+          if (restore(b, mover, false)) {
+            mr.blocks++;
+            mr.bytes += len(b);
+          } else {
+            mr.failed++;
+          }
+        }
+        mr.seconds = (mono_us() - t0) / 1e6;
+        r = mr;
+      }
+      if (r) r->skipped += skipped;
+      std::lock_guard g(mu_);
+      *cmd->result = std::move(r);
+      cmd->done = true;
+      cv_.notify_all();
+      continue;
+    }
+    if (now_ms() < next_probe) continue;
+    next_probe = now_ms() + cfg_.probe_interval_ms;
+    probe_round();
+    // The policy's own purges.
+    std::vector<uint64_t> chosen;
+    {
+      std::lock_guard g(mu_);
+      if (fatal_seen_ || agent_lost_ || !policy_->config().enabled) continue;
+      std::vector<BlockView> views(nblocks_);
+      for (uint64_t b = 0; b < nblocks_; b++) {
+        uint8_t s = st_[b] == St::kResident ? kBlockResident
+                    : st_[b] == St::kMoving || st_[b] == St::kSealing
+                        ? kBlockMoving
+                        : kBlockPurged;
+        views[b] = BlockView{s, tracker_ ? tracker_->last_access_ms(b)
+                                         : Tracker::kNeverSeen,
+                             false};
+      }
+      chosen = policy_->choose(now_ms(), views);
+    }
+    if (!chosen.empty()) {
+      auto r = purge_blocks(chosen, mover);
+      std::lock_guard g(mu_);
+      if (r) stats_.policy_purges += r->blocks;
+    }
+  }
+}
+
+Result<MoveResult> Engine::purge_now(uint64_t first, uint64_t count,
+                                     bool ignore_idle) {
+  if (first >= nblocks_)
+    return make_error("bad-range", "first block " + std::to_string(first) +
+                                       " is past the last block " +
+                                       std::to_string(nblocks_ - 1));
+  Result<MoveResult> result = MoveResult{};
+  Command c{true, first, count, ignore_idle, &result};
+  std::unique_lock g(mu_);
+  if (fatal_seen_) return make_error("purge-broken", fatal_what_);
+  if (agent_lost_) return make_error("agent-closed", agent_lost_why_);
+  if (commands_.size() >= 16)
+    return make_error("busy", "too many purge requests queued");
+  commands_.push_back(&c);
+  cv_.notify_all();
+  cv_.wait(g, [&] { return c.done; });
+  return result;
+}
+
+Result<MoveResult> Engine::unpurge(uint64_t first, uint64_t count) {
+  if (first >= nblocks_)
+    return make_error("bad-range", "first block " + std::to_string(first) +
+                                       " is past the last block " +
+                                       std::to_string(nblocks_ - 1));
+  Result<MoveResult> result = MoveResult{};
+  Command c{false, first, count, false, &result};
+  std::unique_lock g(mu_);
+  if (agent_lost_) return make_error("agent-closed", agent_lost_why_);
+  if (commands_.size() >= 16)
+    return make_error("busy", "too many purge requests queued");
+  commands_.push_back(&c);
+  cv_.notify_all();
+  cv_.wait(g, [&] { return c.done; });
+  return result;
+}
+
+Result<void> Engine::set_policy(const PolicyConfig& p) {
+  std::lock_guard g(mu_);
+  policy_->set_config(p);
+  return {};
+}
+
+PolicyConfig Engine::policy() const {
+  std::lock_guard g(mu_);
+  return policy_->config();
+}
+
+bool Engine::alive() const {
+  std::lock_guard g(mu_);
+  return !agent_lost_ && !fatal_seen_;
+}
+
+json Engine::status() const {
+  std::lock_guard g(mu_);
+  uint64_t counts[6] = {};
+  for (St s : st_) counts[static_cast<int>(s)]++;
+  std::vector<uint32_t> lat = latencies_us_;
+  std::sort(lat.begin(), lat.end());
+  auto pct = [&](double p) -> json {
+    if (lat.empty()) return nullptr;
+    return lat[std::min(lat.size() - 1,
+                        static_cast<size_t>(p * (lat.size() - 1) + 0.5))];
+  };
+  struct stat sb{};
+  json allocated = nullptr;
+  if (fstat(hello_.backend_fd.get(), &sb) == 0)
+    allocated = static_cast<uint64_t>(sb.st_blocks) * 512;
+  auto ts = table_->stats();
+  return json{
+      {"nvdimm", cfg_.name},
+      {"state", fatal_seen_  ? "failed"
+                : agent_lost_ ? "disconnected"
+                              : "running"},
+      {"error", fatal_seen_ ? json(fatal_what_)
+                : agent_lost_ ? json(agent_lost_why_)
+                              : json(nullptr)},
+      {"block-size", block_size()},
+      {"blocks", nblocks_},
+      {"resident", counts[static_cast<int>(St::kResident)]},
+      {"moving", counts[static_cast<int>(St::kMoving)] +
+                     counts[static_cast<int>(St::kSealing)] +
+                     counts[static_cast<int>(St::kRestoring)]},
+      {"purged", counts[static_cast<int>(St::kPurged)]},
+      {"lost", counts[static_cast<int>(St::kLost)]},
+      {"bytes-saved", counts[static_cast<int>(St::kPurged)] * block_size()},
+      {"backend-allocated", allocated},
+      {"faults", stats_.faults},
+      {"fault-backs", stats_.fault_backs},
+      {"cancels", stats_.cancels},
+      {"fault-latency-us", {{"p50", pct(0.5)}, {"p99", pct(0.99)},
+                            {"samples", lat.size()}}},
+      {"purged-total", stats_.purged_blocks},
+      {"zero-blocks", stats_.zero_blocks},
+      {"purged-bytes", stats_.purged_bytes},
+      {"restored-bytes", stats_.restored_bytes},
+      {"purge-seconds", stats_.purge_seconds},
+      {"policy-purges", stats_.policy_purges},
+      {"errors", {{"disk-full", stats_.disk_full},
+                  {"io", stats_.io_errors},
+                  {"checksum", stats_.checksum_errors},
+                  {"commit", stats_.commit_errors},
+                  {"agent", stats_.agent_errors},
+                  {"probe", stats_.probe_errors}}},
+      {"tracking", {{"enabled", tracker_ != nullptr},
+                    {"rounds", stats_.probe_rounds},
+                    {"zapped", stats_.zapped_blocks},
+                    {"interval-ms", cfg_.probe_interval_ms}}},
+      {"journal", {{"commits", ts.commits}, {"transactions", ts.txs},
+                   {"syncs", ts.syncs}, {"checkpoints", ts.checkpoints}}},
+      {"policy", to_json(policy_->config())},
+      {"table", cfg_.vbt_path},
+      {"disk", cfg_.vbd_path}};
+}
+
+}  // namespace kvmx::purge

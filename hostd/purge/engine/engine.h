@@ -1,0 +1,159 @@
+// Virtblock purging of one NVDIMM backend (docs/design/virtblock-purging.md):
+// the state machine that moves blocks between the backend and the disk
+// file, on top of the table (journal), the mover (io_uring), the policy,
+// access tracking and QEMU's purge agent.
+//
+// Threads: the agent client's reader (faults in), one fault-back worker,
+// and one control thread (probe rounds, the policy, purge-now, unpurge).
+// None of them ever waits for QEMU's BQL.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/fd.h"
+#include "common/result.h"
+#include "purge/engine/agent_client.h"
+#include "purge/mover/mover.h"
+#include "purge/policy/policy.h"
+#include "purge/table/table.h"
+#include "purge/tracking/tracking.h"
+
+namespace kvmx::purge {
+
+struct EngineConfig {
+  std::string name;        // for logs and status ("vm/backend")
+  std::string agent_path;  // QEMU's purge-agent socket
+  std::string vbt_path;    // the table; created when missing
+  std::string vbd_path;    // the disk copies
+  uint32_t block_shift = 21;
+  uint64_t disk_slots = 0;           // 0: one per block
+  uint64_t journal_bytes = 4 << 20;
+  uint64_t probe_interval_ms = 1000;
+  unsigned batch_blocks = 8;         // blocks per purge batch
+  PolicyConfig policy;
+};
+
+// What purge-now and unpurge did.
+struct MoveResult {
+  uint64_t blocks = 0;     // moved (purged, or brought back)
+  uint64_t zero = 0;       // purged without a disk copy (all zeros)
+  uint64_t skipped = 0;    // not eligible (hot, busy, already there)
+  uint64_t failed = 0;     // an error stopped them; see status()
+  uint64_t bytes = 0;
+  double seconds = 0;
+};
+
+class Engine {
+ public:
+  // Called once, from an engine thread, when a block cannot be brought
+  // back (checksum, I/O error, no space in the backend): the thread that
+  // waits for it stays blocked; the caller should stop the VM.
+  using FatalFn = std::function<void(const std::string& what)>;
+
+  // Connects to the agent, opens (recovers) or creates the table, puts
+  // every purged block behind a placeholder and maps the rest back, then
+  // starts the threads.  Blocking: call it off the event loop.
+  static Result<std::unique_ptr<Engine>> start(EngineConfig cfg,
+                                               FatalFn on_fatal);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  nlohmann::json status() const;
+  Result<void> set_policy(const PolicyConfig& p);
+  PolicyConfig policy() const;
+  // Purges now: the blocks in [first, first + count) (count 0: every
+  // block) that are resident and, unless `ignore_idle`, idle for the
+  // policy's min-idle-ms.  Waits until done.
+  Result<MoveResult> purge_now(uint64_t first, uint64_t count,
+                               bool ignore_idle);
+  // Brings back every purged block in [first, first + count).
+  Result<MoveResult> unpurge(uint64_t first, uint64_t count);
+  bool alive() const;  // the agent connection is up and nothing fatal
+  uint64_t block_size() const { return uint64_t{1} << cfg_.block_shift; }
+  uint64_t block_count() const { return nblocks_; }
+
+ private:
+  enum class St : uint8_t { kResident, kMoving, kSealing, kPurged,
+                            kRestoring, kLost };
+  explicit Engine(EngineConfig cfg) : cfg_(std::move(cfg)) {}
+  Result<void> attach();
+  Result<void> recover(const RecoveryReport& rep);
+  void fault_loop();
+  void control_loop();
+  void on_fault(uint64_t offset);
+  // The block is back in QEMU's mapping when it returns true.
+  bool restore(uint64_t b, Mover& mover, bool from_fault);
+  Result<MoveResult> purge_blocks(const std::vector<uint64_t>& blocks,
+                                  Mover& mover);
+  Result<MoveResult> purge_batch(const std::vector<uint64_t>& blocks,
+                                 Mover& mover);
+  void probe_round();
+  void fatal(uint64_t b, const std::string& why);
+  uint64_t now_ms() const;
+  Result<void> agent_runs(AgentClient::Op op,
+                          const std::vector<uint64_t>& sorted_blocks);
+  uint64_t off(uint64_t b) const { return b << cfg_.block_shift; }
+  uint64_t len(uint64_t b) const;
+  bool fully_allocated(uint64_t b) const;
+  void record_latency(uint64_t us);
+
+  EngineConfig cfg_;
+  uint64_t nblocks_ = 0;
+  AgentHello hello_;
+  std::unique_ptr<AgentClient> agent_;
+  std::unique_ptr<Table> table_;
+  UniqueFd vbd_fd_;  // O_DIRECT
+  std::unique_ptr<PagemapSource> pagemap_;
+  std::unique_ptr<Tracker> tracker_;  // control thread (and restore: touch)
+  std::unique_ptr<Policy> policy_;    // under mu_
+  FatalFn on_fatal_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;        // block state changes, queue items
+  std::vector<St> st_;                // under mu_
+  std::vector<uint8_t> cancelled_;    // under mu_: faulted while moving
+  std::deque<uint64_t> faults_;       // blocks to bring back, deduplicated
+  std::vector<uint8_t> queued_;       // under mu_: block is in faults_
+  struct Command {
+    bool purge;
+    uint64_t first, count;
+    bool ignore_idle;
+    Result<MoveResult>* result;
+    bool done = false;
+  };
+  std::deque<Command*> commands_;     // under mu_
+  bool stop_ = false;
+  bool fatal_seen_ = false;
+  std::string fatal_what_;
+  bool agent_lost_ = false;
+  std::string agent_lost_why_;
+
+  // Statistics, under mu_.
+  struct Stats {
+    uint64_t faults = 0, fault_backs = 0, cancels = 0, purged_blocks = 0,
+             zero_blocks = 0, purged_bytes = 0, restored_bytes = 0,
+             disk_full = 0, io_errors = 0, checksum_errors = 0,
+             commit_errors = 0, agent_errors = 0, probe_rounds = 0,
+             probe_errors = 0, zapped_blocks = 0, policy_purges = 0;
+    double purge_seconds = 0;
+  } stats_;
+  std::vector<uint32_t> latencies_us_;  // ring of the last kLatencies
+  size_t latency_next_ = 0;
+  static constexpr size_t kLatencies = 4096;
+
+  std::thread fault_thread_;
+  std::thread control_thread_;
+};
+
+}  // namespace kvmx::purge

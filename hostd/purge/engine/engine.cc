@@ -160,6 +160,13 @@ Result<void> Engine::attach() {
   return {};
 }
 
+bool Engine::has_data(uint64_t b) const {
+  off_t start = static_cast<off_t>(hello_.fd_offset + off(b));
+  off_t data = lseek(hello_.backend_fd.get(), start, SEEK_DATA);
+  // ENXIO: no data from here to the end of the file.
+  return data >= 0 && static_cast<uint64_t>(data) < start + len(b);
+}
+
 bool Engine::fully_allocated(uint64_t b) const {
   off_t start = static_cast<off_t>(hello_.fd_offset + off(b));
   off_t hole = lseek(hello_.backend_fd.get(), start, SEEK_HOLE);
@@ -172,11 +179,7 @@ bool Engine::fully_allocated(uint64_t b) const {
 // newer), so it becomes resident.  Every other purged block goes behind a
 // placeholder and is punched; everything else is mapped back.
 Result<void> Engine::recover(const RecoveryReport& rep) {
-  if (!rep.bad_entries.empty())
-    return make_error("bad-entries",
-                      std::to_string(rep.bad_entries.size()) +
-                          " table entries fail their checksum (first: block " +
-                          std::to_string(rep.bad_entries.front()) + ")");
+  // (Entries that fail their checksum make Table::open fail: bad-entries.)
   std::vector<uint64_t> purged, back;
   Tx undo{TxType::Unpurge, {}};
   for (uint64_t b : rep.purged) {
@@ -189,10 +192,15 @@ Result<void> Engine::recover(const RecoveryReport& rep) {
       purged.push_back(b);
     }
   }
-  if (!undo.ops.empty()) {
+  // In slices: one transaction may touch only so many table pages.
+  for (size_t i = 0; i < undo.ops.size(); i += 32) {
+    Tx part{TxType::Unpurge, {}};
     std::vector<uint64_t> slots;
-    for (auto& op : undo.ops) slots.push_back(table_->entry(op.block).disk_slot);
-    if (auto r = table_->commit(std::move(undo)); !r) return r.error();
+    for (size_t k = i; k < std::min(undo.ops.size(), i + 32); k++) {
+      part.ops.push_back(undo.ops[k]);
+      slots.push_back(table_->entry(undo.ops[k].block).disk_slot);
+    }
+    if (auto r = table_->commit(std::move(part)); !r) return r.error();
     for (uint64_t s : slots)
       if (s != kNoSlot) table_->release_slot(s);
   }
@@ -712,6 +720,7 @@ void Engine::control_loop() {
         for (uint64_t b = cmd->first; b < end; b++) {
           St want = cmd->purge ? St::kResident : St::kPurged;
           if (st_[b] != want) continue;
+          if (cmd->purge && !has_data(b)) continue;  // a hole: nothing to free
           if (cmd->purge && !cmd->ignore_idle && tracker_) {
             uint64_t last = tracker_->last_access_ms(b);
             if (last == Tracker::kNeverSeen ||
@@ -766,6 +775,8 @@ void Engine::control_loop() {
       }
       chosen = policy_->choose(now_ms(), views);
     }
+    // A hole frees nothing; the policy sees it again next round.
+    std::erase_if(chosen, [&](uint64_t b) { return !has_data(b); });
     if (!chosen.empty()) {
       auto r = purge_blocks(chosen, mover);
       std::lock_guard g(mu_);

@@ -106,6 +106,7 @@ class Engine {
   uint64_t off(uint64_t b) const { return b << cfg_.block_shift; }
   uint64_t len(uint64_t b) const;
   bool fully_allocated(uint64_t b) const;
+  bool has_data(uint64_t b) const;
   void record_latency(uint64_t us);
 
   EngineConfig cfg_;

@@ -106,6 +106,7 @@ Result<void> Engine::attach() {
     std::lock_guard g(mu_);
     st_.assign(nblocks_, St::kResident);
     cancelled_.assign(nblocks_, 0);
+    pending_.assign(nblocks_, 0);
     queued_.assign(nblocks_, 0);
   }
 
@@ -363,40 +364,61 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
                  std::strerror(errno));
     return false;
   }
-  if (!(e.flags & 1)) {
-    if (auto r = write_all(bfd, buf.bytes(), n, at); !r) {
-      fatal(b, r.error().message);
-      return false;
-    }
-  }
-  if (fdatasync(bfd)) {
-    fatal(b, std::string("backend sync failed: ") + std::strerror(errno));
+  // Zeros too: the range must read as data, not as unwritten extents, to
+  // a recovery that runs while QEMU still holds it (see below).
+  if (auto r = write_all(bfd, buf.bytes(), n, at); !r) {
+    fatal(b, r.error().message);
     return false;
   }
-  auto c = table_->commit(
-      Tx{TxType::FaultBackDone,
-         {{b, Entry{BlockState::Resident, 0, 0, e.generation, kNoSlot, 0}}}});
-  if (!c) {
-    // The backend has the data, durably and fully allocated: recovery takes
-    // it as resident.  The guest may have it; purging stops (table-broken).
-    std::lock_guard g(mu_);
-    stats_.commit_errors++;
-    log::error("purge: fault-back not committed",
-               {{"nvdimm", cfg_.name}, {"block", b},
-                {"error", c.error().message}});
-  }
+  // `resident` is committed later, in a batch (flush_residents): until then
+  // recovery finds the range fully allocated only once the data is on
+  // disk (written back, or synced by a guest flush), and takes the backend
+  // as it is; a range still partly unwritten is a purged block again, read
+  // from its disk copy, which is what the guest saw at the fault.
   auto m = agent_->request(AgentClient::kMapBack, off(b), n);
   {
     std::lock_guard g(mu_);
     st_[b] = St::kResident;
+    pending_[b] = 1;
+    pending_residents_.push_back({b, e.generation, e.disk_slot});
     if (!m) stats_.agent_errors++;
     stats_.fault_backs++;
     stats_.restored_bytes += n;
     if (from_fault) record_latency(mono_us() - t0);
     cv_.notify_all();
   }
-  if (c && e.disk_slot != kNoSlot) table_->release_slot(e.disk_slot);
   return m.ok();
+}
+
+// Commits `resident` for the blocks brought back since the last call and
+// frees their disk slots.
+void Engine::flush_residents() {
+  std::vector<PendingResident> todo;
+  {
+    std::lock_guard g(mu_);
+    todo.swap(pending_residents_);
+  }
+  for (size_t i = 0; i < todo.size(); i += 32) {
+    Tx tx{TxType::FaultBackDone, {}};
+    size_t end = std::min(todo.size(), i + 32);
+    for (size_t k = i; k < end; k++)
+      tx.ops.push_back({todo[k].block,
+                        Entry{BlockState::Resident, 0, 0, todo[k].generation,
+                              kNoSlot, 0}});
+    auto c = table_->commit(std::move(tx));
+    std::lock_guard g(mu_);
+    if (!c) {
+      // The blocks stay as they are on disk: purged with a durable copy
+      // (their slots stay taken) or fully allocated in the backend.
+      stats_.commit_errors++;
+      log::error("purge: fault-backs not committed",
+                 {{"nvdimm", cfg_.name}, {"error", c.error().message}});
+    }
+    for (size_t k = i; k < end; k++) {
+      pending_[todo[k].block] = 0;
+      if (c && todo[k].slot != kNoSlot) table_->release_slot(todo[k].slot);
+    }
+  }
 }
 
 void Engine::fatal(uint64_t b, const std::string& why) {
@@ -458,7 +480,7 @@ Result<MoveResult> Engine::purge_batch(const std::vector<uint64_t>& blocks,
   {
     std::lock_guard g(mu_);
     for (uint64_t b : blocks) {
-      if (b >= nblocks_ || st_[b] != St::kResident) {
+      if (b >= nblocks_ || st_[b] != St::kResident || pending_[b]) {
         res.skipped++;
         continue;
       }
@@ -689,12 +711,16 @@ void Engine::control_loop() {
   uint64_t next_probe = now_ms();
   for (;;) {
     Command* cmd = nullptr;
+    flush_residents();
     {
       std::unique_lock g(mu_);
       cv_.wait_for(g, std::chrono::milliseconds(100), [&] {
-        return stop_ || !commands_.empty();
+        return stop_ || !commands_.empty() || !pending_residents_.empty();
       });
       if (stop_) {
+        g.unlock();
+        flush_residents();
+        g.lock();
         for (Command* c : commands_) {
           *c->result = make_error("shutting-down", "purging stopped");
           c->done = true;

@@ -90,6 +90,7 @@ class Engine {
   Result<void> attach();
   Result<void> recover(const RecoveryReport& rep);
   void fault_loop();
+  void flush_residents();
   void control_loop();
   void on_fault(uint64_t offset);
   // The block is back in QEMU's mapping when it returns true.
@@ -125,6 +126,11 @@ class Engine {
   std::vector<St> st_;                // under mu_
   std::vector<uint8_t> cancelled_;    // under mu_: faulted while moving
   std::deque<uint64_t> faults_;       // blocks to bring back, deduplicated
+  struct PendingResident {
+    uint64_t block, generation, slot;
+  };
+  std::vector<PendingResident> pending_residents_;  // under mu_
+  std::vector<uint8_t> pending_;      // under mu_: in pending_residents_
   std::vector<uint8_t> queued_;       // under mu_: block is in faults_
   struct Command {
     bool purge;

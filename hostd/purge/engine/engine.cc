@@ -626,11 +626,15 @@ Result<MoveResult> Engine::purge_batch(const std::vector<uint64_t>& blocks,
       tx.ops.clear();
     }
   }
-  // 5. Free the NVM space, then let faults in.
+  // 5. Free the NVM space, then let faults in.  Not once QEMU is gone: a
+  // new QEMU may already map the file, where only a hole hidden at its
+  // start is safe to punch; the range stays allocated and the next attach
+  // takes it as resident (recover()).
+  bool qemu_there = agent_->connected();
   for (auto& it : items) {
     if (!it.ok) continue;
     if (it.zero && it.slot != kNoSlot) table_->release_slot(it.slot);
-    if (fallocate(hello_.backend_fd.get(),
+    if (qemu_there && fallocate(hello_.backend_fd.get(),
                   FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                   static_cast<off_t>(hello_.fd_offset + off(it.b)),
                   static_cast<off_t>(len(it.b))))

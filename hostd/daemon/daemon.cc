@@ -123,6 +123,7 @@ Result<void> Daemon::start() {
              {"violations", store_.size()},
              {"libvirt", cfg_.libvirt_uri.empty() ? "off" : cfg_.libvirt_uri}});
   register_journal_vms();
+  start_journal_purges();
   if (follower_) follower_->start();
   return {};
 }
@@ -340,6 +341,7 @@ void Daemon::replay(const json& rec) {
     attaching_.erase(*name);
     quarantined_.erase(*name);
     if (type == "detach") {
+      forget_purge_configs(*name);
       journal_vms_.erase(*name);
       journal_domains_.erase(*name);
       skipped_vms_.erase(*name);
@@ -367,6 +369,10 @@ void Daemon::replay(const json& rec) {
     return;
   }
   if (type == "header") return;  // a copy (file appended to itself)
+  if (type == "purge" || type == "purge-off") {
+    if (!replay_purge(rec)) stats_.replay_bad_records++;
+    return;
+  }
   auto r = store_.replay(rec);
   if (!r) {
     stats_.replay_bad_records++;
@@ -629,6 +635,7 @@ std::vector<json> Daemon::registration_records() const {
                                           ? "crash" : "interrupted-attach"}});
   for (const auto& name : attaching_)
     records.push_back(json{{"t", "attaching"}, {"vm", name}});
+  for (const auto& [key, rec] : purge_configs_) records.push_back(rec);
   for (const auto& [name, v] : vms_->all()) {
     if (!v->persisted) continue;
     if (auto* q = dynamic_cast<const vm::QmpVm*>(v.get())) {

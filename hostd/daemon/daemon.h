@@ -177,6 +177,16 @@ class Daemon {
                      const std::string& nvdimm, uint64_t first,
                      uint64_t count, bool ignore_idle, api::ReplyFn reply);
   void drop_purges(const std::string& vm);
+  // Journaled purge configurations ({"t":"purge"} records): an engine
+  // starts again from them without QMP, which a QEMU whose main thread
+  // waits on a purged block cannot answer.
+  bool replay_purge(const nlohmann::json& rec);
+  void forget_purge_configs(const std::string& vm);
+  void start_journal_purges();
+  void journal_purge_config(const std::string& key,
+                            const purge::EngineConfig& c,
+                            const purge::PolicyConfig& p);
+  std::map<std::string, nlohmann::json> purge_configs_;  // "vm/nvdimm"
   nlohmann::json purge_stats() const;
 
   EventLoop& loop_;

@@ -7,6 +7,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "common/json_util.h"
 #include "common/log.h"
 #include "daemon.h"
 
@@ -26,7 +27,97 @@ json move_json(const purge::MoveResult& m) {
               {"seconds", m.seconds}};
 }
 
+// The engine configuration of a {"t":"purge"} record, validated as the API
+// validates the same fields.
+std::optional<purge::EngineConfig> config_of(const json& rec) {
+  auto vm = json_string(rec, "vm"), nv = json_string(rec, "nvdimm"),
+       agent = json_string(rec, "agent"), vbt = json_string(rec, "vbt"),
+       vbd = json_string(rec, "vbd");
+  if (!vm || !nv || !agent || !vbt || !vbd || !api::valid_vm_name(*vm) ||
+      nv->empty() || nv->size() > api::kMaxBackendId ||
+      !api::valid_file_path(*agent) || !api::valid_file_path(*vbt) ||
+      !api::valid_file_path(*vbd))
+    return std::nullopt;
+  auto shift = rec.find("block_shift");
+  auto probe = rec.find("probe_interval_ms");
+  if (shift == rec.end() || !shift->is_number_unsigned() ||
+      shift->get<uint64_t>() < 16 || shift->get<uint64_t>() > 30 ||
+      probe == rec.end() || !probe->is_number_unsigned() ||
+      probe->get<uint64_t>() < api::kMinIntervalMs ||
+      probe->get<uint64_t>() > api::kMaxIntervalMs)
+    return std::nullopt;
+  purge::EngineConfig c;
+  c.name = *vm + "/" + *nv;
+  c.agent_path = *agent;
+  c.vbt_path = *vbt;
+  c.vbd_path = *vbd;
+  c.block_shift = static_cast<uint32_t>(shift->get<uint64_t>());
+  c.probe_interval_ms = probe->get<uint64_t>();
+  if (auto p = rec.find("policy"); p != rec.end() && p->is_object()) {
+    auto pol = purge::parse_policy(*p, purge::PolicyConfig{});
+    if (!pol) return std::nullopt;
+    c.policy = *pol;
+  }
+  return c;
+}
+
 }  // namespace
+
+bool Daemon::replay_purge(const json& rec) {
+  auto vm = json_string(rec, "vm"), nv = json_string(rec, "nvdimm");
+  if (!vm || !nv) return false;
+  std::string key = purge_key(*vm, *nv);
+  if (json_string(rec, "t").value_or("") == "purge-off") {
+    purge_configs_.erase(key);
+    return true;
+  }
+  if (!config_of(rec)) return false;
+  purge_configs_[key] = rec;
+  return true;
+}
+
+void Daemon::forget_purge_configs(const std::string& vm) {
+  for (auto it = purge_configs_.begin(); it != purge_configs_.end();)
+    it = it->first.rfind(vm + "/", 0) == 0 ? purge_configs_.erase(it)
+                                           : std::next(it);
+}
+
+void Daemon::journal_purge_config(const std::string& key,
+                                  const purge::EngineConfig& c,
+                                  const purge::PolicyConfig& p) {
+  auto slash = key.find('/');
+  json rec = {{"t", "purge"},
+              {"vm", key.substr(0, slash)},
+              {"nvdimm", key.substr(slash + 1)},
+              {"agent", c.agent_path},
+              {"vbt", c.vbt_path},
+              {"vbd", c.vbd_path},
+              {"block_shift", c.block_shift},
+              {"probe_interval_ms", c.probe_interval_ms},
+              {"policy", purge::to_json(p)}};
+  if (purge_configs_.count(key) && purge_configs_[key] == rec) return;
+  purge_configs_[key] = rec;
+  // Not fatal: without the record, a restarted hostd needs purge-policy
+  // (and QMP) to attach the NVDIMM again.
+  (void)journal_now(rec);
+}
+
+// At start-up, for the VMs in the journal: purging goes on where it was,
+// before QMP is even up.
+void Daemon::start_journal_purges() {
+  for (const auto& [key, rec] : purge_configs_) {
+    auto c = config_of(rec);
+    std::string vm = key.substr(0, key.find('/'));
+    if (!c || !vms_->find(vm)) continue;
+    auto& slot = purges_[key];
+    slot.worker = std::make_unique<Worker>(loop_);
+    start_purge_engine(key, vm, std::move(*c), [key](const Result<json>& r) {
+      if (!r)
+        log::warn("Purging not resumed", {{"nvdimm", key},
+                                          {"error", r.error().message}});
+    });
+  }
+}
 
 Result<void> Daemon::watch_purge_faults() {
   purge_event_.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
@@ -81,17 +172,31 @@ void Daemon::op_purge_policy(const api::PurgePolicy& a, api::ReplyFn reply) {
       slot.engine.reset();
     } else {
       (void)slot.engine->set_policy(*pol);
+      if (auto it = purge_configs_.find(key); it != purge_configs_.end())
+        if (auto c = config_of(it->second)) journal_purge_config(key, *c, *pol);
       return reply(slot.engine->status());
     }
   }
   if (slot.worker->busy())
     return reply(make_error(api::code::kPurgeBusy,
                             "purging of " + key + " is starting"));
+  // Known from the journal: no QMP needed (QEMU's main thread may wait on
+  // a purged block until this engine runs).
+  if (auto it = purge_configs_.find(key); it != purge_configs_.end()) {
+    if (auto c = config_of(it->second)) {
+      c->policy = *pol;
+      return start_purge_engine(key, a.vm, std::move(*c), reply);
+    }
+  }
   // Where QEMU's agent listens, and which file backs the NVDIMM.
   std::string path = "/objects/" + a.nvdimm;
   q->execute(
       "qom-get", json{{"path", path}, {"property", "purge-agent"}},
       [this, a, key, q, pol = *pol, reply](Result<json> agent) {
+        if (!agent && agent.error().code == api::code::kNotConnected) {
+          purges_.erase(key);
+          return reply(agent.error());
+        }
         if (!agent || !agent->is_string() || agent->get<std::string>().empty()) {
           purges_.erase(key);
           return reply(make_error(
@@ -143,11 +248,12 @@ void Daemon::start_purge_engine(const std::string& key, const std::string& vm,
   };
   log::info("Purging: attaching", {{"nvdimm", key}, {"agent", c.agent_path},
                                    {"table", c.vbt_path}});
+  purge::EngineConfig saved = c;
   auto r = it->second.worker->run(
       [result, c = std::move(c), fatal]() mutable {
         *result = purge::Engine::start(std::move(c), fatal);
       },
-      [this, key, result, reply] {
+      [this, key, result, reply, saved] {
         auto s = purges_.find(key);
         if (s == purges_.end()) return;  // detached meanwhile
         if (!*result) {
@@ -158,6 +264,7 @@ void Daemon::start_purge_engine(const std::string& key, const std::string& vm,
                              result->error().message, 0});
         }
         s->second.engine = std::move(**result);
+        journal_purge_config(key, saved, s->second.engine->policy());
         reply(s->second.engine->status());
       });
   if (!r) {
@@ -218,6 +325,7 @@ void Daemon::op_purge_move(bool purge, const std::string& vm,
 }
 
 void Daemon::drop_purges(const std::string& vm) {
+  forget_purge_configs(vm);  // the detach record drops them on replay
   for (auto it = purges_.begin(); it != purges_.end();) {
     if (it->first.rfind(vm + "/", 0) == 0)
       it = purges_.erase(it);  // the worker waits for its job first

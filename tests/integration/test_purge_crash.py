@@ -54,7 +54,8 @@ class Qemu:
         self.err = open(os.path.join(work, 'qemu.err'), 'ab')
         self.proc = subprocess.Popen(
             [qemu, '-machine', 'q35,nvdimm=on', '-accel', 'qtest',
-             '-qtest', f'unix:{qt_path}', '-display', 'none', '-nodefaults',
+             '-qtest', f'unix:{qt_path}', '-qtest-log', '/dev/null',
+             '-display', 'none', '-nodefaults',
              '-m', '128M,slots=2,maxmem=1G',
              '-object', f'memory-backend-file,id=mem1,share=on,'
                         f'mem-path={img},size={SIZE},purge-agent={self.agent}',
@@ -107,7 +108,7 @@ def attach(hostd, q):
                        block_size=BLOCK, policy={'enabled': False})
         if 'result' in r:
             return r['result']
-        if r['error']['code'] != 'purge-busy':
+        if r['error']['code'] not in ('purge-busy', 'vm-not-connected'):
             raise RuntimeError(f'purge-policy: {r}')
         time.sleep(0.1)
     raise RuntimeError('purge-policy stayed busy')

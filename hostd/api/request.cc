@@ -195,7 +195,8 @@ Result<Op> parse_purge(const json& obj, const std::string& op) {
   }
   if (op == "purge-policy") {
     if (auto r = only_fields(obj, op, {"vm", "nvdimm", "policy", "block_size",
-                                       "probe_interval_ms", "table_dir"});
+                                       "probe_interval_ms", "table_dir",
+                                       "disk_bytes"});
         !r)
       return r.error();
     PurgePolicy p;
@@ -219,6 +220,10 @@ Result<Op> parse_purge(const json& obj, const std::string& op) {
     }
     if (auto r = uint_field(obj, "probe_interval_ms", kMinIntervalMs,
                             kMaxIntervalMs, p.probe_interval_ms);
+        !r)
+      return r.error();
+    if (auto r = uint_field(obj, "disk_bytes", 1ull << 16, 1ull << 50,
+                            p.disk_bytes);
         !r)
       return r.error();
     if (auto it = obj.find("table_dir"); it != obj.end()) {

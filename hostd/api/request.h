@@ -168,6 +168,7 @@ struct PurgePolicy {
   uint32_t block_shift = 21;          // block_size: 64 KiB .. 1 GiB
   uint32_t probe_interval_ms = 1000;  // access tracking round
   std::string table_dir;              // "": beside the backend file
+  uint64_t disk_bytes = 0;            // size of the disk copies' file; 0: the backend's
 };
 struct PurgeNow {
   std::string vm;

@@ -22,9 +22,10 @@ std::string purge_key(const std::string& vm, const std::string& nvdimm) {
 }
 
 json move_json(const purge::MoveResult& m) {
-  return json{{"blocks", m.blocks}, {"zero", m.zero}, {"skipped", m.skipped},
-              {"failed", m.failed}, {"bytes", m.bytes},
-              {"seconds", m.seconds}};
+  json j{{"blocks", m.blocks}, {"zero", m.zero}, {"skipped", m.skipped},
+         {"failed", m.failed}, {"bytes", m.bytes}, {"seconds", m.seconds}};
+  if (!m.error.empty()) j["error"] = m.error;
+  return j;
 }
 
 // The engine configuration of a {"t":"purge"} record, validated as the API
@@ -215,6 +216,8 @@ void Daemon::op_purge_policy(const api::PurgePolicy& a, api::ReplyFn reply) {
               c.agent_path = agent_path;
               c.block_shift = a.block_shift;
               c.probe_interval_ms = a.probe_interval_ms;
+              if (a.disk_bytes)
+                c.disk_slots = std::max<uint64_t>(1, a.disk_bytes >> a.block_shift);
               c.policy = pol;
               std::string base;
               std::string stem = a.vm + "-" + a.nvdimm;

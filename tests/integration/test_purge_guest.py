@@ -127,7 +127,7 @@ def backend_path(vm, img):
     for name in os.listdir(fd_dir):
         try:
             if os.readlink(os.path.join(fd_dir, name)).startswith(
-                    '/memfd:mem1'):
+                    '/memfd:'):
                 return os.path.join(fd_dir, name)
         except OSError:
             pass

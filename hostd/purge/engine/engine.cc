@@ -446,27 +446,33 @@ Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
     std::vector<uint64_t> batch(
         blocks.begin() + i,
         blocks.begin() + std::min(blocks.size(), i + cfg_.batch_blocks));
-    auto r = purge_batch(batch, mover);
-    if (!r) return r.error();
-    total.blocks += r->blocks;
-    total.zero += r->zero;
-    total.skipped += r->skipped;
-    total.failed += r->failed;
-    total.bytes += r->bytes;
+    MoveResult r = purge_batch(batch, mover);
+    total.blocks += r.blocks;
+    total.zero += r.zero;
+    total.skipped += r.skipped;
+    total.failed += r.failed;
+    total.bytes += r.bytes;
+    if (!r.error.empty()) total.error = r.error;
+    // A full disk stays full for the rest of this request.
+    if (r.error_code == "disk-full") break;
     std::lock_guard g(mu_);
     if (stop_ || fatal_seen_ || agent_lost_) break;
   }
   total.seconds = (mono_us() - t0) / 1e6;
-  std::lock_guard g(mu_);
-  stats_.purge_seconds += total.seconds;
+  {
+    std::lock_guard g(mu_);
+    stats_.purge_seconds += total.seconds;
+  }
+  if (total.blocks == 0 && !total.error.empty())
+    return make_error("purge-failed", total.error);
   return total;
 }
 
 // One batch: swap out, read, write the disk copies, sync, commit, punch.
 // Until the commit a fault cancels the block (its data is still in the
 // backend); from the commit to the punch a fault waits (kSealing).
-Result<MoveResult> Engine::purge_batch(const std::vector<uint64_t>& blocks,
-                                       Mover& mover) {
+MoveResult Engine::purge_batch(const std::vector<uint64_t>& blocks,
+                               Mover& mover) {
   MoveResult res;
   struct Item {
     uint64_t b;
@@ -659,7 +665,8 @@ Result<MoveResult> Engine::purge_batch(const std::vector<uint64_t>& blocks,
     }
     cv_.notify_all();
   }
-  if (res.blocks == 0 && !first_error.code.empty()) return first_error;
+  res.error = first_error.message;
+  res.error_code = first_error.code;
   if (!first_error.code.empty())
     log::warn("purge: some blocks stayed resident",
               {{"nvdimm", cfg_.name}, {"failed", res.failed},

@@ -51,6 +51,8 @@ struct MoveResult {
   uint64_t failed = 0;     // an error stopped them; see status()
   uint64_t bytes = 0;
   double seconds = 0;
+  std::string error;       // the first error, when some failed
+  std::string error_code;
 };
 
 class Engine {
@@ -97,8 +99,7 @@ class Engine {
   bool restore(uint64_t b, Mover& mover, bool from_fault);
   Result<MoveResult> purge_blocks(const std::vector<uint64_t>& blocks,
                                   Mover& mover);
-  Result<MoveResult> purge_batch(const std::vector<uint64_t>& blocks,
-                                 Mover& mover);
+  MoveResult purge_batch(const std::vector<uint64_t>& blocks, Mover& mover);
   void probe_round();
   void fatal(uint64_t b, const std::string& why);
   uint64_t now_ms() const;

@@ -1,0 +1,324 @@
+#!/usr/bin/python3
+"""Virtblock purging against bad input and a hostile environment.
+
+QEMU runs with the qtest accelerator (the test reads guest memory itself,
+as in test_purge_crash.py), a 4 MiB file NVDIMM with 64 KiB blocks.
+
+  bad requests   purge-policy/purge-now/unpurge/purge-status with bad
+                 values: each refused with invalid-request naming the field
+                 (or purge-not-enabled), hostd and purging carry on
+  no agent       a backend without purge-agent: purge-not-enabled
+  disk full      a .vbd of 4 blocks: purge-now purges 4, the rest fail
+                 with disk-full (counted), every block still reads right;
+                 a table directory on a 1 MiB tmpfs: the .vbd cannot be
+                 made, purge-failed says so, nothing changes
+  changed behind hostd's back
+                 - the table's superblocks damaged while hostd is down: the
+                   NVDIMM is refused with the field named, and attaches
+                   again once the table is put back;
+                 - the backend's xattr removed: refused (xattr-mismatch);
+                 - a purged block's disk copy overwritten: its fault-back
+                   fails its checksum, the reader is never answered (no
+                   zeros), purge-status says failed, errors.checksum 1;
+                 - the disk file cut short: the fault-back fails with an I/O
+                   error, same outcome.
+"""
+import os
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+import hostdctl  # noqa: E402
+import kvmxtest  # noqa: E402
+import kvmxvm  # noqa: E402
+from test_purge_crash import BLOCK, NBLOCKS, SIZE, Qemu, content  # noqa: E402
+
+check = kvmxtest.Checks()
+_n = [0]
+
+
+def fresh(qemu, work, name):
+    """A backend file of known contents, its QEMU, and the file's path."""
+    d = os.path.join(work, name)
+    os.makedirs(d)
+    img = os.path.join(d, 'pmem.img')
+    with open(img, 'wb') as f:
+        for b in range(NBLOCKS):
+            f.write(content(b, 0))
+    _n[0] += 1
+    return Qemu(qemu, d, img, _n[0]), img
+
+
+def call(hostd, op, **kw):
+    return hostd.call(op, **kw)
+
+
+def attach_vm(hostd, name, q, **policy_args):
+    r = hostd.call('attach', vm=name, qmp=q.hostd_qmp)
+    assert 'result' in r, r
+    hostd.wait_vm(name, lambda v: v['state'] == 'attached', 60)
+    return hostd.call('purge-policy', vm=name, nvdimm='mem1',
+                      block_size=BLOCK, **policy_args)
+
+
+def all_right(q):
+    data = q.read(0, NBLOCKS)
+    return all(data[b * BLOCK:(b + 1) * BLOCK] == content(b, 0)
+               for b in range(NBLOCKS))
+
+
+def bad_requests(hostd, qemu, work):
+    q, _ = fresh(qemu, work, 'bad')
+    r = attach_vm(hostd, 'bad', q)
+    check('result' in r, 'purging enabled on the VM for bad requests')
+    cases = [
+        (dict(op='purge-policy', vm='bad', nvdimm='mem1',
+              policy={'min-idle-ms': -1}), 'min-idle-ms'),
+        (dict(op='purge-policy', vm='bad', nvdimm='mem1',
+              policy={'low-watermark': 2, 'high-watermark': 1}),
+         'low-watermark'),
+        (dict(op='purge-policy', vm='bad', nvdimm='mem1',
+              policy={'rate': 0}), 'rate'),
+        (dict(op='purge-policy', vm='bad', nvdimm='mem1',
+              policy={'bogus': 1}), 'bogus'),
+        (dict(op='purge-policy', vm='bad', nvdimm='mem1',
+              policy={'enabled': 'yes'}), 'enabled'),
+        (dict(op='purge-policy', vm='bad', nvdimm='mem1',
+              policy=[1, 2]), 'policy'),
+        (dict(op='purge-policy', vm='bad', nvdimm='mem1',
+              block_size=100000), 'block_size'),
+        (dict(op='purge-policy', vm='bad', nvdimm='mem1',
+              block_size=1 << 40), 'block_size'),
+        (dict(op='purge-policy', vm='bad', nvdimm='../x'), 'nvdimm'),
+        (dict(op='purge-policy', vm='bad', nvdimm='m' * 65), 'nvdimm'),
+        (dict(op='purge-policy', vm='bad', nvdimm='mem1',
+              table_dir='rel/dir'), 'table_dir'),
+        (dict(op='purge-policy', vm='bad', nvdimm='mem1',
+              table_dir='/a,b'), 'table_dir'),
+        (dict(op='purge-policy', vm='bad', nvdimm='mem1',
+              probe_interval_ms=1), 'probe_interval_ms'),
+        (dict(op='purge-now', vm='bad', nvdimm='mem1', first=-1), 'first'),
+        (dict(op='purge-now', vm='bad', nvdimm='mem1',
+              count='all'), 'count'),
+        (dict(op='purge-now', vm='bad', nvdimm='mem1',
+              ignore_idle=1), 'ignore_idle'),
+        (dict(op='unpurge', vm='bad', nvdimm='mem1',
+              ignore_idle=True), 'ignore_idle'),
+        (dict(op='purge-status', nvdimm='mem1'), 'nvdimm'),
+    ]
+    for req, field in cases:
+        op = req.pop('op')
+        r = hostd.call(op, **req)
+        err = r.get('error', {})
+        check(err.get('code') == 'invalid-request' and
+              field in err.get('message', ''),
+              f'{op} {req}: invalid-request naming {field} '
+              f'({err.get("message", r)})')
+    r = hostd.call('purge-now', vm='bad', nvdimm='mem1', first=NBLOCKS)
+    check(r.get('error', {}).get('code') == 'invalid-request',
+          f'purge-now past the last block: {r.get("error")}')
+    for op in ('purge-now', 'unpurge'):
+        r = hostd.call(op, vm='bad', nvdimm='nope')
+        check(r.get('error', {}).get('code') == 'purge-not-enabled',
+              f'{op} on an NVDIMM without purging: purge-not-enabled')
+    r = hostd.call('purge-policy', vm='bad', nvdimm='nope')
+    check(r.get('error', {}).get('code') == 'purge-not-enabled',
+          f'purge-policy on a backend that does not exist: '
+          f'{r.get("error")}')
+    r = hostd.call('purge-now', vm='bad', nvdimm='mem1', ignore_idle=True)
+    check('result' in r and r['result']['blocks'] == NBLOCKS and
+          all_right(q), 'after all that, purging and reading back work')
+    q.kill()
+    hostd.call('detach', vm='bad')
+
+
+def no_agent(hostd, qemu, work):
+    d = os.path.join(work, 'noagent')
+    os.makedirs(d)
+    img = kvmxtest.backing_file(d, 'pmem.img', SIZE)
+    qmp = os.path.join(d, 'hostd.qmp')
+    p = subprocess.Popen(
+        [qemu, '-machine', 'q35,nvdimm=on', '-accel', 'qtest', '-qtest',
+         'null', '-display', 'none', '-nodefaults', '-m',
+         '128M,slots=2,maxmem=1G', '-object',
+         f'memory-backend-file,id=mem1,share=on,mem-path={img},size={SIZE}',
+         '-device', 'nvdimm,id=nv0,memdev=mem1',
+         '-qmp', f'unix:{qmp},server=on,wait=off'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if os.path.exists(qmp):
+                break
+            time.sleep(0.1)
+        hostd.call('attach', vm='noagent', qmp=qmp)
+        hostd.wait_vm('noagent', lambda v: v['state'] == 'attached', 60)
+        r = hostd.call('purge-policy', vm='noagent', nvdimm='mem1')
+        check(r.get('error', {}).get('code') == 'purge-not-enabled' and
+              'purge-agent' in r['error']['message'],
+              f'a backend without purge-agent: {r.get("error")}')
+    finally:
+        p.kill()
+        p.wait()
+        hostd.call('detach', vm='noagent')
+
+
+def disk_full(hostd, qemu, work):
+    q, img = fresh(qemu, work, 'full')
+    r = attach_vm(hostd, 'full', q, disk_bytes=4 * BLOCK)
+    check('result' in r, f'purging with room for 4 blocks ({r.get("error")})')
+    r = hostd.call('purge-now', vm='full', nvdimm='mem1', ignore_idle=True)
+    res = r.get('result', {})
+    check(res.get('blocks') == 4 and res.get('failed', 0) > 0 and
+          'slots' in res.get('error', ''),
+          f'purge-now on a full disk: 4 purged, the rest refused ({res})')
+    st = hostd.call('purge-status', vm='full', nvdimm='mem1')['result'][
+        'nvdimms'][0]
+    check(st['errors']['disk-full'] > 0 and st['purged'] == 4 and
+          st['state'] == 'running',
+          f"disk-full counted ({st['errors']}), 4 purged, still running")
+    check(all_right(q), 'every block reads right')
+    r = hostd.call('purge-now', vm='full', nvdimm='mem1', ignore_idle=True)
+    check('result' in r and r['result']['blocks'] == 4,
+          f'the 4 slots are reused after the fault-backs ({r})')
+    q.kill()
+    hostd.call('detach', vm='full')
+
+    # The table's directory on a 1 MiB file system: no room for the .vbd.
+    small = os.path.join(work, 'small')
+    os.makedirs(small)
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs',
+                       small], capture_output=True).returncode != 0:
+        print('skip: cannot mount a tmpfs (not root?)')
+        return
+    try:
+        q, img = fresh(qemu, work, 'tiny')
+        r = attach_vm(hostd, 'tiny', q, table_dir=small)
+        err = r.get('error', {})
+        check(err.get('code') == 'purge-failed' and
+              ('space' in err.get('message', '') or
+               'ENOSPC' in err.get('message', '')),
+              f'a table on a full file system: {err}')
+        check(all_right(q), 'the VM runs on, its NVDIMM intact')
+        q.kill()
+        hostd.call('detach', vm='tiny')
+    finally:
+        subprocess.run(['umount', small])
+
+
+def changed_behind(hostd, qemu, work):
+    q, img = fresh(qemu, work, 'changed')
+    r = attach_vm(hostd, 'changed', q)
+    check('result' in r, 'purging enabled')
+    r = hostd.call('purge-now', vm='changed', nvdimm='mem1', first=0,
+                   count=16, ignore_idle=True)
+    check(r.get('result', {}).get('blocks') == 16, 'blocks 0-15 purged')
+    vbt, vbd = img + '.vbt', img + '.vbd'
+
+    # The table damaged while hostd is down.
+    hostd.kill()
+    with open(vbt, 'r+b') as f:
+        good = f.read(8192)
+        f.seek(0)
+        f.write(b'\0' * 8)
+        f.seek(4096)
+        f.write(b'\0' * 8)
+    hostd.start()
+    r = hostd.call('purge-status', vm='changed')
+    check(r.get('result', {}).get('nvdimms') == [],
+          'hostd does not resume purging on a damaged table')
+    r = hostd.call('purge-policy', vm='changed', nvdimm='mem1',
+                   block_size=BLOCK)
+    err = r.get('error', {})
+    check(err.get('code') == 'purge-failed' and
+          'magic' in err.get('message', ''),
+          f'the damaged table is refused, naming what: {err}')
+    with open(vbt, 'r+b') as f:
+        f.write(good)
+    r = hostd.call('purge-policy', vm='changed', nvdimm='mem1',
+                   block_size=BLOCK)
+    check('result' in r and r['result']['purged'] == 16,
+          f'with the table put back, purging resumes ({r.get("error")})')
+
+    # The backend's tie to its table removed.
+    hostd.kill()
+    try:
+        os.removexattr(img, 'user.kvmx.virtblock')
+        removed = True
+    except OSError as e:
+        print(f'skip xattr case: {e}')
+        removed = False
+    hostd.start()
+    if removed:
+        r = hostd.call('purge-policy', vm='changed', nvdimm='mem1',
+                       block_size=BLOCK)
+        err = r.get('error', {})
+        check(err.get('code') == 'purge-failed' and
+              'user.kvmx.virtblock' in err.get('message', ''),
+              f'a backend without its xattr is refused: {err}')
+    q.kill()
+    hostd.call('detach', vm='changed')
+
+
+def lost_block(hostd, qemu, work, how):
+    """A purged block whose disk copy was changed (`overwrite`) or cut
+    (`truncate`): never handed out."""
+    q, img = fresh(qemu, work, f'lost-{how}')
+    r = attach_vm(hostd, f'lost-{how}', q)
+    r = hostd.call('purge-now', vm=f'lost-{how}', nvdimm='mem1',
+                   ignore_idle=True)
+    check(r.get('result', {}).get('blocks') == NBLOCKS, 'all purged')
+    vbd = img + '.vbd'
+    if how == 'overwrite':
+        with open(vbd, 'r+b') as f:  # every slot: whichever holds block 5
+            size = os.fstat(f.fileno()).st_size
+            for off in range(4096 + 100, size, BLOCK):
+                f.seek(off)
+                f.write(b'X' * 16)
+    else:
+        os.truncate(vbd, 4096)
+    got = {}
+
+    def reader():
+        try:
+            got['data'] = q.read(5)
+        except (EOFError, OSError, RuntimeError) as e:
+            got['error'] = str(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    t.join(5)
+    check(t.is_alive() and 'data' not in got,
+          f'{how}: the read of the block is never answered (no zeros)')
+    st = hostd.call('purge-status', vm=f'lost-{how}', nvdimm='mem1')[
+        'result']['nvdimms'][0]
+    key = 'checksum' if how == 'overwrite' else 'io'
+    check(st['state'] == 'failed' and st['errors'][key] == 1 and
+          st['lost'] == 1 and 'block 5' in (st['error'] or ''),
+          f"{how}: purge-status failed, errors.{key} 1, block 5 named "
+          f"({st['state']}, {st['errors']}, {st['error']})")
+    q.kill()
+    t.join(10)
+    hostd.call('detach', vm=f'lost-{how}')
+
+
+def main():
+    qemu = kvmxvm.patched_qemu()
+    work = kvmxtest.workdir('purge-faults-')
+    hostd = hostdctl.Hostd(work)
+    hostd.start()
+    try:
+        bad_requests(hostd, qemu, work)
+        no_agent(hostd, qemu, work)
+        disk_full(hostd, qemu, work)
+        changed_behind(hostd, qemu, work)
+        lost_block(hostd, qemu, work, 'overwrite')
+        lost_block(hostd, qemu, work, 'truncate')
+    finally:
+        hostd.stop()
+    return check.finish(work)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -43,7 +43,8 @@ def content(block, version):
 class Qemu:
     """QEMU with the qtest accelerator: memory access by the test."""
 
-    def __init__(self, qemu, work, img, n):
+    def __init__(self, qemu, work, img, n, size=None):
+        size = size or SIZE
         self.work = work
         self.agent = os.path.join(work, 'agent.sock')
         self.hostd_qmp = os.path.join(work, 'hostd.qmp')
@@ -56,9 +57,9 @@ class Qemu:
             [qemu, '-machine', 'q35,nvdimm=on', '-accel', 'qtest',
              '-qtest', f'unix:{qt_path}', '-qtest-log', '/dev/null',
              '-display', 'none', '-nodefaults',
-             '-m', '128M,slots=2,maxmem=1G',
+             '-m', f'128M,slots=2,maxmem={(size >> 30) + 1}G',
              '-object', f'memory-backend-file,id=mem1,share=on,'
-                        f'mem-path={img},size={SIZE},purge-agent={self.agent}',
+                        f'mem-path={img},size={size},purge-agent={self.agent}',
              '-device', 'nvdimm,id=nv0,memdev=mem1',
              '-qmp', f'unix:{self.hostd_qmp},server=on,wait=off'],
             stdout=self.err, stderr=self.err)

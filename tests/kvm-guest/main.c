@@ -181,6 +181,45 @@ static void cmd_rw(int argc, char **argv, bool store, bool batch)
 }
 
 /*
+ * sr ADDR BYTES: one load per 4 KiB page of [ADDR, ADDR + BYTES) in one TSC
+ * window, "ok sr n=PAGES cycles=C avg=A": a working set that a benchmark
+ * keeps in use.  Each 2 MiB page is mapped on demand as it is reached.
+ */
+static void cmd_sweep(int argc, char **argv)
+{
+    uint64_t addr, bytes, x = 0, n = 0, t0, t1;
+
+    if (argc != 3 || !parse_u64(argv[1], &addr) ||
+        !parse_u64(argv[2], &bytes) || (addr & 4095) || !bytes ||
+        bytes > (1ull << 30)) {
+        reply_err("usage: sr ADDR BYTES (ADDR 4 KiB-aligned, BYTES 1..1 GiB)");
+        return;
+    }
+    t0 = tsc_open();
+    for (uint64_t a = addr; a < addr + bytes; a += 4096) {
+        if (a == addr || !(a & ((2ull << 20) - 1))) {
+            const char *err = paging_map(a);
+
+            if (err) {
+                reply_err(err);
+                return;
+            }
+        }
+        x ^= *(volatile uint64_t *)(uintptr_t)a;
+        n++;
+    }
+    t1 = tsc_close(cpu.rdtscp);
+    (void)x;
+    serial_puts("ok sr n=");
+    serial_put_dec(n);
+    serial_puts(" cycles=");
+    serial_put_dec(t1 - t0);
+    serial_puts(" avg=");
+    serial_put_dec((t1 - t0) / n);
+    serial_puts("\n");
+}
+
+/*
  * p ADDR SIZE VALUE: one store of SIZE (1, 2, 4, 8) bytes; k ADDR SIZE: one
  * load, "ok k VALUE".  For driving devices and filling memory with chosen
  * values (registers that take 4-byte accesses only, request structures).
@@ -522,6 +561,8 @@ static void dispatch(int argc, char **argv)
         cmd_rw(argc, argv, false, true);
     } else if (streq(c, "bw")) {
         cmd_rw(argc, argv, true, true);
+    } else if (streq(c, "sr")) {
+        cmd_sweep(argc, argv);
     } else if (streq(c, "tr")) {
         cmd_timed(argc, argv, TIMED_LOAD);
     } else if (streq(c, "tw")) {

@@ -225,6 +225,12 @@ class FsGuest:
         """n loads in one TSC window: dict with n, cycles (total), avg."""
         return _fields_int(self.command(f"br {addr:#x} {n}", timeout), "br")
 
+    def sweep_read(self, addr, nbytes, timeout=None):
+        """One load per 4 KiB page of [addr, addr + nbytes) in one TSC
+        window: dict with n (pages), cycles, avg."""
+        return _fields_int(self.command(f"sr {addr:#x} {nbytes}", timeout),
+                           "sr")
+
     def batch_write(self, addr, n, timeout=None):
         """n stores+sfence in one TSC window: dict with n, cycles, avg."""
         return _fields_int(self.command(f"bw {addr:#x} {n}", timeout), "bw")

@@ -162,7 +162,7 @@ def bench_faultback(res, quick):
             order = order[:min(n, 200 if block == 2 * MiB else 1000)]
             t0 = time.monotonic()
             for b in order:
-                s.q.read(b, 1)
+                s.q.read_at(b * block + 4096, 8)
             wall = time.monotonic() - t0
             st = s.status()
             lat = st['fault-latency-us']
@@ -302,7 +302,7 @@ def bench_scale(res, quick):
         sample = random.sample(blocks, 100)
         t1 = time.monotonic()
         for b in sample:
-            s.q.read(b, 1)
+            s.q.read_at(b * block, 8)
         read_s = time.monotonic() - t1
         ok = s.status()['fault-backs'] >= 100
         res['scale'] = {

@@ -87,6 +87,10 @@ class Qemu:
         self.cmd(f'b64write {self.base + block * BLOCK:#x} {len(data):#x} '
                  f'{base64.b64encode(data).decode()}')
 
+    def read_at(self, offset, length):
+        out = self.cmd(f'b64read {self.base + offset:#x} {length:#x}')
+        return base64.b64decode(out)
+
     def read(self, block, n=1):
         out = self.cmd(f'b64read {self.base + block * BLOCK:#x} '
                        f'{n * BLOCK:#x}')

@@ -349,6 +349,7 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
       return false;
     }
   }
+  uint64_t t_read = mono_us();
   if (table_->data_crc(b, e.generation, buf.data(), n) != e.data_crc) {
     {
       std::lock_guard g(mu_);
@@ -357,6 +358,7 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
     fatal(b, "its disk copy fails its checksum (changed behind hostd's back)");
     return false;
   }
+  uint64_t t_crc = mono_us();
   int bfd = hello_.backend_fd.get();
   uint64_t at = hello_.fd_offset + off(b);
   if (fallocate(bfd, 0, static_cast<off_t>(at), static_cast<off_t>(n))) {
@@ -375,9 +377,15 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
   // disk (written back, or synced by a guest flush), and takes the backend
   // as it is; a range still partly unwritten is a purged block again, read
   // from its disk copy, which is what the guest saw at the fault.
+  uint64_t t_write = mono_us();
   auto m = agent_->request(AgentClient::kMapBack, off(b), n);
+  uint64_t t_map = mono_us();
   {
     std::lock_guard g(mu_);
+    stats_.phase_us[0] += t_read - t0;
+    stats_.phase_us[1] += t_crc - t_read;
+    stats_.phase_us[2] += t_write - t_crc;
+    stats_.phase_us[3] += t_map - t_write;
     st_[b] = St::kResident;
     pending_[b] = 1;
     pending_residents_.push_back({b, e.generation, e.disk_slot});
@@ -913,6 +921,13 @@ json Engine::status() const {
       {"cancels", stats_.cancels},
       {"fault-latency-us", {{"p50", pct(0.5)}, {"p99", pct(0.99)},
                             {"samples", lat.size()}}},
+      // Where fault-backs spend their time, summed: reading the disk copy
+      // (with the wait for the worker), checking it, writing the backend,
+      // mapping it back.
+      {"fault-phases-us", {{"read", stats_.phase_us[0]},
+                           {"check", stats_.phase_us[1]},
+                           {"write", stats_.phase_us[2]},
+                           {"map", stats_.phase_us[3]}}},
       {"purged-total", stats_.purged_blocks},
       {"zero-blocks", stats_.zero_blocks},
       {"purged-bytes", stats_.purged_bytes},

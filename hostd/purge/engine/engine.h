@@ -155,6 +155,7 @@ class Engine {
              commit_errors = 0, agent_errors = 0, probe_rounds = 0,
              probe_errors = 0, zapped_blocks = 0, policy_purges = 0;
     double purge_seconds = 0;
+    uint64_t phase_us[4] = {};  // fault-back: read, check, write, map
   } stats_;
   std::vector<uint32_t> latencies_us_;  // ring of the last kLatencies
   size_t latency_next_ = 0;

@@ -1,0 +1,1098 @@
+// The purge engine (engine.cc) against a fake QEMU purge agent that speaks
+// docs/specs/purge-agent.md: purge-now, fault-back, restart and recovery,
+// a disk copy changed behind the engine's back, a full disk, the agent
+// going away, unpurge, and a fault already pending when the engine attaches.
+//
+// The fake agent is a thread serving a SOCK_SEQPACKET socket; it keeps the
+// per-page "swapped out" bitmap the real agent keeps, validates requests
+// the same way, and records every request.  The backend is a regular file
+// on /var/tmp (the .vbd is opened with O_DIRECT, which tmpfs refuses).
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/log.h"
+#include "purge/engine/engine.h"
+#include "purge/table/table.h"
+
+using namespace kvmx::purge;
+using namespace std::chrono_literals;
+using Catch::Matchers::ContainsSubstring;
+using nlohmann::json;
+
+// -- A test hook on thread creation --------------------------------------------
+//
+// Engine::start creates the agent client's reader thread inside
+// AgentClient::connect(); `g_delay_after_create_ms` makes the creating
+// thread sleep right after the next pthread_create, so that the new thread
+// runs first (used by the "fault pending at attach" test only).  The
+// definition here interposes libc's for the whole test binary; with the
+// flag at 0 it only forwards.
+namespace {
+std::atomic<int> g_delay_after_create_ms{0};
+}  // namespace
+
+extern "C" int pthread_create(pthread_t* thread, const pthread_attr_t* attr,
+                              void* (*start)(void*), void* arg) noexcept {
+  using Fn = int (*)(pthread_t*, const pthread_attr_t*, void* (*)(void*),
+                     void*);
+  static Fn real = reinterpret_cast<Fn>(dlsym(RTLD_NEXT, "pthread_create"));
+  int r = real(thread, attr, start, arg);
+  int ms = g_delay_after_create_ms.exchange(0);
+  if (r == 0 && ms > 0) usleep(static_cast<useconds_t>(ms) * 1000);
+  return r;
+}
+
+namespace {
+
+constexpr uint32_t kShift = 16;
+constexpr uint64_t kBlock = uint64_t{1} << kShift;  // 64 KiB
+constexpr uint64_t kBlocks = 32;
+constexpr uint64_t kSize = kBlocks * kBlock;  // 2 MiB
+constexpr uint64_t kPage = 4096;
+
+constexpr uint16_t kHello = 1, kSwapOut = 2, kMapBack = 3, kZap = 4,
+                   kWake = 5, kFault = 6;
+constexpr uint32_t kMagic = 0x4b505247;
+
+// Where fixtures make their directories (a child process gets its own,
+// which the parent removes even when the child crashes).
+std::string g_tmp_base = "/var/tmp";
+
+const bool kQuietLog = [] {
+  return kvmx::log::setup("warn", kvmx::log::Format::kText,
+                          kvmx::log::Sink::kStderr)
+      .ok();
+}();
+
+uint64_t off(uint64_t b) { return b << kShift; }
+
+struct __attribute__((packed)) WireRequest {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t op;
+  uint64_t tag;
+  uint64_t offset;
+  uint64_t length;
+};
+struct __attribute__((packed)) WireReply {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t op;
+  uint64_t tag;
+  int32_t status;
+  uint32_t reserved;
+  uint64_t arg[6];
+};
+static_assert(sizeof(WireRequest) == 32 && sizeof(WireReply) == 72);
+
+// One request as the fake agent saw it.
+struct Req {
+  int conn;  // 1 for the first client, 2 for the next, ...
+  uint16_t op;
+  uint64_t offset, length;
+  int status;  // what the agent answered
+};
+
+bool overlaps(const Req& r, uint64_t b) {
+  return r.offset < off(b) + kBlock && off(b) < r.offset + r.length;
+}
+
+template <typename F>
+bool wait_until(F f, std::chrono::milliseconds limit = 10s) {
+  auto end = std::chrono::steady_clock::now() + limit;
+  while (!f()) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(2ms);
+  }
+  return true;
+}
+
+// QEMU's purge agent, as far as hostd can tell.
+class FakeAgent {
+ public:
+  FakeAgent(std::string sock_path, std::string backend_path)
+      : sock_path_(std::move(sock_path)),
+        backend_path_(std::move(backend_path)),
+        swapped_(kSize / kPage, 0) {
+    // The real agent hides every hole of a file backend at its start.
+    int fd = open(backend_path_.c_str(), O_RDONLY | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    for (uint64_t p = 0; p < kSize / kPage; p++) {
+      off_t d = lseek(fd, static_cast<off_t>(p * kPage), SEEK_DATA);
+      if (d < 0 || static_cast<uint64_t>(d) >= (p + 1) * kPage)
+        swapped_[p] = 1;
+    }
+    close(fd);
+
+    listen_ = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    REQUIRE(listen_ >= 0);
+    sockaddr_un sun{};
+    sun.sun_family = AF_UNIX;
+    REQUIRE(sock_path_.size() < sizeof(sun.sun_path));
+    std::memcpy(sun.sun_path, sock_path_.c_str(), sock_path_.size() + 1);
+    REQUIRE(bind(listen_, reinterpret_cast<sockaddr*>(&sun), sizeof(sun)) ==
+            0);
+    REQUIRE(listen(listen_, 4) == 0);
+    REQUIRE(pipe2(wake_, O_CLOEXEC) == 0);
+    thread_ = std::thread([this] { run(); });
+  }
+
+  ~FakeAgent() {
+    stop_ = true;
+    char c = 1;
+    (void)!write(wake_[1], &c, 1);
+    thread_.join();
+    if (client_ >= 0) close(client_);
+    close(listen_);
+    close(wake_[0]);
+    close(wake_[1]);
+  }
+
+  // A QEMU thread waits on the page at `offset` (op 6, unsolicited).
+  void fault(uint64_t offset, bool write = false) {
+    std::lock_guard g(mu_);
+    REQUIRE(client_ >= 0);
+    send_locked(kFault, 0, 0, {offset, write ? 1u : 0u});
+  }
+
+  // QEMU dies: the connection goes away (the agent's thread closes it).
+  void disconnect() {
+    std::lock_guard g(mu_);
+    if (client_ >= 0) shutdown(client_, SHUT_RDWR);
+  }
+
+  // The Nth SWAP_OUT from now on (counted over all clients) is not
+  // answered: the connection is closed instead.  0: never.
+  void close_at_swap_out(int n) {
+    std::lock_guard g(mu_);
+    close_at_ = n;
+    swap_outs_seen_ = 0;
+  }
+
+  // FAULT messages sent to the next client right after its HELLO reply (a
+  // fault that waited for a client).
+  void faults_after_next_hello(std::vector<uint64_t> offsets) {
+    std::lock_guard g(mu_);
+    faults_after_hello_ = std::move(offsets);
+  }
+
+  bool connected() const {
+    std::lock_guard g(mu_);
+    return client_ >= 0;
+  }
+  int connections() const {
+    std::lock_guard g(mu_);
+    return conn_;
+  }
+  std::vector<Req> log(int conn = 0) const {
+    std::lock_guard g(mu_);
+    std::vector<Req> out;
+    for (const Req& r : log_)
+      if (conn == 0 || r.conn == conn) out.push_back(r);
+    return out;
+  }
+  size_t mark() const {
+    std::lock_guard g(mu_);
+    return log_.size();
+  }
+  // Requests with `op` since `from` (an index into the whole log).
+  std::vector<Req> since(size_t from, uint16_t op) const {
+    std::lock_guard g(mu_);
+    std::vector<Req> out;
+    for (size_t i = from; i < log_.size(); i++)
+      if (log_[i].op == op) out.push_back(log_[i]);
+    return out;
+  }
+  uint64_t count(uint16_t op) const { return since(0, op).size(); }
+  bool swapped(uint64_t b) const {  // every page of block b
+    std::lock_guard g(mu_);
+    for (uint64_t p = off(b) / kPage; p < (off(b) + kBlock) / kPage; p++)
+      if (!swapped_[p]) return false;
+    return true;
+  }
+  bool any_swapped(uint64_t b) const {
+    std::lock_guard g(mu_);
+    for (uint64_t p = off(b) / kPage; p < (off(b) + kBlock) / kPage; p++)
+      if (swapped_[p]) return true;
+    return false;
+  }
+  uint64_t rejected() const {
+    std::lock_guard g(mu_);
+    return rejected_;
+  }
+
+ private:
+  void run() {
+    for (;;) {
+      int cfd;
+      {
+        std::lock_guard g(mu_);
+        cfd = client_;
+      }
+      pollfd p[2] = {{wake_[0], POLLIN, 0},
+                     {cfd >= 0 ? cfd : listen_, POLLIN, 0}};
+      int n = poll(p, 2, -1);
+      if (n < 0) continue;  // EINTR
+      if (p[0].revents) {
+        if (stop_) return;
+        char c;
+        (void)!read(wake_[0], &c, 1);
+        continue;
+      }
+      if (cfd < 0) {
+        int c = accept4(listen_, nullptr, nullptr, SOCK_CLOEXEC);
+        if (c < 0) continue;
+        std::lock_guard g(mu_);
+        client_ = c;
+        conn_++;
+        continue;
+      }
+      if (!p[1].revents) continue;
+      unsigned char buf[128];
+      ssize_t got = recv(cfd, buf, sizeof(buf), 0);
+      if (got <= 0) {
+        close_client();
+        continue;
+      }
+      handle(buf, static_cast<size_t>(got));
+    }
+  }
+
+  void close_client() {
+    std::lock_guard g(mu_);
+    if (client_ >= 0) close(client_);
+    client_ = -1;
+  }
+
+  void handle(const unsigned char* buf, size_t n) {
+    WireRequest q{};
+    std::memcpy(&q, buf, std::min(n, sizeof(q)));
+    std::lock_guard g(mu_);
+    if (n != sizeof(q) || q.magic != kMagic || q.version != 1) {
+      rejected_++;
+      log_.push_back({conn_, q.op, q.offset, q.length, EPROTO});
+      send_locked(q.op, q.tag, EPROTO, {});
+      return;
+    }
+    if (q.op == kHello) {
+      log_.push_back({conn_, q.op, q.offset, q.length, 0});
+      int bfd = open(backend_path_.c_str(), O_RDWR | O_CLOEXEC);
+      send_locked(kHello, q.tag, 0, {kSize, 0, 0, kPage}, bfd);
+      if (bfd >= 0) close(bfd);
+      for (uint64_t o : faults_after_hello_) send_locked(kFault, 0, 0, {o, 0});
+      faults_after_hello_.clear();
+      return;
+    }
+    if (q.op < kSwapOut || q.op > kWake) {
+      rejected_++;
+      log_.push_back({conn_, q.op, q.offset, q.length, EOPNOTSUPP});
+      send_locked(q.op, q.tag, EOPNOTSUPP, {});
+      return;
+    }
+    if (q.offset % kPage || q.length % kPage || q.length == 0 ||
+        q.offset > kSize || q.length > kSize - q.offset) {
+      rejected_++;
+      log_.push_back({conn_, q.op, q.offset, q.length, EINVAL});
+      send_locked(q.op, q.tag, EINVAL, {});
+      return;
+    }
+    uint64_t p0 = q.offset / kPage, p1 = (q.offset + q.length) / kPage;
+    int status = 0;
+    switch (q.op) {
+      case kSwapOut:
+        if (close_at_ && ++swap_outs_seen_ == close_at_) {
+          // QEMU died with this request in flight.
+          log_.push_back({conn_, q.op, q.offset, q.length, -1});
+          shutdown(client_, SHUT_RDWR);
+          return;  // the agent thread sees EOF and closes it
+        }
+        for (uint64_t p = p0; p < p1; p++) swapped_[p] = 1;
+        break;
+      case kMapBack:
+        for (uint64_t p = p0; p < p1; p++) swapped_[p] = 0;
+        break;
+      case kZap:
+        for (uint64_t p = p0; p < p1; p++)
+          if (swapped_[p]) status = EBUSY;
+        break;
+      case kWake:
+        break;
+    }
+    log_.push_back({conn_, q.op, q.offset, q.length, status});
+    send_locked(q.op, q.tag, status, {});
+  }
+
+  // Under mu_.
+  void send_locked(uint16_t op, uint64_t tag, int status,
+                   std::initializer_list<uint64_t> args, int pass_fd = -1) {
+    if (client_ < 0) return;
+    WireReply r{};
+    r.magic = kMagic;
+    r.version = 1;
+    r.op = op;
+    r.tag = tag;
+    r.status = status;
+    size_t i = 0;
+    for (uint64_t a : args) r.arg[i++] = a;
+    uint64_t swapped = 0;
+    for (uint8_t s : swapped_) swapped += s ? kPage : 0;
+    r.arg[4] = swapped;
+    r.arg[5] = rejected_;
+    iovec iov{&r, sizeof(r)};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int))];
+    if (pass_fd >= 0) {
+      std::memset(ctl, 0, sizeof(ctl));
+      msg.msg_control = ctl;
+      msg.msg_controllen = sizeof(ctl);
+      cmsghdr* c = CMSG_FIRSTHDR(&msg);
+      c->cmsg_level = SOL_SOCKET;
+      c->cmsg_type = SCM_RIGHTS;
+      c->cmsg_len = CMSG_LEN(sizeof(int));
+      std::memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
+    }
+    (void)sendmsg(client_, &msg, MSG_NOSIGNAL);
+  }
+
+  std::string sock_path_, backend_path_;
+  int listen_ = -1;
+  int wake_[2] = {-1, -1};
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+
+  mutable std::mutex mu_;
+  int client_ = -1;
+  int conn_ = 0;
+  std::vector<uint8_t> swapped_;  // per page
+  std::vector<Req> log_;
+  uint64_t rejected_ = 0;
+  int close_at_ = 0, swap_outs_seen_ = 0;
+  std::vector<uint64_t> faults_after_hello_;
+};
+
+// The files of one test and the agent serving them.
+struct Fixture {
+  // `holes`: blocks never written (holes in the backend); `zeros`: blocks
+  // written with zeros (allocated, all-zero); the others get a pattern.
+  explicit Fixture(std::set<uint64_t> holes = {}, std::set<uint64_t> zeros = {})
+      : orig(kSize, '\0') {
+    std::string tmpl = g_tmp_base + "/kvmx-purge-engine-XXXXXX";
+    REQUIRE(mkdtemp(tmpl.data()));
+    dir = tmpl;
+    backend = dir + "/backend";
+    vbt = dir + "/nv.vbt";
+    vbd = dir + "/nv.vbd";
+    sock = dir + "/agent.sock";
+    int fd = open(backend.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    REQUIRE(fd >= 0);
+    REQUIRE(ftruncate(fd, kSize) == 0);
+    for (uint64_t b = 0; b < kBlocks; b++) {
+      if (holes.count(b)) continue;
+      if (!zeros.count(b)) orig.replace(off(b), kBlock, pattern(b, 0));
+      REQUIRE(pwrite(fd, orig.data() + off(b), kBlock,
+                     static_cast<off_t>(off(b))) ==
+              static_cast<ssize_t>(kBlock));
+    }
+    REQUIRE(fsync(fd) == 0);
+    backend_fd = fd;
+    agent = std::make_unique<FakeAgent>(sock, backend);
+  }
+  ~Fixture() {
+    agent.reset();
+    close(backend_fd);
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+  }
+
+  // Distinct, never all-zero contents of block b (`salt` varies them).
+  static std::string pattern(uint64_t b, unsigned salt) {
+    std::string s(kBlock, '\0');
+    for (uint64_t i = 0; i < kBlock; i++)
+      s[i] = static_cast<char>((b * 131 + i * 7 + (i >> 12) + salt * 29) ^
+                               0xa5);
+    return s;
+  }
+
+  EngineConfig config(uint64_t disk_slots = 0) const {
+    EngineConfig c;
+    c.name = "test/nv0";
+    c.agent_path = sock;
+    c.vbt_path = vbt;
+    c.vbd_path = vbd;
+    c.block_shift = kShift;
+    c.disk_slots = disk_slots;
+    c.probe_interval_ms = 60000;
+    return c;
+  }
+
+  std::unique_ptr<Engine> start(uint64_t disk_slots = 0) {
+    auto e = Engine::start(config(disk_slots), [this](const std::string& w) {
+      std::lock_guard g(fmu);
+      fatals.push_back(w);
+    });
+    INFO((e ? std::string() : e.error().code + ": " + e.error().message));
+    REQUIRE(e.ok());
+    REQUIRE((*e)->block_count() == kBlocks);
+    REQUIRE((*e)->block_size() == kBlock);
+    return std::move(*e);
+  }
+
+  std::vector<std::string> fatal_calls() {
+    std::lock_guard g(fmu);
+    return fatals;
+  }
+
+  std::string read_block(uint64_t b) const {
+    std::string s(kBlock, '\0');
+    REQUIRE(pread(backend_fd, s.data(), kBlock, static_cast<off_t>(off(b))) ==
+            static_cast<ssize_t>(kBlock));
+    return s;
+  }
+  std::string read_all() const {
+    std::string s(kSize, '\0');
+    REQUIRE(pread(backend_fd, s.data(), kSize, 0) ==
+            static_cast<ssize_t>(kSize));
+    return s;
+  }
+  void write_block(uint64_t b, const std::string& data) {
+    REQUIRE(pwrite(backend_fd, data.data(), kBlock,
+                   static_cast<off_t>(off(b))) ==
+            static_cast<ssize_t>(kBlock));
+    REQUIRE(fsync(backend_fd) == 0);
+  }
+  std::string orig_block(uint64_t b) const { return orig.substr(off(b), kBlock); }
+
+  // No data in the block's range (SEEK_DATA: ENXIO, or data beyond it).
+  bool hole(uint64_t b) const {
+    off_t d = lseek(backend_fd, static_cast<off_t>(off(b)), SEEK_DATA);
+    if (d < 0) return errno == ENXIO;
+    return static_cast<uint64_t>(d) >= off(b) + kBlock;
+  }
+  bool allocated(uint64_t b) const {
+    off_t h = lseek(backend_fd, static_cast<off_t>(off(b)), SEEK_HOLE);
+    return h >= 0 && static_cast<uint64_t>(h) >= off(b) + kBlock;
+  }
+
+  // Opens the table (after the engine is gone), as the next start would.
+  std::unique_ptr<Table> open_table(RecoveryReport* rep) {
+    auto t = Table::open(vbt, vbd, backend_fd, kSize, rep);
+    INFO((t ? std::string() : t.error().code + ": " + t.error().message));
+    REQUIRE(t.ok());
+    return std::move(*t);
+  }
+
+  std::string dir, backend, vbt, vbd, sock;
+  std::string orig;  // what the backend held at the start
+  int backend_fd = -1;
+  std::unique_ptr<FakeAgent> agent;
+  std::mutex fmu;
+  std::vector<std::string> fatals;
+};
+
+uint64_t st(const Engine& e, const char* key) {
+  return e.status()[key].get<uint64_t>();
+}
+uint64_t err(const Engine& e, const char* key) {
+  return e.status()["errors"][key].get<uint64_t>();
+}
+
+MoveResult purge_all(Engine& e) {
+  auto r = e.purge_now(0, 0, true);
+  INFO((r ? r->error : r.error().code + ": " + r.error().message));
+  REQUIRE(r.ok());
+  return *r;
+}
+
+// Faults block b (a page in its middle) and waits for the engine to map it
+// back; the MAP_BACKs sent for it are returned.
+std::vector<Req> fault_back(Fixture& f, uint64_t b) {
+  size_t m = f.agent->mark();
+  f.agent->fault(off(b) + 3 * kPage);
+  REQUIRE(wait_until([&] { return !f.agent->since(m, kMapBack).empty(); }));
+  return f.agent->since(m, kMapBack);
+}
+
+}  // namespace
+
+// -- purge-now ---------------------------------------------------------------------
+
+TEST_CASE("purge_now: every block with data is purged, holes are not") {
+  Fixture f({5}, {7});  // block 5 a hole, block 7 all zeros
+  auto e = f.start();
+
+  // Attach on a fresh table: the hole hidden at QEMU's start is mapped
+  // back with everything else, then waiting threads are woken.
+  auto attach = f.agent->log(1);
+  REQUIRE(attach.size() >= 3);
+  CHECK(attach[0].op == kHello);
+  CHECK(attach[1].op == kMapBack);
+  CHECK(attach[1].offset == 0);
+  CHECK(attach[1].length == kSize);
+  CHECK(attach[2].op == kWake);
+  CHECK_FALSE(f.agent->any_swapped(5));
+  CHECK(st(*e, "purged") == 0);
+  CHECK(st(*e, "resident") == kBlocks);
+
+  size_t m = f.agent->mark();
+  MoveResult r = purge_all(*e);
+  CHECK(r.blocks == kBlocks - 1);
+  CHECK(r.zero == 1);
+  CHECK(r.failed == 0);
+  CHECK(r.bytes == (kBlocks - 1) * kBlock);
+  CHECK(r.error.empty());
+
+  auto s = e->status();
+  CHECK(s["state"] == "running");
+  CHECK(s["purged"].get<uint64_t>() == kBlocks - 1);
+  CHECK(s["resident"].get<uint64_t>() == 1);
+  CHECK(s["purged-total"].get<uint64_t>() == kBlocks - 1);
+  CHECK(s["zero-blocks"].get<uint64_t>() == 1);
+  CHECK(s["bytes-saved"].get<uint64_t>() == (kBlocks - 1) * kBlock);
+
+  // One SWAP_OUT per purged block, none for the hole.
+  auto swaps = f.agent->since(m, kSwapOut);
+  CHECK(swaps.size() == kBlocks - 1);
+  std::set<uint64_t> swapped_blocks;
+  for (const Req& q : swaps) {
+    CHECK(q.status == 0);
+    CHECK(q.length == kBlock);
+    CHECK(q.offset % kBlock == 0);
+    CHECK_FALSE(overlaps(q, 5));
+    swapped_blocks.insert(q.offset / kBlock);
+  }
+  CHECK(swapped_blocks.size() == kBlocks - 1);
+  for (uint64_t b = 0; b < kBlocks; b++) {
+    INFO("block " << b);
+    if (b == 5) {
+      CHECK_FALSE(f.agent->any_swapped(b));
+      CHECK(f.hole(b));
+      continue;
+    }
+    CHECK(f.agent->swapped(b));
+    CHECK(f.hole(b));  // punched
+  }
+  // Backend allocation: only metadata-sized leftovers.
+  struct stat sb{};
+  REQUIRE(fstat(f.backend_fd, &sb) == 0);
+  CHECK(static_cast<uint64_t>(sb.st_blocks) * 512 < kBlock);
+
+  // Nothing left to purge: a second purge_now moves nothing.
+  MoveResult again = purge_all(*e);
+  CHECK(again.blocks == 0);
+  CHECK(st(*e, "purged") == kBlocks - 1);
+
+  CHECK(f.agent->rejected() == 0);
+  e.reset();
+
+  // What the journal says: 31 purged, the zero block without a disk copy.
+  RecoveryReport rep;
+  auto t = f.open_table(&rep);
+  CHECK(rep.purged.size() == kBlocks - 1);
+  CHECK(t->entry(5).state == BlockState::Resident);
+  CHECK(t->entry(7).state == BlockState::Purged);
+  CHECK((t->entry(7).flags & kFlagZero) != 0);
+  CHECK(t->entry(7).disk_slot == kNoSlot);
+  CHECK(t->entry(0).state == BlockState::Purged);
+  CHECK(t->entry(0).disk_slot != kNoSlot);
+}
+
+// -- fault-back --------------------------------------------------------------------
+
+TEST_CASE("fault: a purged block comes back, once") {
+  Fixture f;
+  auto e = f.start();
+  REQUIRE(purge_all(*e).blocks == kBlocks);
+
+  size_t m0 = f.agent->mark();
+  fault_back(f, 9);
+  // Give a stray second MAP_BACK a chance to show up.
+  std::this_thread::sleep_for(50ms);
+  auto maps = f.agent->since(m0, kMapBack);
+  REQUIRE(maps.size() == 1);
+  CHECK(maps[0].offset == off(9));
+  CHECK(maps[0].length == kBlock);
+  CHECK(maps[0].status == 0);
+
+  CHECK(f.read_block(9) == f.orig_block(9));
+  CHECK(f.allocated(9));
+  CHECK_FALSE(f.agent->any_swapped(9));
+  CHECK(f.agent->swapped(8));
+  CHECK(f.agent->swapped(10));
+  CHECK(f.hole(8));
+  CHECK(f.hole(10));
+  auto s = e->status();
+  CHECK(s["faults"].get<uint64_t>() == 1);
+  CHECK(s["fault-backs"].get<uint64_t>() == 1);
+  CHECK(s["restored-bytes"].get<uint64_t>() == kBlock);
+  CHECK(s["purged"].get<uint64_t>() == kBlocks - 1);
+  CHECK(s["resident"].get<uint64_t>() == 1);
+  CHECK(s["fault-latency-us"]["samples"].get<uint64_t>() == 1);
+
+  // The guest writes into the block, then a (stale) fault on it again: only
+  // a MAP_BACK, no second restore over the guest's data.
+  std::string guest = Fixture::pattern(9, 7);
+  f.write_block(9, guest);
+  size_t m = f.agent->mark();
+  f.agent->fault(off(9) + 5 * kPage, true);
+  REQUIRE(wait_until([&] { return f.agent->since(m, kMapBack).size() == 1; }));
+  REQUIRE(wait_until([&] { return st(*e, "faults") == 2; }));
+  std::this_thread::sleep_for(50ms);
+  auto maps2 = f.agent->since(m, kMapBack);
+  REQUIRE(maps2.size() == 1);
+  CHECK(maps2[0].offset == off(9));
+  CHECK(maps2[0].length == kBlock);
+  CHECK(st(*e, "fault-backs") == 1);
+  CHECK(st(*e, "restored-bytes") == kBlock);
+  CHECK(f.read_block(9) == guest);
+  CHECK(f.agent->since(m, kSwapOut).empty());
+
+  // A fault outside the backend is ignored.
+  m = f.agent->mark();
+  f.agent->fault(kSize + kPage);
+  std::this_thread::sleep_for(50ms);
+  CHECK(f.agent->since(m, kMapBack).empty());
+
+  CHECK(f.agent->rejected() == 0);
+  e.reset();  // flushes the batched `resident` commit
+
+  RecoveryReport rep;
+  auto t = f.open_table(&rep);
+  CHECK(t->entry(9).state == BlockState::Resident);
+  CHECK(t->entry(9).disk_slot == kNoSlot);
+  CHECK(rep.purged.size() == kBlocks - 1);
+  CHECK(std::find(rep.purged.begin(), rep.purged.end(), 9) ==
+        rep.purged.end());
+}
+
+// -- restart -----------------------------------------------------------------------
+
+TEST_CASE("restart: purged blocks go behind placeholders, the rest maps back") {
+  Fixture f({5});
+  {
+    auto e = f.start();
+    REQUIRE(purge_all(*e).blocks == kBlocks - 1);
+  }
+  auto e = f.start();
+  REQUIRE(f.agent->connections() == 2);
+  auto attach = f.agent->log(2);
+  REQUIRE(attach.size() >= 5);
+  CHECK(attach[0].op == kHello);
+  // One SWAP_OUT per run of purged blocks: [0, 5) and [6, 32).
+  CHECK(attach[1].op == kSwapOut);
+  CHECK(attach[1].offset == 0);
+  CHECK(attach[1].length == 5 * kBlock);
+  CHECK(attach[2].op == kSwapOut);
+  CHECK(attach[2].offset == off(6));
+  CHECK(attach[2].length == (kBlocks - 6) * kBlock);
+  CHECK(attach[3].op == kMapBack);
+  CHECK(attach[3].offset == off(5));
+  CHECK(attach[3].length == kBlock);
+  CHECK(attach[4].op == kWake);
+  CHECK(attach[4].offset == 0);
+  CHECK(attach[4].length == kSize);
+  for (const Req& q : attach) CHECK(q.status == 0);
+
+  CHECK(st(*e, "purged") == kBlocks - 1);
+  CHECK(st(*e, "resident") == 1);
+  for (uint64_t b : {0, 4, 6, 31}) {
+    INFO("block " << b);
+    auto maps = fault_back(f, b);
+    REQUIRE(maps.size() == 1);
+    CHECK(maps[0].offset == off(b));
+    CHECK(maps[0].length == kBlock);
+    CHECK(f.read_block(b) == f.orig_block(b));
+  }
+  CHECK(st(*e, "fault-backs") == 4);
+  CHECK(f.agent->rejected() == 0);
+}
+
+TEST_CASE("restart: a purged block whose range is fully allocated is resident") {
+  Fixture f;
+  {
+    auto e = f.start();
+    REQUIRE(purge_all(*e).blocks == kBlocks);
+  }
+  // Behind the engine's back: block 3's data is back in the backend.
+  f.write_block(3, f.orig_block(3));
+  REQUIRE(f.allocated(3));
+
+  auto e = f.start();
+  auto attach = f.agent->log(2);
+  REQUIRE(attach.size() >= 5);
+  CHECK(attach[0].op == kHello);
+  CHECK(attach[1].op == kSwapOut);
+  CHECK(attach[1].offset == 0);
+  CHECK(attach[1].length == 3 * kBlock);
+  CHECK(attach[2].op == kSwapOut);
+  CHECK(attach[2].offset == off(4));
+  CHECK(attach[2].length == (kBlocks - 4) * kBlock);
+  CHECK(attach[3].op == kMapBack);
+  CHECK(attach[3].offset == off(3));
+  CHECK(attach[3].length == kBlock);
+  CHECK(attach[4].op == kWake);
+  for (const Req& q : attach)
+    if (q.op == kSwapOut) CHECK_FALSE(overlaps(q, 3));
+
+  CHECK(st(*e, "purged") == kBlocks - 1);
+  CHECK(st(*e, "resident") == 1);
+  CHECK_FALSE(f.agent->any_swapped(3));
+  CHECK(f.agent->swapped(2));
+  CHECK(f.agent->swapped(4));
+  CHECK(f.read_block(3) == f.orig_block(3));
+  CHECK(f.hole(2));
+  CHECK(f.hole(4));
+
+  // A fault on it only maps it back; block 4 is restored from its copy.
+  auto maps = fault_back(f, 3);
+  REQUIRE(wait_until([&] { return st(*e, "faults") == 1; }));
+  CHECK(maps.size() == 1);
+  CHECK(st(*e, "fault-backs") == 0);
+  fault_back(f, 4);
+  CHECK(st(*e, "fault-backs") == 1);
+  CHECK(f.read_block(4) == f.orig_block(4));
+  CHECK(f.read_block(3) == f.orig_block(3));
+  e.reset();
+
+  RecoveryReport rep;
+  auto t = f.open_table(&rep);
+  CHECK(t->entry(3).state == BlockState::Resident);
+  CHECK(t->entry(4).state == BlockState::Resident);
+  CHECK(rep.purged.size() == kBlocks - 2);
+}
+
+// -- a disk copy changed behind the engine's back ----------------------------------
+
+TEST_CASE("fault: a disk copy that fails its checksum is fatal, not mapped") {
+  Fixture f;
+  auto e = f.start();
+  REQUIRE(purge_all(*e).blocks == kBlocks);
+
+  // Flip 16 bytes in the middle of every slot of the .vbd (slot s at
+  // (s + 1) * block size).
+  {
+    int fd = open(f.vbd.c_str(), O_RDWR | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    for (uint64_t s = 0; s < kBlocks; s++) {
+      unsigned char x[16];
+      off_t at = static_cast<off_t>((s + 1) * kBlock + 1000);
+      REQUIRE(pread(fd, x, sizeof(x), at) == 16);
+      for (auto& c : x) c ^= 0xff;
+      REQUIRE(pwrite(fd, x, sizeof(x), at) == 16);
+    }
+    REQUIRE(fsync(fd) == 0);
+    close(fd);
+  }
+
+  size_t m = f.agent->mark();
+  f.agent->fault(off(9) + kPage);
+  REQUIRE(wait_until([&] { return f.fatal_calls().size() == 1; }));
+  std::this_thread::sleep_for(100ms);
+  auto calls = f.fatal_calls();
+  REQUIRE(calls.size() == 1);
+  CHECK_THAT(calls[0], ContainsSubstring("block 9 "));
+  CHECK_THAT(calls[0], ContainsSubstring("checksum"));
+
+  auto s = e->status();
+  CHECK(s["state"] == "failed");
+  CHECK_THAT(s["error"].get<std::string>(), ContainsSubstring("block 9 "));
+  CHECK(s["errors"]["checksum"].get<uint64_t>() == 1);
+  CHECK(s["lost"].get<uint64_t>() == 1);
+  CHECK(s["fault-backs"].get<uint64_t>() == 0);
+  CHECK_FALSE(e->alive());
+  for (const Req& q : f.agent->since(m, kMapBack)) CHECK_FALSE(overlaps(q, 9));
+  CHECK(f.agent->since(m, kMapBack).empty());
+  CHECK(f.agent->swapped(9));  // the waiting thread keeps waiting
+  CHECK(f.hole(9));            // nothing written into the backend
+
+  // No more purging once a block is lost.
+  auto p = e->purge_now(0, 0, true);
+  REQUIRE_FALSE(p.ok());
+  CHECK(p.error().code == "purge-broken");
+
+  // Another bad block: counted, but the FatalFn is called only once; the
+  // lost block again: nothing at all.
+  f.agent->fault(off(10));
+  REQUIRE(wait_until([&] { return err(*e, "checksum") == 2; }));
+  f.agent->fault(off(9));
+  REQUIRE(wait_until([&] { return st(*e, "faults") == 3; }));
+  std::this_thread::sleep_for(100ms);
+  CHECK(f.fatal_calls().size() == 1);
+  CHECK(err(*e, "checksum") == 2);
+  CHECK(f.agent->since(m, kMapBack).empty());
+  e.reset();
+}
+
+// -- a full disk ---------------------------------------------------------------------
+
+TEST_CASE("purge_now: a full disk purges what fits; freed slots are reused") {
+  Fixture f;
+  auto e = f.start(4);  // 4 disk slots for 32 blocks
+
+  size_t m = f.agent->mark();
+  auto r = e->purge_now(0, 8, true);
+  REQUIRE(r.ok());
+  CHECK(r->blocks == 4);
+  CHECK(r->failed == 4);
+  CHECK_THAT(r->error, ContainsSubstring("slots"));
+  CHECK(err(*e, "disk-full") > 0);
+  CHECK(st(*e, "purged") == 4);
+  CHECK(f.agent->since(m, kSwapOut).size() == 4);
+  for (uint64_t b = 0; b < 8; b++) {
+    INFO("block " << b);
+    if (b < 4) {
+      CHECK(f.agent->swapped(b));
+      CHECK(f.hole(b));
+    } else {
+      CHECK_FALSE(f.agent->any_swapped(b));
+      CHECK(f.allocated(b));
+      CHECK(f.read_block(b) == f.orig_block(b));
+    }
+  }
+  CHECK(e->alive());
+
+  for (uint64_t b = 0; b < 4; b++) fault_back(f, b);
+  REQUIRE(wait_until([&] { return st(*e, "fault-backs") == 4; }));
+  for (uint64_t b = 0; b < 4; b++) CHECK(f.read_block(b) == f.orig_block(b));
+  // The `resident` commit is batched on the control thread (~100 ms);
+  // only after it are the slots free.
+  std::this_thread::sleep_for(500ms);
+
+  auto r2 = e->purge_now(8, 8, true);
+  REQUIRE(r2.ok());
+  CHECK(r2->blocks == 4);
+  CHECK(st(*e, "purged") == 4);
+  for (uint64_t b = 8; b < 12; b++) CHECK(f.agent->swapped(b));
+  // And they come back right from the reused slots.
+  for (uint64_t b = 8; b < 12; b++) {
+    fault_back(f, b);
+    CHECK(f.read_block(b) == f.orig_block(b));
+  }
+  CHECK(f.agent->rejected() == 0);
+}
+
+// BUG (engine.cc, Engine::purge_blocks): the per-batch MoveResult's
+// error_code is never copied into the total, so purge_now's result has
+// `error` set but `error_code` empty ("disk-full" here).
+TEST_CASE("purge_now: a partial result carries its error code",
+          "[!mayfail]") {
+  Fixture f;
+  auto e = f.start(2);
+  auto r = e->purge_now(0, 4, true);
+  REQUIRE(r.ok());
+  CHECK(r->blocks == 2);
+  CHECK_FALSE(r->error.empty());
+  CHECK(r->error_code == "disk-full");
+}
+
+// -- the agent goes away ---------------------------------------------------------------
+
+TEST_CASE("agent gone during purge_now: partial, disconnected, no punch") {
+  Fixture f;
+  f.agent->close_at_swap_out(3);  // QEMU dies on the third SWAP_OUT
+  auto e = f.start();
+  auto r = e->purge_now(0, 0, true);
+  if (r.ok()) {
+    CHECK(r->blocks <= 2);
+    CHECK_FALSE(r->error.empty());
+  } else {
+    CHECK_FALSE(r.error().message.empty());
+  }
+  REQUIRE(wait_until([&] { return !e->alive(); }));
+  auto s = e->status();
+  CHECK(s["state"] == "disconnected");
+  CHECK(s["error"].is_string());
+  // A range swapped out before QEMU died is not punched: a new QEMU may
+  // map the file already.
+  for (uint64_t b = 0; b < kBlocks; b++) {
+    INFO("block " << b);
+    CHECK(f.allocated(b));
+    CHECK(f.read_block(b) == f.orig_block(b));
+  }
+  auto p = e->purge_now(0, 0, true);
+  REQUIRE_FALSE(p.ok());
+  CHECK(p.error().code == "agent-closed");
+  auto u = e->unpurge(0, 0);
+  REQUIRE_FALSE(u.ok());
+  CHECK(u.error().code == "agent-closed");
+  e.reset();  // returns
+  CHECK(f.fatal_calls().empty());
+
+  // The next attach (a new QEMU) takes the still-allocated ranges of the
+  // blocks recorded purged as resident.
+  f.agent->close_at_swap_out(0);
+  auto e2 = f.start();
+  CHECK(st(*e2, "purged") == 0);
+  CHECK(st(*e2, "resident") == kBlocks);
+  auto attach = f.agent->log(f.agent->connections());
+  for (const Req& q : attach) CHECK(q.op != kSwapOut);
+  for (uint64_t b = 0; b < kBlocks; b++) CHECK_FALSE(f.agent->any_swapped(b));
+  e2.reset();
+  RecoveryReport rep;
+  auto t = f.open_table(&rep);
+  CHECK(rep.purged.empty());
+}
+
+TEST_CASE("agent gone before purge_now") {
+  Fixture f;
+  auto e = f.start();
+  f.agent->disconnect();
+  REQUIRE(wait_until([&] { return !e->alive(); }));
+  CHECK(e->status()["state"] == "disconnected");
+  auto p = e->purge_now(0, 0, true);
+  REQUIRE_FALSE(p.ok());
+  CHECK(p.error().code == "agent-closed");
+  for (uint64_t b = 0; b < kBlocks; b++) CHECK(f.allocated(b));
+  e.reset();
+  CHECK(f.fatal_calls().empty());
+}
+
+// -- unpurge -----------------------------------------------------------------------
+
+TEST_CASE("unpurge: every purged block comes back") {
+  Fixture f({5}, {7});
+  auto e = f.start();
+  REQUIRE(purge_all(*e).blocks == kBlocks - 1);
+  size_t m = f.agent->mark();
+  auto r = e->unpurge(0, 0);
+  REQUIRE(r.ok());
+  CHECK(r->blocks == kBlocks - 1);
+  CHECK(r->failed == 0);
+  CHECK(r->bytes == (kBlocks - 1) * kBlock);
+
+  auto maps = f.agent->since(m, kMapBack);
+  std::set<uint64_t> back;
+  for (const Req& q : maps) {
+    CHECK(q.length == kBlock);
+    CHECK(q.status == 0);
+    back.insert(q.offset / kBlock);
+  }
+  CHECK(maps.size() == kBlocks - 1);
+  CHECK(back.size() == kBlocks - 1);
+  CHECK(back.count(5) == 0);
+
+  CHECK(f.read_all() == f.orig);
+  for (uint64_t b = 0; b < kBlocks; b++) {
+    INFO("block " << b);
+    CHECK_FALSE(f.agent->any_swapped(b));
+    if (b == 5)
+      CHECK(f.hole(b));
+    else
+      CHECK(f.allocated(b));
+  }
+  auto s = e->status();
+  CHECK(s["purged"].get<uint64_t>() == 0);
+  CHECK(s["resident"].get<uint64_t>() == kBlocks);
+  CHECK(s["fault-backs"].get<uint64_t>() == kBlocks - 1);
+  // unpurge is not a fault: no latency samples.
+  CHECK(s["fault-latency-us"]["samples"].get<uint64_t>() == 0);
+
+  // Nothing left to bring back.
+  auto r2 = e->unpurge(0, 0);
+  REQUIRE(r2.ok());
+  CHECK(r2->blocks == 0);
+  CHECK(f.agent->rejected() == 0);
+  e.reset();
+
+  RecoveryReport rep;
+  auto t = f.open_table(&rep);
+  CHECK(rep.purged.empty());
+}
+
+// -- a fault pending when the engine attaches --------------------------------------
+//
+// The agent tells a new client, right after HELLO, about every fault still
+// pending (a QEMU thread waited on a purged block while hostd restarted).
+// AgentClient::connect() starts the reader thread, which delivers them to
+// Engine::on_fault, before Engine::attach() has sized queued_ (and st_ ...):
+// on_fault writes queued_[b] into an empty vector.  Whether that happens
+// depends on which thread runs first; the second variant lets the reader
+// run first.  Each variant runs in a child process, so that the crash it
+// may cause is reported instead of killing the test binary.
+//
+// BUG (engine.cc, Engine::attach / Engine::on_fault): the second variant
+// dies (std::vector assertion under _GLIBCXX_ASSERTIONS, else a write
+// through a null pointer); [!mayfail] until the engine sizes its vectors
+// before the agent's reader can call on_fault.
+
+namespace {
+
+// 0: the pending fault was served right; otherwise which check failed.
+int pending_fault_child(int delay_ms) {
+  Fixture f;
+  {
+    auto e = f.start();
+    if (purge_all(*e).blocks != kBlocks) return 10;
+  }
+  f.agent->faults_after_next_hello({off(12) + kPage});
+  g_delay_after_create_ms = delay_ms;
+  auto e = f.start();
+  g_delay_after_create_ms = 0;
+  if (!wait_until([&] { return st(*e, "fault-backs") == 1; })) return 11;
+  if (f.read_block(12) != f.orig_block(12)) return 12;
+  if (f.agent->any_swapped(12)) return 13;
+  if (st(*e, "purged") != kBlocks - 1) return 14;
+  return 0;
+}
+
+std::string run_child(int delay_ms) {
+  std::string base = "/var/tmp/kvmx-purge-engine-child-XXXXXX";
+  REQUIRE(mkdtemp(base.data()));
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    g_tmp_base = base;
+    // Catch2's handlers would report the crash as the parent's failure.
+    signal(SIGABRT, SIG_DFL);
+    signal(SIGSEGV, SIG_DFL);
+    int rc = 100;
+    try {
+      rc = pending_fault_child(delay_ms);
+    } catch (...) {
+      rc = 101;  // a REQUIRE failed in the child
+    }
+    _exit(rc);
+  }
+  int ws = 0;
+  REQUIRE(waitpid(pid, &ws, 0) == pid);
+  std::error_code ec;
+  std::filesystem::remove_all(base, ec);
+  if (WIFSIGNALED(ws))
+    return std::string("child killed by signal ") + strsignal(WTERMSIG(ws));
+  if (WEXITSTATUS(ws) != 0)
+    return "child failed check " + std::to_string(WEXITSTATUS(ws));
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("attach: a fault pending at HELLO is served", "[!mayfail]") {
+  // The usual order: attach sizes its state before the reader runs.
+  CHECK(run_child(0) == "");
+  // The reader first (the creating thread sleeps 100 ms after creating it).
+  CHECK(run_child(100) == "");
+}

@@ -446,15 +446,20 @@ void Engine::fatal(uint64_t b, const std::string& why) {
   if (first && on_fatal_) on_fatal_(what);
 }
 
+// Batches are pipelined: while one is written, synced, committed and
+// punched (seal_batch, on a thread of its own), the next is swapped out and
+// read (prepare_batch).  At most two batches' buffers exist at a time.
 Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
                                         Mover& mover) {
   MoveResult total;
   uint64_t t0 = mono_us();
-  for (size_t i = 0; i < blocks.size(); i += cfg_.batch_blocks) {
-    std::vector<uint64_t> batch(
-        blocks.begin() + i,
-        blocks.begin() + std::min(blocks.size(), i + cfg_.batch_blocks));
-    MoveResult r = purge_batch(batch, mover);
+  std::unique_ptr<Batch> sealing;
+  std::thread sealer;
+  bool stop_now = false;
+  auto collect = [&] {
+    if (!sealer.joinable()) return;
+    sealer.join();
+    const MoveResult& r = sealing->res;
     total.blocks += r.blocks;
     total.zero += r.zero;
     total.skipped += r.skipped;
@@ -462,10 +467,28 @@ Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
     total.bytes += r.bytes;
     if (!r.error.empty()) total.error = r.error;
     // A full disk stays full for the rest of this request.
-    if (r.error_code == "disk-full") break;
+    if (r.error_code == "disk-full") stop_now = true;
+    sealing.reset();
+  };
+  for (size_t i = 0; i < blocks.size() && !stop_now; i += cfg_.batch_blocks) {
+    std::vector<uint64_t> ids(
+        blocks.begin() + i,
+        blocks.begin() + std::min(blocks.size(), i + cfg_.batch_blocks));
+    auto next = std::make_unique<Batch>();
+    prepare_batch(ids, *next, mover);
+    collect();
+    if (stop_now) {
+      seal_batch(*next, *seal_mover_, /*abandon=*/true);
+      break;
+    }
+    sealing = std::move(next);
+    sealer = std::thread([this, b = sealing.get()] {
+      seal_batch(*b, *seal_mover_, false);
+    });
     std::lock_guard g(mu_);
     if (stop_ || fatal_seen_ || agent_lost_) break;
   }
+  collect();
   total.seconds = (mono_us() - t0) / 1e6;
   {
     std::lock_guard g(mu_);
@@ -476,113 +499,122 @@ Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
   return total;
 }
 
-// One batch: swap out, read, write the disk copies, sync, commit, punch.
-// Until the commit a fault cancels the block (its data is still in the
-// backend); from the commit to the punch a fault waits (kSealing).
-MoveResult Engine::purge_batch(const std::vector<uint64_t>& blocks,
-                               Mover& mover) {
-  MoveResult res;
-  struct Item {
-    uint64_t b;
-    uint64_t slot = kNoSlot;
-    Entry old;
-    AlignedBuf buf;
-    bool zero = false;
-    bool ok = true;
-  };
-  std::vector<Item> items;
+void Engine::back_to_resident(Batch& batch, size_t i, bool map_back) {
+  BatchItem& it = batch.items[i];
+  if (map_back)
+    (void)agent_->request(AgentClient::kMapBack, off(it.b), len(it.b));
+  if (it.slot != kNoSlot) table_->release_slot(it.slot);
+  it.slot = kNoSlot;
+  it.ok = false;
+  batch.res.failed++;
+  std::lock_guard g(mu_);
+  st_[it.b] = St::kResident;
+  cv_.notify_all();
+}
+
+void Engine::batch_error(Batch& batch, Error e, uint64_t Stats::*counter) {
+  std::lock_guard g(mu_);
+  if (counter) stats_.*counter += 1;
+  if (batch.first_error.code.empty()) batch.first_error = std::move(e);
+}
+
+// Swap out, take a slot, read the block from the backend (nothing can
+// change it now), checksum it.  Until the commit a fault cancels the block:
+// its data is still in the backend.
+void Engine::prepare_batch(const std::vector<uint64_t>& blocks, Batch& batch,
+                           Mover& mover) {
+  uint64_t t0 = mono_us();
   {
     std::lock_guard g(mu_);
     for (uint64_t b : blocks) {
       if (b >= nblocks_ || st_[b] != St::kResident || pending_[b]) {
-        res.skipped++;
+        batch.res.skipped++;
         continue;
       }
       st_[b] = St::kMoving;
       cancelled_[b] = 0;
-      items.emplace_back();
-      items.back().b = b;
+      batch.items.emplace_back();
+      batch.items.back().b = b;
     }
   }
-  auto back_to_resident = [&](Item& it, bool map_back) {
-    if (map_back) (void)agent_->request(AgentClient::kMapBack, off(it.b),
-                                        len(it.b));
-    if (it.slot != kNoSlot) table_->release_slot(it.slot);
-    it.slot = kNoSlot;
-    it.ok = false;
-    std::lock_guard g(mu_);
-    st_[it.b] = St::kResident;
-    cv_.notify_all();
-  };
-
-  // 1. Out of QEMU's reach; a slot each.
-  Error first_error{"", "", 0};
-  for (auto& it : items) {
+  for (size_t i = 0; i < batch.items.size(); i++) {
+    BatchItem& it = batch.items[i];
     it.old = table_->entry(it.b);
     it.buf = AlignedBuf(block_size());
     if (!it.buf) {
-      first_error = make_error("no-memory", "cannot allocate a block buffer");
-      back_to_resident(it, false);
+      batch_error(batch, make_error("no-memory", "no memory for a block"),
+                  nullptr);
+      back_to_resident(batch, i, false);
       continue;
     }
     auto s = table_->alloc_slot();
     if (!s) {
-      std::lock_guard g(mu_);
-      stats_.disk_full++;
-      first_error = s.error();
-    } else {
-      it.slot = *s;
-    }
-    if (!s) {
-      back_to_resident(it, false);
+      batch_error(batch, s.error(), &Stats::disk_full);
+      back_to_resident(batch, i, false);
       continue;
     }
+    it.slot = *s;
     if (auto r = agent_->request(AgentClient::kSwapOut, off(it.b), len(it.b));
         !r) {
-      {
-        std::lock_guard g(mu_);
-        stats_.agent_errors++;
-      }
-      first_error = r.error();
-      back_to_resident(it, false);
+      batch_error(batch, r.error(), &Stats::agent_errors);
+      back_to_resident(batch, i, false);
     }
   }
-  // 2. Read the blocks from the backend (nothing can change them now).
+  uint64_t t1 = mono_us();
   std::vector<IoReq> reads;
-  for (auto& it : items)
-    if (it.ok)
-      reads.push_back(IoReq{hello_.backend_fd.get(),
-                            hello_.fd_offset + off(it.b), it.buf.data(),
-                            static_cast<uint32_t>(len(it.b)), false});
+  std::vector<size_t> idx;
+  for (size_t i = 0; i < batch.items.size(); i++) {
+    BatchItem& it = batch.items[i];
+    if (!it.ok) continue;
+    reads.push_back(IoReq{hello_.backend_fd.get(),
+                          hello_.fd_offset + off(it.b), it.buf.data(),
+                          static_cast<uint32_t>(len(it.b)), false});
+    idx.push_back(i);
+  }
   if (!reads.empty()) {
     auto r = mover.run(reads);
-    size_t k = 0;
-    for (auto& it : items) {
-      if (!it.ok) continue;
-      IoReq& rq = reads[k++];
-      if (!r || rq.result != static_cast<int64_t>(len(it.b))) {
-        std::lock_guard g(mu_);
-        stats_.io_errors++;
-        first_error = make_error("backend-read", "cannot read the backend");
-        it.ok = false;
+    for (size_t k = 0; k < reads.size(); k++) {
+      BatchItem& it = batch.items[idx[k]];
+      if (r && reads[k].result == static_cast<int64_t>(len(it.b))) {
+        uint64_t n = len(it.b);
+        if (n < block_size())
+          std::memset(it.buf.bytes() + n, 0, block_size() - n);
+        it.zero = all_zero(it.buf.bytes(), block_size());
+        it.crc = table_->data_crc(it.b, it.old.generation + 1,
+                                  it.buf.data(), n);
+        continue;
       }
+      batch_error(batch, make_error("backend-read", "cannot read the backend"),
+                  &Stats::io_errors);
+      back_to_resident(batch, idx[k], true);
     }
-    for (auto& it : items)
-      if (!it.ok && it.slot != kNoSlot) back_to_resident(it, true);
   }
-  // 3. Disk copies, then one sync.
+  uint64_t t2 = mono_us();
+  std::lock_guard g(mu_);
+  stats_.purge_phase_us[0] += t1 - t0;
+  stats_.purge_phase_us[1] += t2 - t1;
+}
+
+// Write the disk copies, sync once, commit the blocks no fault cancelled,
+// punch them, and only then let faults in (kSealing until then).
+// `abandon`: put every block back instead (the request stops).
+void Engine::seal_batch(Batch& batch, Mover& mover, bool abandon) {
+  MoveResult& res = batch.res;
+  if (abandon) {
+    for (size_t i = 0; i < batch.items.size(); i++)
+      if (batch.items[i].ok) back_to_resident(batch, i, true);
+    return;
+  }
+  uint64_t t0 = mono_us();
   std::vector<IoReq> writes;
-  std::vector<Item*> written;
-  for (auto& it : items) {
-    if (!it.ok) continue;
-    uint64_t n = len(it.b);
-    if (n < block_size()) std::memset(it.buf.bytes() + n, 0, block_size() - n);
-    it.zero = all_zero(it.buf.bytes(), block_size());
-    if (it.zero) continue;
+  std::vector<size_t> idx;
+  for (size_t i = 0; i < batch.items.size(); i++) {
+    BatchItem& it = batch.items[i];
+    if (!it.ok || it.zero) continue;
     writes.push_back(IoReq{vbd_fd_.get(), table_->slot_offset(it.slot),
-                           it.buf.data(),
-                           static_cast<uint32_t>(block_size()), true});
-    written.push_back(&it);
+                           it.buf.data(), static_cast<uint32_t>(block_size()),
+                           true});
+    idx.push_back(i);
   }
   if (!writes.empty()) {
     auto r = mover.run(writes);
@@ -590,65 +622,54 @@ MoveResult Engine::purge_batch(const std::vector<uint64_t>& blocks,
     for (size_t k = 0; k < writes.size(); k++) {
       if (synced && writes[k].result == static_cast<int64_t>(block_size()))
         continue;
-      {
-        std::lock_guard g(mu_);
-        stats_.io_errors++;
-      }
-      first_error = make_error(
-          "disk-write", std::string("cannot write the disk copy: ") +
-                            std::strerror(writes[k].result < 0
-                                              ? static_cast<int>(-writes[k].result)
-                                              : EIO));
-      back_to_resident(*written[k], true);
+      int err = writes[k].result < 0 ? static_cast<int>(-writes[k].result)
+                                     : EIO;
+      batch_error(batch,
+                  make_error("disk-write",
+                             std::string("cannot write the disk copy: ") +
+                                 std::strerror(err)),
+                  &Stats::io_errors);
+      back_to_resident(batch, idx[k], true);
     }
   }
-  // 4. Commit the ones no fault cancelled.
+  uint64_t t1 = mono_us();
   Tx tx{TxType::PurgeDone, {}};
+  std::vector<size_t> cancelled;
   {
     std::lock_guard g(mu_);
-    for (auto& it : items) {
+    for (size_t i = 0; i < batch.items.size(); i++) {
+      BatchItem& it = batch.items[i];
       if (!it.ok) continue;
-      if (cancelled_[it.b]) continue;
+      if (cancelled_[it.b]) {
+        cancelled.push_back(i);
+        continue;
+      }
       st_[it.b] = St::kSealing;
-      uint32_t crc = table_->data_crc(it.b, it.old.generation + 1,
-                                      it.buf.data(), len(it.b));
       tx.ops.push_back(
           {it.b, Entry{BlockState::Purged, static_cast<uint8_t>(it.zero),
-                       crc, it.old.generation + 1,
+                       it.crc, it.old.generation + 1,
                        it.zero ? kNoSlot : it.slot, 0}});
     }
   }
-  for (auto& it : items) {
-    bool cancelled;
-    {
-      std::lock_guard g(mu_);
-      cancelled = it.ok && cancelled_[it.b];
-    }
-    // The fault already mapped it back.
-    if (cancelled) back_to_resident(it, false);
-  }
+  // The fault already mapped these back.
+  for (size_t i : cancelled) back_to_resident(batch, i, false);
   if (!tx.ops.empty()) {
-    auto c = table_->commit(tx);
-    if (!c) {
-      {
-        std::lock_guard g(mu_);
-        stats_.commit_errors++;
-      }
-      first_error = c.error();
-      for (auto& it : items)
-        if (it.ok) back_to_resident(it, true);
-      tx.ops.clear();
+    if (auto c = table_->commit(tx); !c) {
+      batch_error(batch, c.error(), &Stats::commit_errors);
+      for (size_t i = 0; i < batch.items.size(); i++)
+        if (batch.items[i].ok) back_to_resident(batch, i, true);
     }
   }
-  // 5. Free the NVM space, then let faults in.  Not once QEMU is gone: a
-  // new QEMU may already map the file, where only a hole hidden at its
-  // start is safe to punch; the range stays allocated and the next attach
-  // takes it as resident (recover()).
+  uint64_t t2 = mono_us();
+  // Free the NVM space.  Not once QEMU is gone: a new QEMU may already map
+  // the file, where only a hole hidden at its start is safe to punch; the
+  // range stays allocated and the next attach takes it as resident.
   bool qemu_there = agent_->connected();
-  for (auto& it : items) {
+  for (auto& it : batch.items) {
     if (!it.ok) continue;
     if (it.zero && it.slot != kNoSlot) table_->release_slot(it.slot);
-    if (qemu_there && fallocate(hello_.backend_fd.get(),
+    if (qemu_there &&
+        fallocate(hello_.backend_fd.get(),
                   FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                   static_cast<off_t>(hello_.fd_offset + off(it.b)),
                   static_cast<off_t>(len(it.b))))
@@ -659,13 +680,14 @@ MoveResult Engine::purge_batch(const std::vector<uint64_t>& blocks,
     res.bytes += len(it.b);
     if (it.zero) res.zero++;
   }
+  uint64_t t3 = mono_us();
   {
     std::lock_guard g(mu_);
-    for (auto& it : items) {
-      if (!it.ok) {
-        res.failed++;
-        continue;
-      }
+    stats_.purge_phase_us[2] += t1 - t0;
+    stats_.purge_phase_us[3] += t2 - t1;
+    stats_.purge_phase_us[4] += t3 - t2;
+    for (auto& it : batch.items) {
+      if (!it.ok) continue;
       st_[it.b] = St::kPurged;
       stats_.purged_blocks++;
       stats_.purged_bytes += len(it.b);
@@ -673,13 +695,13 @@ MoveResult Engine::purge_batch(const std::vector<uint64_t>& blocks,
     }
     cv_.notify_all();
   }
-  res.error = first_error.message;
-  res.error_code = first_error.code;
-  if (!first_error.code.empty())
+  for (auto& it : batch.items) it.buf = AlignedBuf();  // memory back now
+  res.error = batch.first_error.message;
+  res.error_code = batch.first_error.code;
+  if (!batch.first_error.code.empty())
     log::warn("purge: some blocks stayed resident",
               {{"nvdimm", cfg_.name}, {"failed", res.failed},
-               {"error", first_error.message}});
-  return res;
+               {"error", batch.first_error.message}});
 }
 
 void Engine::probe_round() {
@@ -727,6 +749,12 @@ void Engine::control_loop() {
     return;
   }
   Mover& mover = **m;
+  auto sm = Mover::create(16);
+  if (!sm) {
+    fatal(0, "no mover: " + sm.error().message);
+    return;
+  }
+  seal_mover_ = std::move(*sm);
   uint64_t next_probe = now_ms();
   for (;;) {
     Command* cmd = nullptr;
@@ -928,6 +956,13 @@ json Engine::status() const {
                            {"check", stats_.phase_us[1]},
                            {"write", stats_.phase_us[2]},
                            {"map", stats_.phase_us[3]}}},
+      // And purges: swap-outs, reading the backend, writing and syncing the
+      // disk copies, the journal commit, punching.
+      {"purge-phases-us", {{"swap", stats_.purge_phase_us[0]},
+                           {"read", stats_.purge_phase_us[1]},
+                           {"write", stats_.purge_phase_us[2]},
+                           {"commit", stats_.purge_phase_us[3]},
+                           {"punch", stats_.purge_phase_us[4]}}},
       {"purged-total", stats_.purged_blocks},
       {"zero-blocks", stats_.zero_blocks},
       {"purged-bytes", stats_.purged_bytes},

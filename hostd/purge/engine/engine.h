@@ -99,7 +99,26 @@ class Engine {
   bool restore(uint64_t b, Mover& mover, bool from_fault);
   Result<MoveResult> purge_blocks(const std::vector<uint64_t>& blocks,
                                   Mover& mover);
-  MoveResult purge_batch(const std::vector<uint64_t>& blocks, Mover& mover);
+  struct Stats;
+  struct BatchItem {
+    uint64_t b = 0;
+    uint64_t slot = kNoSlot;
+    Entry old;
+    AlignedBuf buf;
+    uint32_t crc = 0;
+    bool zero = false;
+    bool ok = true;
+  };
+  struct Batch {
+    std::vector<BatchItem> items;
+    MoveResult res;
+    Error first_error{"", "", 0};
+  };
+  void prepare_batch(const std::vector<uint64_t>& blocks, Batch& batch,
+                     Mover& mover);
+  void seal_batch(Batch& batch, Mover& mover, bool abandon);
+  void back_to_resident(Batch& batch, size_t i, bool map_back);
+  void batch_error(Batch& batch, Error e, uint64_t Stats::*counter);
   void probe_round();
   void fatal(uint64_t b, const std::string& why);
   uint64_t now_ms() const;
@@ -156,11 +175,13 @@ class Engine {
              probe_errors = 0, zapped_blocks = 0, policy_purges = 0;
     double purge_seconds = 0;
     uint64_t phase_us[4] = {};  // fault-back: read, check, write, map
+    uint64_t purge_phase_us[5] = {};  // swap, read, write, commit, punch
   } stats_;
   std::vector<uint32_t> latencies_us_;  // ring of the last kLatencies
   size_t latency_next_ = 0;
   static constexpr size_t kLatencies = 4096;
 
+  std::unique_ptr<Mover> seal_mover_;  // purge batches' writes
   std::thread fault_thread_;
   std::thread control_thread_;
 };

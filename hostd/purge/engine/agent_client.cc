@@ -139,12 +139,17 @@ Result<std::unique_ptr<AgentClient>> AgentClient::connect(
   c->sock_ = std::move(s);
   c->on_fault_ = std::move(on_fault);
   c->on_closed_ = std::move(on_closed);
-  AgentClient* raw = c.get();
-  c->reader_ = std::thread([raw, early = std::move(early)] {
-    for (auto& [off, w] : early) raw->on_fault_(off, w);
-    raw->read_loop();
-  });
+  c->early_ = std::move(early);
   return c;
+}
+
+void AgentClient::start() {
+  if (reader_.joinable()) return;
+  reader_ = std::thread([this] {
+    for (auto& [off, w] : early_) on_fault_(off, w);
+    early_.clear();
+    read_loop();
+  });
 }
 
 AgentClient::~AgentClient() {
@@ -198,6 +203,8 @@ Result<AgentCounters> AgentClient::request(Op op, uint64_t offset,
   Pending p;
   std::unique_lock g(mu_);
   if (closed_) return make_error("agent-closed", closed_why_);
+  if (!reader_.joinable())
+    return make_error("agent-not-started", "AgentClient::start() not called");
   uint64_t tag = next_tag_++;
   pending_[tag] = &p;
   // Sent under the lock so that tags reach the agent in order; a send on a

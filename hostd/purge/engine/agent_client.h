@@ -11,6 +11,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include <sys/types.h>
 
@@ -41,7 +43,8 @@ class AgentClient {
   using ClosedFn = std::function<void(const std::string& why)>;
 
   // Connects and says HELLO.  `on_fault` and `on_closed` run on the
-  // client's reader thread; they must not call request() themselves.
+  // client's reader thread, which start() starts (faults that came with
+  // HELLO are kept until then); they must not call request() themselves.
   static Result<std::unique_ptr<AgentClient>> connect(
       const std::string& path, AgentHello* hello, FaultFn on_fault,
       ClosedFn on_closed);
@@ -54,6 +57,8 @@ class AgentClient {
   // "agent-timeout".
   Result<AgentCounters> request(Op op, uint64_t offset, uint64_t length,
                                 int timeout_ms = 30000);
+  // Starts reading: replies to request(), FAULT messages.
+  void start();
   bool connected() const;
   pid_t peer_pid() const { return peer_pid_; }  // QEMU's, from SO_PEERCRED
 
@@ -66,6 +71,7 @@ class AgentClient {
   FaultFn on_fault_;
   ClosedFn on_closed_;
   std::thread reader_;
+  std::vector<std::pair<uint64_t, bool>> early_;  // FAULTs before start()
   mutable std::mutex mu_;
   std::condition_variable cv_;
   struct Pending {

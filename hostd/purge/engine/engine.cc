@@ -109,6 +109,8 @@ Result<void> Engine::attach() {
     pending_.assign(nblocks_, 0);
     queued_.assign(nblocks_, 0);
   }
+  // Only now: a fault the agent tells us right after HELLO needs them.
+  agent_->start();
 
   RecoveryReport rep;
   struct stat sb{};
@@ -406,6 +408,20 @@ void Engine::flush_residents() {
     std::lock_guard g(mu_);
     todo.swap(pending_residents_);
   }
+  if (todo.empty()) return;
+  // The restored bytes on disk first, then `resident`, then the slot free:
+  // a crash in between finds purged + a durable disk copy, or a fully
+  // allocated, synced range (recover()).
+  if (fdatasync(hello_.backend_fd.get())) {
+    int err = errno;
+    std::lock_guard g(mu_);
+    stats_.commit_errors++;
+    // Kept as they are: purged on disk, with their slots.
+    log::error("purge: backend sync failed; fault-backs stay uncommitted",
+               {{"nvdimm", cfg_.name}, {"error", std::strerror(err)}});
+    for (auto& p : todo) pending_[p.block] = 0;
+    return;
+  }
   for (size_t i = 0; i < todo.size(); i += 32) {
     Tx tx{TxType::FaultBackDone, {}};
     size_t end = std::min(todo.size(), i + 32);
@@ -465,7 +481,10 @@ Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
     total.skipped += r.skipped;
     total.failed += r.failed;
     total.bytes += r.bytes;
-    if (!r.error.empty()) total.error = r.error;
+    if (!r.error.empty() && total.error.empty()) {
+      total.error = r.error;  // the first
+      total.error_code = r.error_code;
+    }
     // A full disk stays full for the rest of this request.
     if (r.error_code == "disk-full") stop_now = true;
     sealing.reset();

@@ -895,11 +895,8 @@ TEST_CASE("purge_now: a full disk purges what fits; freed slots are reused") {
   CHECK(f.agent->rejected() == 0);
 }
 
-// BUG (engine.cc, Engine::purge_blocks): the per-batch MoveResult's
-// error_code is never copied into the total, so purge_now's result has
-// `error` set but `error_code` empty ("disk-full" here).
-TEST_CASE("purge_now: a partial result carries its error code",
-          "[!mayfail]") {
+// Was a bug: the per-batch error_code was not copied into the total.
+TEST_CASE("purge_now: a partial result carries its error code") {
   Fixture f;
   auto e = f.start(2);
   auto r = e->purge_now(0, 4, true);
@@ -1034,10 +1031,8 @@ TEST_CASE("unpurge: every purged block comes back") {
 // run first.  Each variant runs in a child process, so that the crash it
 // may cause is reported instead of killing the test binary.
 //
-// BUG (engine.cc, Engine::attach / Engine::on_fault): the second variant
-// dies (std::vector assertion under _GLIBCXX_ASSERTIONS, else a write
-// through a null pointer); [!mayfail] until the engine sizes its vectors
-// before the agent's reader can call on_fault.
+// Was a bug: the agent's reader could call on_fault before the engine had
+// sized its vectors (AgentClient::start() now comes after).
 
 namespace {
 
@@ -1090,7 +1085,7 @@ std::string run_child(int delay_ms) {
 
 }  // namespace
 
-TEST_CASE("attach: a fault pending at HELLO is served", "[!mayfail]") {
+TEST_CASE("attach: a fault pending at HELLO is served") {
   // The usual order: attach sizes its state before the reader runs.
   CHECK(run_child(0) == "");
   // The reader first (the creating thread sleeps 100 ms after creating it).

@@ -65,8 +65,8 @@ Result<std::unique_ptr<Engine>> Engine::start(EngineConfig cfg,
   if (cfg.block_shift < 16 || cfg.block_shift > 30)
     return make_error("bad-block-size",
                       "block size must be a power of two from 64 KiB to 1 GiB");
-  if (cfg.batch_blocks == 0 || cfg.batch_blocks > 64)
-    return make_error("bad-batch", "batch must be 1..64 blocks");
+  if (cfg.batch_bytes == 0 || cfg.batch_bytes > (256u << 20))
+    return make_error("bad-batch", "batch must be 1 byte..256 MiB");
   std::unique_ptr<Engine> e(new Engine(std::move(cfg)));
   e->on_fatal_ = std::move(on_fatal);
   if (auto r = e->attach(); !r) return r.error();
@@ -489,10 +489,10 @@ Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
     if (r.error_code == "disk-full") stop_now = true;
     sealing.reset();
   };
-  for (size_t i = 0; i < blocks.size() && !stop_now; i += cfg_.batch_blocks) {
+  size_t per = std::clamp<uint64_t>(cfg_.batch_bytes / block_size(), 1, 4096);
+  for (size_t i = 0; i < blocks.size() && !stop_now; i += per) {
     std::vector<uint64_t> ids(
-        blocks.begin() + i,
-        blocks.begin() + std::min(blocks.size(), i + cfg_.batch_blocks));
+        blocks.begin() + i, blocks.begin() + std::min(blocks.size(), i + per));
     auto next = std::make_unique<Batch>();
     prepare_batch(ids, *next, mover);
     collect();
@@ -573,11 +573,25 @@ void Engine::prepare_batch(const std::vector<uint64_t>& blocks, Batch& batch,
       continue;
     }
     it.slot = *s;
-    if (auto r = agent_->request(AgentClient::kSwapOut, off(it.b), len(it.b));
+  }
+  // Out of QEMU's reach, one request per run of consecutive blocks.
+  for (size_t i = 0; i < batch.items.size();) {
+    if (!batch.items[i].ok) {
+      i++;
+      continue;
+    }
+    size_t j = i + 1;
+    while (j < batch.items.size() && batch.items[j].ok &&
+           batch.items[j].b == batch.items[j - 1].b + 1)
+      j++;
+    uint64_t first = batch.items[i].b, last = batch.items[j - 1].b;
+    if (auto r = agent_->request(AgentClient::kSwapOut, off(first),
+                                 off(last) + len(last) - off(first));
         !r) {
       batch_error(batch, r.error(), &Stats::agent_errors);
-      back_to_resident(batch, i, false);
+      for (size_t k = i; k < j; k++) back_to_resident(batch, k, false);
     }
+    i = j;
   }
   uint64_t t1 = mono_us();
   std::vector<IoReq> reads;
@@ -684,20 +698,33 @@ void Engine::seal_batch(Batch& batch, Mover& mover, bool abandon) {
   // the file, where only a hole hidden at its start is safe to punch; the
   // range stays allocated and the next attach takes it as resident.
   bool qemu_there = agent_->connected();
-  for (auto& it : batch.items) {
-    if (!it.ok) continue;
-    if (it.zero && it.slot != kNoSlot) table_->release_slot(it.slot);
+  for (size_t i = 0; i < batch.items.size();) {
+    BatchItem& it = batch.items[i];
+    if (!it.ok) {
+      i++;
+      continue;
+    }
+    size_t j = i + 1;
+    while (j < batch.items.size() && batch.items[j].ok &&
+           batch.items[j].b == batch.items[j - 1].b + 1)
+      j++;
+    uint64_t first = it.b, last = batch.items[j - 1].b;
     if (qemu_there &&
         fallocate(hello_.backend_fd.get(),
                   FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                  static_cast<off_t>(hello_.fd_offset + off(it.b)),
-                  static_cast<off_t>(len(it.b))))
+                  static_cast<off_t>(hello_.fd_offset + off(first)),
+                  static_cast<off_t>(off(last) + len(last) - off(first))))
       log::warn("purge: punch failed; the space stays allocated",
-                {{"nvdimm", cfg_.name}, {"block", it.b},
-                 {"error", std::strerror(errno)}});
-    res.blocks++;
-    res.bytes += len(it.b);
-    if (it.zero) res.zero++;
+                {{"nvdimm", cfg_.name}, {"block", first},
+                 {"blocks", j - i}, {"error", std::strerror(errno)}});
+    for (size_t k = i; k < j; k++) {
+      BatchItem& x = batch.items[k];
+      if (x.zero && x.slot != kNoSlot) table_->release_slot(x.slot);
+      res.blocks++;
+      res.bytes += len(x.b);
+      if (x.zero) res.zero++;
+    }
+    i = j;
   }
   uint64_t t3 = mono_us();
   {
@@ -775,13 +802,28 @@ void Engine::control_loop() {
   }
   seal_mover_ = std::move(*sm);
   uint64_t next_probe = now_ms();
+  uint64_t next_flush = now_ms() + 2000;
   for (;;) {
     Command* cmd = nullptr;
-    flush_residents();
+    // Batched: one backend sync per round, and not so often that it competes
+    // with a stream of fault-backs for the disk.
+    {
+      size_t pending;
+      {
+        std::lock_guard g(mu_);
+        pending = pending_residents_.size();
+      }
+      if (pending >= 256 || (pending && now_ms() >= next_flush)) {
+        flush_residents();
+        next_flush = now_ms() + 2000;
+      } else if (!pending) {
+        next_flush = now_ms() + 2000;
+      }
+    }
     {
       std::unique_lock g(mu_);
       cv_.wait_for(g, std::chrono::milliseconds(100), [&] {
-        return stop_ || !commands_.empty() || !pending_residents_.empty();
+        return stop_ || !commands_.empty();
       });
       if (stop_) {
         g.unlock();

@@ -39,7 +39,7 @@ struct EngineConfig {
   uint64_t disk_slots = 0;           // 0: one per block
   uint64_t journal_bytes = 4 << 20;
   uint64_t probe_interval_ms = 1000;
-  unsigned batch_blocks = 8;         // blocks per purge batch
+  uint64_t batch_bytes = 16 << 20;   // per purge batch (two in flight)
   PolicyConfig policy;
 };
 

@@ -447,6 +447,9 @@ struct Fixture {
     c.block_shift = kShift;
     c.disk_slots = disk_slots;
     c.probe_interval_ms = 60000;
+    // One block per batch: requests per block, which the cases below count
+    // ("purge_now: a batch swaps out runs" checks the default batches).
+    c.batch_bytes = kBlock;
     return c;
   }
 
@@ -857,7 +860,7 @@ TEST_CASE("purge_now: a full disk purges what fits; freed slots are reused") {
   auto r = e->purge_now(0, 8, true);
   REQUIRE(r.ok());
   CHECK(r->blocks == 4);
-  CHECK(r->failed == 4);
+  CHECK(r->failed >= 1);  // the request stops at the first full batch
   CHECK_THAT(r->error, ContainsSubstring("slots"));
   CHECK(err(*e, "disk-full") > 0);
   CHECK(st(*e, "purged") == 4);
@@ -878,9 +881,9 @@ TEST_CASE("purge_now: a full disk purges what fits; freed slots are reused") {
   for (uint64_t b = 0; b < 4; b++) fault_back(f, b);
   REQUIRE(wait_until([&] { return st(*e, "fault-backs") == 4; }));
   for (uint64_t b = 0; b < 4; b++) CHECK(f.read_block(b) == f.orig_block(b));
-  // The `resident` commit is batched on the control thread (~100 ms);
-  // only after it are the slots free.
-  std::this_thread::sleep_for(500ms);
+  // The `resident` commit is batched on the control thread (every 2 s,
+  // after a sync of the backend); only after it are the slots free.
+  std::this_thread::sleep_for(2600ms);
 
   auto r2 = e->purge_now(8, 8, true);
   REQUIRE(r2.ok());
@@ -893,6 +896,26 @@ TEST_CASE("purge_now: a full disk purges what fits; freed slots are reused") {
     CHECK(f.read_block(b) == f.orig_block(b));
   }
   CHECK(f.agent->rejected() == 0);
+}
+
+TEST_CASE("purge_now: a batch swaps out runs of blocks in one request") {
+  Fixture f({5}, {});  // block 5 a hole
+  EngineConfig c = f.config();
+  c.batch_bytes = 16 << 20;  // the default: all 32 blocks in one batch
+  size_t m = f.agent->mark();
+  auto r = Engine::start(c, [](const std::string&) {});
+  REQUIRE(r.ok());
+  auto& e = *r;
+  auto p = e->purge_now(0, 0, true);
+  REQUIRE(p.ok());
+  CHECK(p->blocks == kBlocks - 1);
+  // Blocks 0-4 and 6-31 (5 is a hole): two requests.
+  auto swaps = f.agent->since(m, kSwapOut);
+  std::vector<std::pair<uint64_t, uint64_t>> got;
+  for (const Req& q : swaps) got.emplace_back(q.offset / kBlock, q.length / kBlock);
+  CHECK(got == std::vector<std::pair<uint64_t, uint64_t>>{{0, 5}, {6, 26}});
+  for (uint64_t b = 0; b < kBlocks; b++)
+    if (b != 5) CHECK(f.hole(b));
 }
 
 // Was a bug: the per-batch error_code was not copied into the total.
@@ -923,13 +946,20 @@ TEST_CASE("agent gone during purge_now: partial, disconnected, no punch") {
   auto s = e->status();
   CHECK(s["state"] == "disconnected");
   CHECK(s["error"].is_string());
-  // A range swapped out before QEMU died is not punched: a new QEMU may
-  // map the file already.
+  // A range swapped out before QEMU died is not punched (a new QEMU may
+  // map the file already); only blocks whose purge completed while QEMU
+  // was there (batches are pipelined) are holes.
+  uint64_t holes = 0;
   for (uint64_t b = 0; b < kBlocks; b++) {
     INFO("block " << b);
-    CHECK(f.allocated(b));
+    if (!f.allocated(b)) {
+      holes++;
+      continue;
+    }
     CHECK(f.read_block(b) == f.orig_block(b));
   }
+  // Recorded purged: the punched ones, and any whose punch was skipped.
+  CHECK(holes <= (r.ok() ? r->blocks : 0));
   auto p = e->purge_now(0, 0, true);
   REQUIRE_FALSE(p.ok());
   CHECK(p.error().code == "agent-closed");
@@ -941,17 +971,17 @@ TEST_CASE("agent gone during purge_now: partial, disconnected, no punch") {
 
   // The next attach (a new QEMU) takes the still-allocated ranges of the
   // blocks recorded purged as resident.
+  // Only the punched ones stay purged (and are swapped out again).
   f.agent->close_at_swap_out(0);
   auto e2 = f.start();
-  CHECK(st(*e2, "purged") == 0);
-  CHECK(st(*e2, "resident") == kBlocks);
-  auto attach = f.agent->log(f.agent->connections());
-  for (const Req& q : attach) CHECK(q.op != kSwapOut);
-  for (uint64_t b = 0; b < kBlocks; b++) CHECK_FALSE(f.agent->any_swapped(b));
+  CHECK(st(*e2, "purged") == holes);
+  CHECK(st(*e2, "resident") == kBlocks - holes);
+  for (uint64_t b = 0; b < kBlocks; b++)
+    CHECK(f.agent->any_swapped(b) == !f.allocated(b));
   e2.reset();
   RecoveryReport rep;
   auto t = f.open_table(&rep);
-  CHECK(rep.purged.empty());
+  CHECK(rep.purged.size() == holes);
 }
 
 TEST_CASE("agent gone before purge_now") {

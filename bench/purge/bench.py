@@ -96,6 +96,7 @@ class Setup:
                 for b in sparse_blocks:
                     f.seek(b * block)
                     f.write(os.urandom(block))
+            os.fsync(f.fileno())  # an NVDIMM's contents are durable
         self.q = Qemu(kvmxvm.patched_qemu(), work, self.img, 0, size=size)
         self.hostd = hostdctl.Hostd(work)
         self.hostd.start()

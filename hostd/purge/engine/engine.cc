@@ -363,11 +363,10 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
   uint64_t t_crc = mono_us();
   int bfd = hello_.backend_fd.get();
   uint64_t at = hello_.fd_offset + off(b);
-  if (fallocate(bfd, 0, static_cast<off_t>(at), static_cast<off_t>(n))) {
-    fatal(b, std::string("no space for it in the backend: ") +
-                 std::strerror(errno));
-    return false;
-  }
+  // No fallocate first: ext4 and XFS reserve space for a buffered write
+  // when it is made (delayed allocation), DAX file systems and shmem
+  // allocate at once, so a full backend fails the pwrite with ENOSPC here,
+  // not at write-back.
   // Zeros too: the range must read as data, not as unwritten extents, to
   // a recovery that runs while QEMU still holds it (see below).
   if (auto r = write_all(bfd, buf.bytes(), n, at); !r) {

@@ -22,6 +22,9 @@ as in test_purge_crash.py), a 4 MiB file NVDIMM with 64 KiB blocks.
                    zeros), purge-status says failed, errors.checksum 1;
                  - the disk file cut short: the fault-back fails with an I/O
                    error, same outcome.
+  migration      a VM whose NVDIMM is all purged migrates with hostd's
+                 migrate: the source faults every block back as it sends
+                 it, the destination's backend holds every block's bytes.
 """
 import os
 import subprocess
@@ -317,6 +320,60 @@ def lost_block(hostd, qemu, work, how):
     hostd.call('detach', vm=f'lost-{how}')
 
 
+def migrate_purged(hostd, qemu, work):
+    """A VM whose NVDIMM is all purged migrates (hostd's migrate): the
+    source reads every block, which faults it back; the destination's
+    backend ends up with every block's bytes."""
+    q, img = fresh(qemu, work, 'msrc')
+    r = attach_vm(hostd, 'msrc', q)
+    r = hostd.call('purge-now', vm='msrc', nvdimm='mem1', ignore_idle=True)
+    check(r.get('result', {}).get('blocks') == NBLOCKS, 'source all purged')
+    d = os.path.join(work, 'mdst')
+    os.makedirs(d)
+    dimg = kvmxtest.backing_file(d, 'pmem.img', SIZE)
+    dqmp = os.path.join(d, 'hostd.qmp')
+    p = subprocess.Popen(
+        [qemu, '-machine', 'q35,nvdimm=on', '-accel', 'qtest', '-qtest',
+         'null', '-display', 'none', '-nodefaults', '-m',
+         '128M,slots=2,maxmem=1G', '-object',
+         f'memory-backend-file,id=mem1,share=on,mem-path={dimg},size={SIZE}',
+         '-device', 'nvdimm,id=nv0,memdev=mem1',
+         '-qmp', f'unix:{dqmp},server=on,wait=off', '-incoming', 'defer'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if os.path.exists(dqmp):
+                break
+            time.sleep(0.1)
+        hostd.call('attach', vm='mdst', qmp=dqmp)
+        hostd.wait_vm('mdst', lambda v: v['state'] == 'attached', 60)
+        r = hostd.call('migrate', vm='msrc', dest='mdst', wait=False)
+        check('error' not in r, f'migrate of a purged VM starts ({r})')
+        state = None
+        for _ in range(600):
+            st = hostd.call('migrate-status', vm='msrc').get('result', {})
+            state = st.get('state')
+            if state in ('completed', 'failed', 'cancelled', 'paused'):
+                break
+            time.sleep(0.1)
+        check(state == 'completed', f'the migration completed ({state})')
+        with open(dimg, 'rb') as f:
+            data = f.read()
+        check(all(data[b * BLOCK:(b + 1) * BLOCK] == content(b, 0)
+                  for b in range(NBLOCKS)),
+              'the destination NVDIMM holds every purged block\'s bytes')
+        s = hostd.call('purge-status', vm='msrc', nvdimm='mem1')[
+            'result']['nvdimms'][0]
+        check(s['fault-backs'] == NBLOCKS,
+              f"the source faulted each block back once ({s['fault-backs']})")
+    finally:
+        p.kill()
+        p.wait()
+        q.kill()
+        hostd.call('detach', vm='mdst')
+        hostd.call('detach', vm='msrc')
+
+
 def main():
     qemu = kvmxvm.patched_qemu()
     work = kvmxtest.workdir('purge-faults-')
@@ -329,6 +386,7 @@ def main():
         changed_behind(hostd, qemu, work)
         lost_block(hostd, qemu, work, 'overwrite')
         lost_block(hostd, qemu, work, 'truncate')
+        migrate_purged(hostd, qemu, work)
     finally:
         hostd.stop()
     return check.finish(work)

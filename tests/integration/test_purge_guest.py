@@ -163,6 +163,10 @@ def run(vm, hostd, img, work):
     while time.monotonic() - t0 < 240:
         time.sleep(2)
         s = status(hostd)
+        print(f"  {time.monotonic() - t0:5.0f} s: purged {s['purged']}, "
+              f"resident {s['resident']}, probe rounds "
+              f"{s['tracking']['rounds']}, zapped {s['tracking']['zapped']}, "
+              f"fault-backs {s['fault-backs']}", flush=True)
         still = still + 1 if s['purged'] == last and last > 0 else 0
         last = s['purged']
         if still >= 5:

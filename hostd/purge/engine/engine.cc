@@ -170,6 +170,27 @@ bool Engine::has_data(uint64_t b) const {
   return data >= 0 && static_cast<uint64_t>(data) < start + len(b);
 }
 
+// Which blocks have data in the backend: one SEEK_DATA/SEEK_HOLE pair per
+// extent, not per block.
+std::vector<uint8_t> Engine::data_map() const {
+  std::vector<uint8_t> m(nblocks_, 0);
+  int fd = hello_.backend_fd.get();
+  off_t base = static_cast<off_t>(hello_.fd_offset);
+  off_t end = base + static_cast<off_t>(hello_.size);
+  off_t pos = base;
+  while (pos < end) {
+    off_t d = lseek(fd, pos, SEEK_DATA);
+    if (d < 0 || d >= end) break;
+    off_t h = lseek(fd, d, SEEK_HOLE);
+    if (h < 0 || h > end) h = end;
+    for (uint64_t b = static_cast<uint64_t>(d - base) >> cfg_.block_shift;
+         b < nblocks_ && off(b) < static_cast<uint64_t>(h - base); b++)
+      m[b] = 1;
+    pos = h;
+  }
+  return m;
+}
+
 bool Engine::fully_allocated(uint64_t b) const {
   off_t start = static_cast<off_t>(hello_.fd_offset + off(b));
   off_t hole = lseek(hello_.backend_fd.get(), start, SEEK_HOLE);
@@ -894,11 +915,18 @@ void Engine::control_loop() {
     // The policy's own purges.
     std::vector<uint64_t> chosen;
     {
-      std::lock_guard g(mu_);
+      std::unique_lock g(mu_);
       if (fatal_seen_ || agent_lost_ || !policy_->config().enabled) continue;
+      // A block that holds no data in the backend (a hole: never written,
+      // or punched) uses no NVM: the policy neither counts nor picks it.
+      // (Looked up without the lock: the fault path takes it.)
+      g.unlock();
+      std::vector<uint8_t> data = data_map();
+      g.lock();
       std::vector<BlockView> views(nblocks_);
       for (uint64_t b = 0; b < nblocks_; b++) {
-        uint8_t s = st_[b] == St::kResident ? kBlockResident
+        uint8_t s = st_[b] == St::kResident
+                        ? (data[b] ? kBlockResident : kBlockPurged)
                     : st_[b] == St::kMoving || st_[b] == St::kSealing
                         ? kBlockMoving
                         : kBlockPurged;
@@ -908,8 +936,6 @@ void Engine::control_loop() {
       }
       chosen = policy_->choose(now_ms(), views);
     }
-    // A hole frees nothing; the policy sees it again next round.
-    std::erase_if(chosen, [&](uint64_t b) { return !has_data(b); });
     if (!chosen.empty()) {
       auto r = purge_blocks(chosen, mover);
       std::lock_guard g(mu_);

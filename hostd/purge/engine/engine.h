@@ -128,6 +128,7 @@ class Engine {
   uint64_t len(uint64_t b) const;
   bool fully_allocated(uint64_t b) const;
   bool has_data(uint64_t b) const;
+  std::vector<uint8_t> data_map() const;
   void record_latency(uint64_t us);
 
   EngineConfig cfg_;

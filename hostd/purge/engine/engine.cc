@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <set>
 
 #include "common/log.h"
 
@@ -706,13 +707,29 @@ void Engine::seal_batch(Batch& batch, Mover& mover, bool abandon) {
   }
   // The fault already mapped these back.
   for (size_t i : cancelled) back_to_resident(batch, i, false);
-  if (!tx.ops.empty()) {
-    if (auto c = table_->commit(tx); !c) {
-      batch_error(batch, c.error(), &Stats::commit_errors);
-      for (size_t i = 0; i < batch.items.size(); i++)
-        if (batch.items[i].ok) back_to_resident(batch, i, true);
+  // In slices of at most 64 table pages: the table refuses a transaction
+  // that touches more than its journal can checkpoint (scattered blocks
+  // of a large NVDIMM each sit on a page of their own).
+  std::set<uint64_t> committed;
+  for (size_t i = 0; i < tx.ops.size();) {
+    Tx part{TxType::PurgeDone, {}};
+    std::set<uint64_t> pages;
+    while (i < tx.ops.size() &&
+           (pages.size() < 64 || pages.count(tx.ops[i].block / 64))) {
+      pages.insert(tx.ops[i].block / 64);
+      part.ops.push_back(tx.ops[i++]);
     }
+    std::vector<uint64_t> ids;
+    for (auto& op : part.ops) ids.push_back(op.block);
+    if (auto c = table_->commit(std::move(part)); !c) {
+      batch_error(batch, c.error(), &Stats::commit_errors);
+      break;
+    }
+    committed.insert(ids.begin(), ids.end());
   }
+  for (size_t i = 0; i < batch.items.size(); i++)
+    if (batch.items[i].ok && !committed.count(batch.items[i].b))
+      back_to_resident(batch, i, true);
   uint64_t t2 = mono_us();
   // Free the NVM space.  Not once QEMU is gone: a new QEMU may already map
   // the file, where only a hole hidden at its start is safe to punch; the

@@ -85,7 +85,7 @@ class Setup:
 
     def __init__(self, work, size, block, sparse_blocks=None, keep=(),
                  **policy):
-        from test_purge_crash import Qemu
+        from purgeqemu import Qemu
         self.work, self.size, self.block = work, size, block
         self.img = os.path.join(work, 'pmem.img')
         with open(self.img, 'wb') as f:

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 import hostdctl  # noqa: E402
 import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
-from test_purge_crash import BLOCK, NBLOCKS, SIZE, Qemu, content  # noqa: E402
+from purgeqemu import BLOCK, NBLOCKS, SIZE, Qemu, content  # noqa: E402
 
 check = kvmxtest.Checks()
 _n = [0]
@@ -234,7 +234,7 @@ def changed_behind(hostd, qemu, work):
     r = hostd.call('purge-now', vm='changed', nvdimm='mem1', first=0,
                    count=16, ignore_idle=True)
     check(r.get('result', {}).get('blocks') == 16, 'blocks 0-15 purged')
-    vbt, vbd = img + '.vbt', img + '.vbd'
+    vbt = img + '.vbt'
 
     # The table damaged while hostd is down.
     hostd.kill()

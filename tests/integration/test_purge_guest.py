@@ -17,7 +17,6 @@ QEMU starts paused; hostd attaches (it maps the backend back where it
 holds no purged block) before the guest runs.
 """
 import os
-import re
 import sys
 import time
 

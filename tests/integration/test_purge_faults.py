@@ -148,24 +148,31 @@ def bad_requests(hostd, qemu, work):
     hostd.call('detach', vm='bad')
 
 
-def no_agent(hostd, qemu, work):
-    d = os.path.join(work, 'noagent')
-    os.makedirs(d)
-    img = kvmxtest.backing_file(d, 'pmem.img', SIZE)
-    qmp = os.path.join(d, 'hostd.qmp')
+def plain_qemu(qemu, img, qmp, extra=()):
+    """A qtest QEMU with a file NVDIMM without purge-agent, and a QMP
+    socket for hostd (ready when it returns)."""
     p = subprocess.Popen(
         [qemu, '-machine', 'q35,nvdimm=on', '-accel', 'qtest', '-qtest',
          'null', '-display', 'none', '-nodefaults', '-m',
          '128M,slots=2,maxmem=1G', '-object',
          f'memory-backend-file,id=mem1,share=on,mem-path={img},size={SIZE}',
          '-device', 'nvdimm,id=nv0,memdev=mem1',
-         '-qmp', f'unix:{qmp},server=on,wait=off'],
+         '-qmp', f'unix:{qmp},server=on,wait=off'] + list(extra),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if os.path.exists(qmp):
+            break
+        time.sleep(0.1)
+    return p
+
+
+def no_agent(hostd, qemu, work):
+    d = os.path.join(work, 'noagent')
+    os.makedirs(d)
+    img = kvmxtest.backing_file(d, 'pmem.img', SIZE)
+    qmp = os.path.join(d, 'hostd.qmp')
+    p = plain_qemu(qemu, img, qmp)
     try:
-        for _ in range(100):
-            if os.path.exists(qmp):
-                break
-            time.sleep(0.1)
         hostd.call('attach', vm='noagent', qmp=qmp)
         hostd.wait_vm('noagent', lambda v: v['state'] == 'attached', 60)
         r = hostd.call('purge-policy', vm='noagent', nvdimm='mem1')
@@ -332,19 +339,8 @@ def migrate_purged(hostd, qemu, work):
     os.makedirs(d)
     dimg = kvmxtest.backing_file(d, 'pmem.img', SIZE)
     dqmp = os.path.join(d, 'hostd.qmp')
-    p = subprocess.Popen(
-        [qemu, '-machine', 'q35,nvdimm=on', '-accel', 'qtest', '-qtest',
-         'null', '-display', 'none', '-nodefaults', '-m',
-         '128M,slots=2,maxmem=1G', '-object',
-         f'memory-backend-file,id=mem1,share=on,mem-path={dimg},size={SIZE}',
-         '-device', 'nvdimm,id=nv0,memdev=mem1',
-         '-qmp', f'unix:{dqmp},server=on,wait=off', '-incoming', 'defer'],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = plain_qemu(qemu, dimg, dqmp, ['-incoming', 'defer'])
     try:
-        for _ in range(100):
-            if os.path.exists(dqmp):
-                break
-            time.sleep(0.1)
         hostd.call('attach', vm='mdst', qmp=dqmp)
         hostd.wait_vm('mdst', lambda v: v['state'] == 'attached', 60)
         r = hostd.call('migrate', vm='msrc', dest='mdst', wait=False)

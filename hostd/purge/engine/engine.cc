@@ -961,16 +961,18 @@ void Engine::control_loop() {
   }
 }
 
-Result<MoveResult> Engine::purge_now(uint64_t first, uint64_t count,
-                                     bool ignore_idle) {
+// Hands a purge-now or unpurge to the control thread and waits for it.
+// Unpurge is allowed on a failed NVDIMM: it brings back what it can.
+Result<MoveResult> Engine::run_command(bool purge, uint64_t first,
+                                       uint64_t count, bool ignore_idle) {
   if (first >= nblocks_)
     return make_error("bad-range", "first block " + std::to_string(first) +
                                        " is past the last block " +
                                        std::to_string(nblocks_ - 1));
   Result<MoveResult> result = MoveResult{};
-  Command c{true, first, count, ignore_idle, &result};
+  Command c{purge, first, count, ignore_idle, &result};
   std::unique_lock g(mu_);
-  if (fatal_seen_) return make_error("purge-broken", fatal_what_);
+  if (purge && fatal_seen_) return make_error("purge-broken", fatal_what_);
   if (agent_lost_) return make_error("agent-closed", agent_lost_why_);
   if (commands_.size() >= 16)
     return make_error("busy", "too many purge requests queued");
@@ -980,21 +982,13 @@ Result<MoveResult> Engine::purge_now(uint64_t first, uint64_t count,
   return result;
 }
 
+Result<MoveResult> Engine::purge_now(uint64_t first, uint64_t count,
+                                     bool ignore_idle) {
+  return run_command(true, first, count, ignore_idle);
+}
+
 Result<MoveResult> Engine::unpurge(uint64_t first, uint64_t count) {
-  if (first >= nblocks_)
-    return make_error("bad-range", "first block " + std::to_string(first) +
-                                       " is past the last block " +
-                                       std::to_string(nblocks_ - 1));
-  Result<MoveResult> result = MoveResult{};
-  Command c{false, first, count, false, &result};
-  std::unique_lock g(mu_);
-  if (agent_lost_) return make_error("agent-closed", agent_lost_why_);
-  if (commands_.size() >= 16)
-    return make_error("busy", "too many purge requests queued");
-  commands_.push_back(&c);
-  cv_.notify_all();
-  cv_.wait(g, [&] { return c.done; });
-  return result;
+  return run_command(false, first, count, false);
 }
 
 Result<void> Engine::set_policy(const PolicyConfig& p) {

@@ -91,6 +91,8 @@ class Engine {
   explicit Engine(EngineConfig cfg) : cfg_(std::move(cfg)) {}
   Result<void> attach();
   Result<void> recover(const RecoveryReport& rep);
+  Result<MoveResult> run_command(bool purge, uint64_t first, uint64_t count,
+                                 bool ignore_idle);
   void fault_loop();
   void flush_residents();
   void control_loop();

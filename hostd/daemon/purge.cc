@@ -7,6 +7,9 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <memory>
+#include <utility>
+
 #include "common/json_util.h"
 #include "common/log.h"
 #include "daemon.h"
@@ -20,6 +23,27 @@ namespace {
 std::string purge_key(const std::string& vm, const std::string& nvdimm) {
   return vm + "/" + nvdimm;
 }
+
+// A reply sent once: by the job's completion, or, when every copy is
+// dropped unsent (a detach destroys the NVDIMM's Worker, whose completion
+// then never runs), as an error, so that the client is not left waiting.
+class OnceReply {
+ public:
+  explicit OnceReply(api::ReplyFn fn) : fn_(std::move(fn)) {}
+  ~OnceReply() {
+    if (fn_)
+      fn_(make_error(api::code::kVmNotFound,
+                     "the VM was detached while this request ran"));
+  }
+  OnceReply(const OnceReply&) = delete;
+  OnceReply& operator=(const OnceReply&) = delete;
+  void operator()(Result<json> r) {
+    if (auto f = std::exchange(fn_, nullptr)) f(std::move(r));
+  }
+
+ private:
+  api::ReplyFn fn_;
+};
 
 json move_json(const purge::MoveResult& m) {
   json j{{"blocks", m.blocks}, {"zero", m.zero}, {"skipped", m.skipped},
@@ -252,11 +276,13 @@ void Daemon::start_purge_engine(const std::string& key, const std::string& vm,
   log::info("Purging: attaching", {{"nvdimm", key}, {"agent", c.agent_path},
                                    {"table", c.vbt_path}});
   purge::EngineConfig saved = c;
+  auto once = std::make_shared<OnceReply>(std::move(reply));
   auto r = it->second.worker->run(
       [result, c = std::move(c), fatal]() mutable {
         *result = purge::Engine::start(std::move(c), fatal);
       },
-      [this, key, result, reply, saved] {
+      [this, key, result, reply = [once](Result<json> x) { (*once)(std::move(x)); },
+       saved] {
         auto s = purges_.find(key);
         if (s == purges_.end()) return;  // detached meanwhile
         if (!*result) {
@@ -272,7 +298,7 @@ void Daemon::start_purge_engine(const std::string& key, const std::string& vm,
       });
   if (!r) {
     purges_.erase(key);
-    reply(r.error());
+    (*once)(r.error());
   }
 }
 
@@ -311,20 +337,21 @@ void Daemon::op_purge_move(bool purge, const std::string& vm,
                                 ")"));
   auto result = std::make_shared<Result<purge::MoveResult>>(purge::MoveResult{});
   purge::Engine* e = slot.engine.get();
+  auto once = std::make_shared<OnceReply>(std::move(reply));
   auto r = slot.worker->run(
       [=] {
         *result = purge ? e->purge_now(first, count, ignore_idle)
                         : e->unpurge(first, count);
       },
-      [result, reply] {
+      [result, once] {
         if (!*result)
-          return reply(Error{api::code::kPurgeFailed,
-                             result->error().message, 0});
-        reply(move_json(**result));
+          return (*once)(Error{api::code::kPurgeFailed,
+                               result->error().message, 0});
+        (*once)(move_json(**result));
       });
   if (!r)
-    reply(make_error(api::code::kPurgeBusy,
-                     "a purge request is already running on " + key));
+    (*once)(make_error(api::code::kPurgeBusy,
+                       "a purge request is already running on " + key));
 }
 
 void Daemon::drop_purges(const std::string& vm) {

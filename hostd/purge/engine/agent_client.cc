@@ -1,4 +1,5 @@
 #include "purge/engine/agent_client.h"
+#include "purge/engine/agent_wire.h"
 
 #include <poll.h>
 #include <sys/socket.h>
@@ -12,31 +13,10 @@
 namespace kvmx::purge {
 namespace {
 
-constexpr uint32_t kMagic = 0x4b505247;
-constexpr uint16_t kVersion = 1;
-
-// The wire is little-endian; hostd only builds for little-endian hosts
-// (x86-64), which the static_assert below keeps honest.
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__);
-
-struct __attribute__((packed)) Request {
-  uint32_t magic;
-  uint16_t version;
-  uint16_t op;
-  uint64_t tag;
-  uint64_t offset;
-  uint64_t length;
-};
-struct __attribute__((packed)) Reply {
-  uint32_t magic;
-  uint16_t version;
-  uint16_t op;
-  uint64_t tag;
-  int32_t status;
-  uint32_t reserved;
-  uint64_t arg[6];
-};
-static_assert(sizeof(Request) == 32 && sizeof(Reply) == 72);
+using wire::kMagic;
+using wire::kVersion;
+using Request = wire::Request;
+using Reply = wire::Reply;
 
 // One message, with at most one fd attached.
 Result<ssize_t> recv_msg(int fd, Reply* r, UniqueFd* passed) {

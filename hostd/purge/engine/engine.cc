@@ -52,6 +52,23 @@ Result<void> write_all(int fd, const uint8_t* p, size_t n, uint64_t at) {
   return {};
 }
 
+// Calls fn(i, j) for each run [i, j) of indexes whose blocks are
+// consecutive (block(k) + 1 == block(k + 1)), skipping those use() refuses:
+// one agent request or one punch per run instead of one per block.
+template <typename Block, typename Use, typename Fn>
+void for_each_run(size_t n, Block block, Use use, Fn fn) {
+  for (size_t i = 0; i < n;) {
+    if (!use(i)) {
+      i++;
+      continue;
+    }
+    size_t j = i + 1;
+    while (j < n && use(j) && block(j) == block(j - 1) + 1) j++;
+    fn(i, j);
+    i = j;
+  }
+}
+
 }  // namespace
 
 uint64_t Engine::now_ms() const { return mono_ms(); }
@@ -261,16 +278,18 @@ Result<void> Engine::recover(const RecoveryReport& rep) {
 // One request per run of consecutive blocks.
 Result<void> Engine::agent_runs(AgentClient::Op op,
                                 const std::vector<uint64_t>& sorted) {
-  size_t i = 0;
-  while (i < sorted.size()) {
-    size_t j = i + 1;
-    while (j < sorted.size() && sorted[j] == sorted[j - 1] + 1) j++;
-    uint64_t first = sorted[i], last = sorted[j - 1];
-    uint64_t length = off(last) + len(last) - off(first);
-    if (auto r = agent_->request(op, off(first), length); !r) return r.error();
-    i = j;
-  }
-  return {};
+  Result<void> res;
+  for_each_run(
+      sorted.size(), [&](size_t k) { return sorted[k]; },
+      [&](size_t) { return res.ok(); },
+      [&](size_t i, size_t j) {
+        uint64_t first = sorted[i], last = sorted[j - 1];
+        if (auto r = agent_->request(op, off(first),
+                                     off(last) + len(last) - off(first));
+            !r)
+          res = r.error();
+      });
+  return res;
 }
 
 void Engine::on_fault(uint64_t offset) {
@@ -596,15 +615,9 @@ void Engine::prepare_batch(const std::vector<uint64_t>& blocks, Batch& batch,
     it.slot = *s;
   }
   // Out of QEMU's reach, one request per run of consecutive blocks.
-  for (size_t i = 0; i < batch.items.size();) {
-    if (!batch.items[i].ok) {
-      i++;
-      continue;
-    }
-    size_t j = i + 1;
-    while (j < batch.items.size() && batch.items[j].ok &&
-           batch.items[j].b == batch.items[j - 1].b + 1)
-      j++;
+  auto block = [&](size_t k) { return batch.items[k].b; };
+  auto ok = [&](size_t k) { return batch.items[k].ok; };
+  for_each_run(batch.items.size(), block, ok, [&](size_t i, size_t j) {
     uint64_t first = batch.items[i].b, last = batch.items[j - 1].b;
     if (auto r = agent_->request(AgentClient::kSwapOut, off(first),
                                  off(last) + len(last) - off(first));
@@ -612,8 +625,7 @@ void Engine::prepare_batch(const std::vector<uint64_t>& blocks, Batch& batch,
       batch_error(batch, r.error(), &Stats::agent_errors);
       for (size_t k = i; k < j; k++) back_to_resident(batch, k, false);
     }
-    i = j;
-  }
+  });
   uint64_t t1 = mono_us();
   std::vector<IoReq> reads;
   std::vector<size_t> idx;
@@ -735,17 +747,10 @@ void Engine::seal_batch(Batch& batch, Mover& mover, bool abandon) {
   // the file, where only a hole hidden at its start is safe to punch; the
   // range stays allocated and the next attach takes it as resident.
   bool qemu_there = agent_->connected();
-  for (size_t i = 0; i < batch.items.size();) {
-    BatchItem& it = batch.items[i];
-    if (!it.ok) {
-      i++;
-      continue;
-    }
-    size_t j = i + 1;
-    while (j < batch.items.size() && batch.items[j].ok &&
-           batch.items[j].b == batch.items[j - 1].b + 1)
-      j++;
-    uint64_t first = it.b, last = batch.items[j - 1].b;
+  auto block = [&](size_t k) { return batch.items[k].b; };
+  auto ok = [&](size_t k) { return batch.items[k].ok; };
+  for_each_run(batch.items.size(), block, ok, [&](size_t i, size_t j) {
+    uint64_t first = batch.items[i].b, last = batch.items[j - 1].b;
     if (qemu_there &&
         fallocate(hello_.backend_fd.get(),
                   FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -761,8 +766,7 @@ void Engine::seal_batch(Batch& batch, Mover& mover, bool abandon) {
       res.bytes += len(x.b);
       if (x.zero) res.zero++;
     }
-    i = j;
-  }
+  });
   uint64_t t3 = mono_us();
   {
     std::lock_guard g(mu_);
@@ -806,21 +810,19 @@ void Engine::probe_round() {
   mu_.unlock();
   // Zap runs of blocks; a block swapped out meanwhile refuses (EBUSY) and
   // is looked at again next round.
-  size_t i = 0;
   uint64_t zapped = 0;
-  while (i < zap.size()) {
-    size_t j = i + 1;
-    while (j < zap.size() && zap[j] == zap[j - 1] + 1) j++;
-    uint64_t first = zap[i], last = zap[j - 1];
-    auto r = agent_->request(AgentClient::kZap, off(first),
-                             off(last) + len(last) - off(first));
-    if (r) {
-      zapped += j - i;
-    } else {
-      for (size_t k = i; k < j; k++) tracker_->reset(zap[k], now_ms());
-    }
-    i = j;
-  }
+  for_each_run(
+      zap.size(), [&](size_t k) { return zap[k]; }, [](size_t) { return true; },
+      [&](size_t i, size_t j) {
+        uint64_t first = zap[i], last = zap[j - 1];
+        auto r = agent_->request(AgentClient::kZap, off(first),
+                                 off(last) + len(last) - off(first));
+        if (r) {
+          zapped += j - i;
+        } else {
+          for (size_t k = i; k < j; k++) tracker_->reset(zap[k], now_ms());
+        }
+      });
   mu_.lock();
   stats_.zapped_blocks += zapped;
 }

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common/log.h"
+#include "purge/engine/agent_wire.h"
 #include "purge/engine/engine.h"
 #include "purge/table/table.h"
 
@@ -75,7 +76,7 @@ constexpr uint64_t kPage = 4096;
 
 constexpr uint16_t kHello = 1, kSwapOut = 2, kMapBack = 3, kZap = 4,
                    kWake = 5, kFault = 6;
-constexpr uint32_t kMagic = 0x4b505247;
+using kvmx::purge::wire::kMagic;
 
 // Where fixtures make their directories (a child process gets its own,
 // which the parent removes even when the child crashes).
@@ -89,24 +90,8 @@ const bool kQuietLog = [] {
 
 uint64_t off(uint64_t b) { return b << kShift; }
 
-struct __attribute__((packed)) WireRequest {
-  uint32_t magic;
-  uint16_t version;
-  uint16_t op;
-  uint64_t tag;
-  uint64_t offset;
-  uint64_t length;
-};
-struct __attribute__((packed)) WireReply {
-  uint32_t magic;
-  uint16_t version;
-  uint16_t op;
-  uint64_t tag;
-  int32_t status;
-  uint32_t reserved;
-  uint64_t arg[6];
-};
-static_assert(sizeof(WireRequest) == 32 && sizeof(WireReply) == 72);
+using WireRequest = kvmx::purge::wire::Request;
+using WireReply = kvmx::purge::wire::Reply;
 
 // One request as the fake agent saw it.
 struct Req {

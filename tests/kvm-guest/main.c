@@ -220,6 +220,69 @@ static void cmd_sweep(int argc, char **argv)
 }
 
 /*
+ * fill ADDR BYTES SEED: every 8-byte word of [ADDR, ADDR + BYTES) gets
+ * fill_word(its address, SEED), "ok fill n=PAGES"; check ADDR BYTES SEED
+ * compares, "ok check n=PAGES bad=WORDS first=ADDRESS" (first is 0 when
+ * nothing differs).  For migration tests: the destination must have the
+ * memory the source had.
+ */
+static uint64_t fill_word(uint64_t a, uint64_t seed)
+{
+    return (a ^ seed) * 0x9E3779B97F4A7C15ull + (seed | 1);
+}
+
+static void cmd_fill(int argc, char **argv, bool check)
+{
+    uint64_t addr, bytes, seed, n = 0, bad = 0, first = 0;
+
+    if (argc != 4 || !parse_u64(argv[1], &addr) ||
+        !parse_u64(argv[2], &bytes) || !parse_u64(argv[3], &seed) ||
+        (addr & 4095) || (bytes & 4095) || !bytes || bytes > (1ull << 30)) {
+        reply_err("usage: fill|check ADDR BYTES SEED (4 KiB-aligned, "
+                  "BYTES up to 1 GiB)");
+        return;
+    }
+    if (addr + bytes > (uintptr_t)__image_start &&
+        addr < (uintptr_t)__image_end + (1ull << 20)) {
+        reply_err("range overlaps the guest image or its stack");
+        return;
+    }
+    for (uint64_t a = addr; a < addr + bytes; a += 4096) {
+        volatile uint64_t *w = (volatile uint64_t *)(uintptr_t)a;
+
+        if (a == addr || !(a & ((2ull << 20) - 1))) {
+            const char *err = paging_map(a);
+
+            if (err) {
+                reply_err(err);
+                return;
+            }
+        }
+        for (unsigned i = 0; i < 512; i++) {
+            uint64_t want = fill_word(a + i * 8, seed);
+
+            if (!check) {
+                w[i] = want;
+            } else if (w[i] != want) {
+                if (!bad++) {
+                    first = a + i * 8;
+                }
+            }
+        }
+        n++;
+    }
+    serial_puts(check ? "ok check n=" : "ok fill n=");
+    serial_put_dec(n);
+    if (check) {
+        serial_puts(" bad=");
+        serial_put_dec(bad);
+        serial_puts(" first=");
+        serial_put_hex(first);
+    }
+    serial_puts("\n");
+}
+
+/*
  * p ADDR SIZE VALUE: one store of SIZE (1, 2, 4, 8) bytes; k ADDR SIZE: one
  * load, "ok k VALUE".  For driving devices and filling memory with chosen
  * values (registers that take 4-byte accesses only, request structures).
@@ -563,6 +626,10 @@ static void dispatch(int argc, char **argv)
         cmd_rw(argc, argv, true, true);
     } else if (streq(c, "sr")) {
         cmd_sweep(argc, argv);
+    } else if (streq(c, "fill")) {
+        cmd_fill(argc, argv, false);
+    } else if (streq(c, "check")) {
+        cmd_fill(argc, argv, true);
     } else if (streq(c, "tr")) {
         cmd_timed(argc, argv, TIMED_LOAD);
     } else if (streq(c, "tw")) {

@@ -284,7 +284,7 @@ Result<Op> parse_migrate(const json& obj) {
   if (auto r = only_fields(
           obj, "migrate",
           {"vm", "dest", "uri", "recover_uri", "postcopy", "prefetch",
-           "shared_storage", "switch", "switch_after_passes",
+           "transport", "shared_storage", "switch", "switch_after_passes",
            "switch_stall_samples", "switch_after_s", "max_bandwidth",
            "max_postcopy_bandwidth", "downtime_limit_ms", "recover_attempts",
            "interval_ms", "wait", "disk_dedup"});
@@ -316,6 +316,11 @@ Result<Op> parse_migrate(const json& obj) {
     if (!ok)
       return invalid("'prefetch' must be off, pattern, page-table or both");
     m.prefetch = it->get<std::string>();
+  }
+  if (auto it = obj.find("transport"); it != obj.end()) {
+    if (!it->is_string() || (*it != "tcp" && *it != "rdma"))
+      return invalid("'transport' must be tcp or rdma");
+    m.transport = it->get<std::string>();
   }
   if (auto r = dedup_field(obj, m.disk_dedup); !r) return r.error();
   bool switch_given = obj.contains("switch") ||
@@ -365,6 +370,9 @@ Result<Op> parse_migrate(const json& obj) {
     if (m.prefetch != "off")
       return invalid("'prefetch' needs 'postcopy': prefetching fetches "
                      "pages after the switch to post-copy");
+    if (m.transport == "rdma")
+      return invalid("'transport' rdma needs 'postcopy': only post-copy "
+                     "faults are served by RDMA READ");
     if (switch_given)
       return invalid("'switch*' fields need 'postcopy'");
     if (m.max_postcopy_bandwidth)
@@ -373,6 +381,10 @@ Result<Op> parse_migrate(const json& obj) {
       return invalid("'recover_uri' and 'recover_attempts' need 'postcopy' "
                      "(only a post-copy migration can be recovered)");
   }
+  if (m.transport == "rdma" && m.uri.rfind("tcp:", 0) != 0)
+    return invalid("'transport' rdma needs a tcp: 'uri': the source's QEMU "
+                   "uses the RDMA device that has the local address of the "
+                   "migration connection");
   if (m.switch_manual &&
       (obj.contains("switch_after_passes") ||
        obj.contains("switch_stall_samples") || obj.contains("switch_after_s")))

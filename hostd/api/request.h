@@ -97,6 +97,9 @@ struct Migrate {
   std::string recover_uri;  // "": the same as uri
   bool postcopy = false;
   std::string prefetch = "off";  // off, pattern, page-table, both
+  // tcp, or rdma: post-copy faults served by RDMA READ (QEMU's
+  // postcopy-rdma; needs postcopy and a tcp: uri)
+  std::string transport = "tcp";
   bool shared_storage = false;
   std::string disk_dedup = "auto";  // auto, on, off (migrate/dedup.h)
   // The switch to post-copy (with postcopy only).  manual: only on

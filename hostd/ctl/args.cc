@@ -25,7 +25,8 @@ bool valid_key(const std::string& key) {
 
 const std::set<std::string>& string_fields() {
   static const std::set<std::string> k = {
-      "vm", "dest", "qmp", "uri", "recover_uri", "prefetch", "switch",
+      "vm", "dest", "qmp", "uri", "recover_uri", "prefetch", "transport",
+      "switch",
       "file", "disk_dedup", "nvdimm", "table_dir"};
   return k;
 }
@@ -126,6 +127,12 @@ Result<json> build_request(const std::string& op,
       return usage("--prefetch takes off, pattern, page-table or both, not '" +
                    p + "'");
     if (auto r = put("--prefetch", "prefetch", p); !r) return r.error();
+  }
+  if (flags.transport) {
+    const auto& t = *flags.transport;
+    if (t != "tcp" && t != "rdma")
+      return usage("--transport takes tcp or rdma, not '" + t + "'");
+    if (auto r = put("--transport", "transport", t); !r) return r.error();
   }
   if (flags.switch_mode) {
     const auto& m = *flags.switch_mode;

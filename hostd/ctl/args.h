@@ -18,6 +18,7 @@ namespace kvmx::ctl {
 struct Flags {
   bool postcopy = false;              // --postcopy
   std::optional<std::string> prefetch;  // --prefetch=off|pattern|page-table|both
+  std::optional<std::string> transport;  // --transport=tcp|rdma
   bool shared_storage = false;        // --shared-storage
   std::optional<std::string> switch_mode;  // --switch=auto|manual
   bool no_wait = false;               // --no-wait

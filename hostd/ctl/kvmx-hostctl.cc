@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
   bool follow = false, pretty = false, json_out = false;
   int timeout_s = 30;
   kvmx::ctl::Flags flags;
-  std::string prefetch, switch_mode;
+  std::string prefetch, switch_mode, transport;
   app.add_option("-s,--socket", socket_path, "hostd API socket");
   app.add_option("--raw", raw, "send this JSON request line as is");
   app.add_option("--timeout", timeout_s,
@@ -63,6 +63,11 @@ int main(int argc, char** argv) {
   auto* pf = app.add_option("--prefetch", prefetch,
                             "migrate: post-copy prefetch: off, pattern, "
                             "page-table or both");
+  auto* tr = app.add_option("--transport", transport,
+                            "migrate: tcp, or rdma: post-copy faults served "
+                            "by RDMA READ from the source's memory (needs "
+                            "--postcopy and a tcp: uri; without an RDMA "
+                            "device QEMU falls back to TCP and says why)");
   app.add_flag("--shared-storage", flags.shared_storage,
                "migrate: both QEMUs map the same backend files "
                "(x-ignore-shared: they are not sent)");
@@ -94,6 +99,7 @@ int main(int argc, char** argv) {
   app.add_option("args", args, "KEY=VALUE fields of the request");
   CLI11_PARSE(app, argc, argv);
   if (pf->count()) flags.prefetch = prefetch;
+  if (tr->count()) flags.transport = transport;
   if (sw->count()) flags.switch_mode = switch_mode;
   if (dd->count()) flags.disk_dedup = disk_dedup;
 

@@ -210,6 +210,7 @@ void Daemon::op_migrate(api::ClientId client, const api::Migrate& a,
   s.recover_uri = ruri;
   s.postcopy = a.postcopy;
   s.prefetch = a.prefetch;
+  s.transport = a.transport;
   s.shared_storage = a.shared_storage;
   s.disk_dedup = migrate::parse_dedup_mode(a.disk_dedup)
                      .value_or(migrate::DedupMode::kAuto);
@@ -228,6 +229,7 @@ void Daemon::op_migrate(api::ClientId client, const api::Migrate& a,
   log::info("Migration requested",
             {{"vm", a.vm}, {"dest", a.dest}, {"uri", *uri},
              {"postcopy", a.postcopy}, {"prefetch", a.prefetch},
+             {"transport", a.transport},
              {"shared_storage", a.shared_storage},
              {"disk_dedup", a.disk_dedup}});
   Migration& m = new_migration(a.vm, a.dest, std::move(s));

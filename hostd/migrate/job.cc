@@ -327,6 +327,7 @@ void Job::check(const std::vector<json>& src, const std::vector<json>& dst) {
   if (s_.postcopy) need.push_back("postcopy-ram");
   if (s_.shared_storage) need.push_back("x-ignore-shared");
   if (s_.prefetch != "off") need.push_back("postcopy-prefetch");
+  if (s_.transport == "rdma") need.push_back("postcopy-rdma");
   for (const auto& cap : need)
     for (auto [caps, name] : {std::pair{&scaps, &sn}, std::pair{&dcaps, &dn}})
       if (!caps->count(cap))
@@ -337,9 +338,14 @@ void Job::check(const std::vector<json>& src, const std::vector<json>& dst) {
                 (cap == "postcopy-prefetch"
                      ? ": post-copy prefetch is not in this QEMU (use "
                        "--prefetch=off)"
+                 : cap == "postcopy-rdma"
+                     ? ": RDMA page fetch is not in this QEMU (QEMU built "
+                       "without rdma-core, or stock; use --transport tcp)"
                      : "")));
   src_prefetch_ = scaps.count("postcopy-prefetch") > 0;
   dst_prefetch_ = dcaps.count("postcopy-prefetch") > 0;
+  src_rdma_cap_ = scaps.count("postcopy-rdma") > 0;
+  dst_rdma_cap_ = dcaps.count("postcopy-rdma") > 0;
   src_dedup_cap_ = scaps.count("disk-dedup") > 0;
   dst_dedup_cap_ = dcaps.count("disk-dedup") > 0;
   src_caps_ = src[2];
@@ -468,7 +474,7 @@ void Job::probe_backends() {
 }
 
 void Job::configure() {
-  auto caps = [&](bool prefetch_known, bool dedup_known) {
+  auto caps = [&](bool prefetch_known, bool dedup_known, bool rdma_known) {
     json c = json::array();
     // disk-dedup needs the return path (a destination refuses a disk on
     // it); set before disk-dedup, which QEMU validates against it.
@@ -481,12 +487,18 @@ void Job::configure() {
     if (prefetch_known)
       c.push_back({{"capability", "postcopy-prefetch"},
                    {"state", s_.prefetch != "off"}});
+    // After postcopy-ram, which QEMU checks it against.
+    if (rdma_known)
+      c.push_back({{"capability", "postcopy-rdma"},
+                   {"state", s_.transport == "rdma"}});
     return json{{"capabilities", std::move(c)}};
   };
   std::vector<Cmd> dcmds = {
-      {"migrate-set-capabilities", caps(dst_prefetch_, dst_dedup_cap_)}};
+      {"migrate-set-capabilities",
+       caps(dst_prefetch_, dst_dedup_cap_, dst_rdma_cap_)}};
   std::vector<Cmd> scmds = {
-      {"migrate-set-capabilities", caps(src_prefetch_, src_dedup_cap_)}};
+      {"migrate-set-capabilities",
+       caps(src_prefetch_, src_dedup_cap_, src_rdma_cap_)}};
   json sp = json::object();
   if (s_.prefetch != "off") {
     dcmds.push_back({"migrate-set-parameters",
@@ -547,6 +559,9 @@ void Job::begin() {
                    (s_.postcopy ? "; post-copy " + policy_.describe() +
                                       (s_.prefetch != "off"
                                            ? ", prefetch " + s_.prefetch
+                                           : "") +
+                                      (s_.transport == "rdma"
+                                           ? ", faults by RDMA READ"
                                            : "")
                                 : "; precopy only") +
                    (s_.shared_storage ? "; shared storage not sent" : "") +
@@ -587,6 +602,7 @@ void Job::poll() {
             dest_status_ =
                 shorten(json_string((*r)[0], "status").value_or("none"), 64);
             if (auto d = dedup_stats((*r)[0]); d.present) dedup_dst_ = d;
+            absorb_rdma((*r)[0], true);
           }
           else
             dest_status_ = dst_->lost().empty() ? "unknown" : "lost";
@@ -627,6 +643,7 @@ void Job::absorb(const json& info) {
     last_sample_at_ = now;
   }
   if (auto d = dedup_stats(info); d.present) dedup_src_ = d;
+  absorb_rdma(info, false);
   if (auto d = json_u64(info, "downtime")) downtime_ms_ = *d;
   if (auto t = json_u64(info, "total-time")) total_time_ms_ = *t;
 }
@@ -684,7 +701,7 @@ void Job::sample(Result<json> src) {
                        (downtime_ms_ ? ", downtime " +
                                            std::to_string(*downtime_ms_) + " ms"
                                      : "") +
-                       dedup_summary());
+                       dedup_summary() + rdma_summary());
       }
       std::string why = qerr.empty() ? "QEMU gave no reason" : qerr;
       end(State::kFailed,
@@ -726,7 +743,7 @@ void Job::sample(Result<json> src) {
 }
 
 void Job::with_dest_stats(std::function<void()> then) {
-  if (!dedup_) return then();
+  if (!dedup_ && s_.transport != "rdma") return then();
   auto fired = std::make_shared<bool>(false);
   auto once = [fired, then] {
     if (*fired) return;
@@ -734,12 +751,55 @@ void Job::with_dest_stats(std::function<void()> then) {
     then();
   };
   dst_->command("query-migrate", json(), guard([this, once](Result<json> r) {
-                  if (r)
+                  if (r) {
                     if (auto d = dedup_stats(*r); d.present) dedup_dst_ = d;
+                    absorb_rdma(*r, true);
+                  }
                   once();
                 }));
   // A destination that does not answer does not hold up the end.
   loop_.after(std::min(s_.interval * 2, milliseconds(5000)), guard(once));
+}
+
+// query-migrate's "postcopy-rdma" of either QEMU: the source says whether
+// RDMA is used and why not, the destination how many pages it read.  A
+// change of the source's state is a progress message.
+void Job::absorb_rdma(const json& info, bool dest) {
+  if (s_.transport != "rdma") return;
+  const json* r = json_field(info, "postcopy-rdma");
+  if (!r || !r->is_object()) return;
+  std::string status = shorten(json_string(*r, "status").value_or("?"), 32);
+  std::string reason = shorten(json_string(*r, "reason").value_or(""), 200);
+  if (dest) {
+    rdma_dest_status_ = status;
+    rdma_pages_read_ = json_u64(*r, "pages-read").value_or(rdma_pages_read_);
+    return;
+  }
+  rdma_registered_ =
+      json_u64(*r, "registered-bytes").value_or(rdma_registered_);
+  if (status == rdma_status_ && reason == rdma_reason_) return;
+  rdma_status_ = status;
+  rdma_reason_ = reason;
+  if (status == "active")
+    emit("RDMA page fetch active: " + format_size(rdma_registered_) +
+         " of the source's RAM registered");
+  else if (status == "fallback" || status == "failed")
+    emit("RDMA " + std::string(status == "failed" ? "failed" : "not used") +
+         (reason.empty() ? "" : ": " + reason) +
+         "; post-copy goes on over the migration stream");
+}
+
+std::string Job::rdma_summary() const {
+  if (s_.transport != "rdma") return "";
+  std::string why = rdma_reason_.empty() ? "" : ": " + rdma_reason_;
+  if (rdma_status_ == "failed")
+    return "; RDMA failed after " + std::to_string(rdma_pages_read_) +
+           " pages read" + why + " (the rest went over the stream)";
+  if (rdma_status_ == "fallback" || rdma_status_.empty() ||
+      rdma_status_ == "none")
+    return "; RDMA not used" + why + " (post-copy went over the stream)";
+  return "; RDMA: the destination read " + std::to_string(rdma_pages_read_) +
+         " pages by RDMA READ";
 }
 
 std::string Job::dedup_summary() const {
@@ -1046,6 +1106,13 @@ json Job::snapshot() const {
             {"recoveries", recoveries_},
             {"recover_attempts_left", attempts_left_},
             {"error", error_ ? error_->message : ""}};
+  j["transport"] = s_.transport;
+  if (s_.transport == "rdma")
+    j["rdma"] = {{"status", rdma_status_},
+                 {"reason", rdma_reason_},
+                 {"dest_status", rdma_dest_status_},
+                 {"registered", rdma_registered_},
+                 {"pages_read", rdma_pages_read_}};
   j["disk_dedup"] = to_string(s_.disk_dedup);
   j["dedup"] = dedup_;
   j["dedup_reason"] = dedup_why_;

@@ -65,6 +65,9 @@ struct Settings {
   std::string recover_uri;  // where the destination listens to recover
   bool postcopy = false;
   std::string prefetch = "off";  // off, pattern, page-table, both
+  // "rdma": QEMU's postcopy-rdma on both (post-copy faults served by RDMA
+  // READ); QEMU falls back to the stream by itself and says why.
+  std::string transport = "tcp";
   bool shared_storage = false;
   DedupMode disk_dedup = DedupMode::kAuto;  // dedup.h
   PolicyConfig policy;
@@ -180,6 +183,8 @@ class Job {
   void absorb(const nlohmann::json& info);
   void with_dest_stats(std::function<void()> then);
   std::string dedup_summary() const;
+  void absorb_rdma(const nlohmann::json& info, bool dest);
+  std::string rdma_summary() const;
   void on_paused(const std::string& why);
   void try_recover(std::chrono::steady_clock::time_point dest_deadline);
   void listen_and_resume(std::chrono::steady_clock::time_point dest_deadline);
@@ -221,6 +226,10 @@ class Job {
   // What the probe found.
   bool src_prefetch_ = false, dst_prefetch_ = false;
   bool src_dedup_cap_ = false, dst_dedup_cap_ = false;
+  bool src_rdma_cap_ = false, dst_rdma_cap_ = false;
+  // postcopy-rdma as the QEMUs report it (query-migrate "postcopy-rdma").
+  std::string rdma_status_, rdma_reason_, rdma_dest_status_;
+  uint64_t rdma_pages_read_ = 0, rdma_registered_ = 0;
   nlohmann::json src_caps_, dst_caps_;  // query-migrate-capabilities
   bool dedup_ = false;      // disk-dedup is set on both
   std::string dedup_why_;   // why (not)

@@ -597,6 +597,7 @@ TEST_CASE("api: migrate requests parse, with their defaults") {
   CHECK(m.uri.empty());
   CHECK_FALSE(m.postcopy);
   CHECK(m.prefetch == "off");
+  CHECK(m.transport == "tcp");
   CHECK_FALSE(m.shared_storage);
   CHECK_FALSE(m.switch_manual);
   CHECK(m.switch_after_passes == 1);
@@ -632,6 +633,13 @@ TEST_CASE("api: migrate requests parse, with their defaults") {
   CHECK(m.recover_attempts == 0);
   CHECK(m.interval_ms == 250);
   CHECK_FALSE(m.wait);
+
+  r = parse_request(
+      R"({"op":"migrate","vm":"a","dest":"b","postcopy":true,)"
+      R"("transport":"rdma","uri":"tcp:10.0.0.2:4444"})",
+      &id);
+  REQUIRE(r.ok());
+  CHECK(std::get<Migrate>(r->args).transport == "rdma");
 
   r = parse_request(
       R"({"op":"migrate","vm":"a","dest":"b","postcopy":true,"switch":"manual"})",
@@ -695,6 +703,18 @@ TEST_CASE("api: malformed migrate requests are invalid-request, saying why") {
   CHECK_THAT(why(with({{"wait", 1}})), ContainsSubstring("'wait' must be"));
   CHECK_THAT(why(with({{"postcopy", true}, {"prefetch", "all"}})),
              ContainsSubstring("'prefetch' must be off, pattern"));
+  CHECK_THAT(why(with({{"postcopy", true}, {"transport", "ib"}})),
+             ContainsSubstring("'transport' must be tcp or rdma"));
+  CHECK_THAT(why(with({{"postcopy", true}, {"transport", 1}})),
+             ContainsSubstring("'transport' must be tcp or rdma"));
+  CHECK_THAT(why(with({{"transport", "rdma"}, {"uri", "tcp:h:1"}})),
+             ContainsSubstring("'transport' rdma needs 'postcopy'"));
+  CHECK_THAT(why(with({{"postcopy", true}, {"transport", "rdma"}})),
+             ContainsSubstring("needs a tcp: 'uri'"));
+  CHECK_THAT(why(with({{"postcopy", true}, {"transport", "rdma"},
+                       {"uri", "unix:/run/kvmx/m.sock"}})),
+             ContainsSubstring("needs a tcp: 'uri'"));
+  CHECK(why(with({{"postcopy", true}, {"transport", "tcp"}})) == "ok");
   CHECK_THAT(why(with({{"postcopy", true}, {"switch", "now"}})),
              ContainsSubstring("'switch' must be auto or manual"));
   CHECK_THAT(why(with({{"postcopy", true}, {"switch_after_passes", 1001}})),

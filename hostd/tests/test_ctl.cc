@@ -44,6 +44,7 @@ TEST_CASE("ctl: migrate flags become fields") {
   Flags f;
   f.postcopy = true;
   f.prefetch = "page-table";
+  f.transport = "rdma";
   f.shared_storage = true;
   f.switch_mode = "manual";
   f.no_wait = true;
@@ -51,7 +52,7 @@ TEST_CASE("ctl: migrate flags become fields") {
   REQUIRE(r.ok());
   CHECK(*r == json{{"op", "migrate"}, {"vm", "a"}, {"dest", "b"},
                    {"postcopy", true}, {"prefetch", "page-table"},
-                   {"shared_storage", true}, {"switch", "manual"},
+                   {"transport", "rdma"}, {"shared_storage", true}, {"switch", "manual"},
                    {"wait", false}});
   Flags w;
   w.no_wait = true;
@@ -86,6 +87,10 @@ TEST_CASE("ctl: usage errors") {
   CHECK_THAT(usage_error("migrate", {"vm=a"}, pf),
              ContainsSubstring("--prefetch takes off, pattern, page-table or "
                                "both, not 'all'"));
+  Flags tr;
+  tr.transport = "ib";
+  CHECK_THAT(usage_error("migrate", {"vm=a"}, tr),
+             ContainsSubstring("--transport takes tcp or rdma, not 'ib'"));
   Flags sw;
   sw.switch_mode = "now";
   CHECK_THAT(usage_error("migrate", {"vm=a"}, sw),

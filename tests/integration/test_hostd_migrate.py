@@ -11,7 +11,8 @@ NVDIMM (issue 12, item 3), under TCG.
            the migration below uses --prefetch=pattern), --shared-storage with
            separate backend files, a destination that maps the source's
            file without --shared-storage (a third QEMU), an exec: URI, a
-           unix socket path that is a regular file.  Afterwards the source
+           unix socket path that is a regular file, --transport=rdma
+           without a tcp: URI.  Afterwards the source
            still runs and the destination still waits (nothing was set
            listening).
  policy    kvmx-hostctl migrate --postcopy with the default policy: a
@@ -20,6 +21,9 @@ NVDIMM (issue 12, item 3), under TCG.
            pass is complete, post-copy lines, "completed"; the destination
            faulted pages in; its NVDIMM file is durable before any guest
            flush there; the guest reads back its RAM and NVDIMM intact.
+           Over tcp: with --transport=rdma: this host has no RDMA device,
+           so QEMU falls back to the stream and hostd says so, with
+           QEMU's reason, as it goes and in the outcome.
  recover   a second pair, --switch=manual and recover_attempts=1:
            migrate-postcopy switches; the test breaks the stream
            (migrate-pause on the source) and hostd recovers by itself
@@ -32,6 +36,7 @@ NVDIMM (issue 12, item 3), under TCG.
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -175,9 +180,12 @@ def check_guest_after(dst, name, ram, pmem):
           f'({n} checks before it)')
 
 
+def capabilities(vm):
+    return [c['capability'] for c in vm.qmp.cmd('query-migrate-capabilities')]
+
+
 def prefetch_capable(vm):
-    caps = [c['capability'] for c in vm.qmp.cmd('query-migrate-capabilities')]
-    return 'postcopy-prefetch' in caps
+    return 'postcopy-prefetch' in capabilities(vm)
 
 
 # -- refusals --------------------------------------------------------------------------
@@ -226,6 +234,11 @@ def refusals(hostd, work, qemu, src, dst, src_img):
     check(rc == 1 and 'migration-refused' in err and
           "which VM 'src' does not" in err,
           f'--shared-storage with separate files: refused ({err.strip()})')
+
+    rc, out, err = ctl(hostd, 'migrate', 'vm=src', 'dest=dst', '--postcopy',
+                       '--transport=rdma')
+    check(rc == 1 and 'invalid-request' in err and "needs a tcp: 'uri'" in err,
+          f'--transport=rdma over a unix socket: refused ({err.strip()})')
 
     rc, out, err = ctl(hostd, 'migrate', 'vm=src', 'dest=dst',
                        'uri=exec:touch /tmp/kvmx-exec-uri')
@@ -282,9 +295,20 @@ def progress_checks(name, lines, elapsed):
     return passes, states
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def policy(hostd, work, src, dst, dst_img, ram, pmem, prefetch):
     t0 = time.monotonic()
     extra = ['--prefetch=pattern'] if prefetch else []
+    # --transport=rdma where QEMU has it: this host has no RDMA device, so
+    # QEMU falls back to the stream, and hostd must say so.
+    rdma = 'postcopy-rdma' in capabilities(src)
+    if rdma:
+        extra += ['--transport=rdma', f'uri=tcp:127.0.0.1:{free_port()}']
     # Slow enough that precopy is still running when the policy switches.
     rc, out, err = ctl(hostd, 'migrate', 'vm=src', 'dest=dst', '--postcopy',
                        f'max_bandwidth={32 * MIB}', 'downtime_limit_ms=1',
@@ -296,6 +320,15 @@ def policy(hostd, work, src, dst, dst_img, ram, pmem, prefetch):
                  f'policy: kvmx-hostctl migrate completed ({err.strip()})'):
         return
     passes, _ = progress_checks('policy', lines, elapsed)
+    if rdma and not os.path.exists('/dev/infiniband/rdma_cm'):
+        note = [l for l in lines if 'RDMA not used' in l]
+        check(note and 'post-copy goes on over the migration stream' in
+              note[0] and 'RDMA not used' in lines[-1],
+              f'policy: --transport=rdma without an RDMA device: QEMU fell '
+              f'back to TCP and hostd said why ({note[:1]})')
+    elif not rdma:
+        print('note: this QEMU has no postcopy-rdma: --transport=rdma not '
+              'tried')
     check(passes and passes[0] == 1,
           f'policy: precopy shows its passes ({sorted(set(passes))})')
     sw = [l for l in lines if 'switching to post-copy' in l]

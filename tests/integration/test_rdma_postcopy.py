@@ -1,6 +1,12 @@
 #!/usr/bin/python3
 """Post-copy with one-sided RDMA page fetch (postcopy-rdma), on soft-RoCE.
 
+  test_rdma_postcopy.py [normal]   the migration, checked (below)
+  test_rdma_postcopy.py kill-source  A's QEMU killed once B reads by RDMA:
+                                   B pauses, nothing claims success
+  test_rdma_postcopy.py kill-dest  B's QEMU killed in post-copy: A pauses,
+                                   stays up and leaves RDMA
+
 The build host has no RDMA device, so, as in test_rdma_transport.py, two
 Debian 6.12 guests under TCG, A (10.77.0.1) and B (10.77.0.2), have their
 virtio-net NICs wired to each other and an rdma_rxe device on each.  Each
@@ -10,19 +16,19 @@ test guest (L2, 128 MiB, TCG):
   A  L2 fills 16 MiB of its memory with a pattern of address and seed
      ('fill'); A's QEMU then migrates it to B over TCP between the two
      NICs, with postcopy-ram and postcopy-rdma, switching to post-copy
-     at once, the background stream held to 64 KiB/s;
-  B  waits until its QEMU reports the RDMA fetch active, then has L2
-     'check' the 16 MiB: every page it touches first is a remote fault.
+     at once; once B's fetch is active A's QEMU is stopped (SIGSTOP);
+  B  has L2 'check' the 16 MiB: every page it touches that has not
+     arrived is a remote fault, and with the source stopped only RDMA
+     READ can serve it; then A's QEMU continues and the migration ends.
 
 Checked:
   - L2 on B finds every word of the 16 MiB as written on A (the memory
     moved, nothing stale or lost), and the migration completes on both;
-  - B's QEMU served faults by RDMA READ (at least 256 of the region's
-    4096 pages; the rest came with the background stream before L2
-    touched them), no READ failed and no command was refused;
+  - with A's QEMU stopped, B's QEMU served at least a quarter of the
+    region's pages by RDMA READ (the rest came by precopy before the
+    switch), no READ failed and no command was refused;
   - A's QEMU answered fewer page requests than a tenth of the pages B
-    read: no per-page work on the source for the pages read by READ;
-  - A's QEMU registered L2's RAM and the connection ended closed.
+    read, and A registered L2's RAM and ended closed.
 """
 import os
 import re
@@ -40,8 +46,10 @@ check = kvmxtest.Checks()
 REGION = 0x6000000          # 96 MiB into L2's RAM
 BYTES = 16 << 20
 PAGES = BYTES // 4096
+KILL_REGION = 0x2000000     # 32 MiB
+KILL_BYTES = 64 << 20
 PORT = 4444
-MIN_READ = 256
+MIN_READ = PAGES // 4
 
 L2 = r'''
 mkfifo /tmp/ser.in /tmp/ser.out /tmp/mon.in /tmp/mon.out
@@ -79,17 +87,47 @@ echo "fill __REGION__ __BYTES__ 7" >&3
 waitfor /tmp/ser.log "ok fill" 900
 echo "A-FILLED $(grep 'ok fill' /tmp/ser.log | tr -d '\r')"
 read ack
-mon "migrate_set_parameter max-bandwidth 8M" "(qemu)" 60
+mon "migrate_set_parameter max-bandwidth 2M" "(qemu)" 60
 mon "migrate_set_parameter max-postcopy-bandwidth 65536" "(qemu)" 60
-mon "info migrate_parameters" "max-postcopy-bandwidth" 60
-echo "A-PARAMS $(tr -d '\r' < /tmp/mon.log | grep -e max-postcopy-bandwidth -e 'max-bandwidth' | tr '\n' ' ')"
 mon "migrate -d tcp:10.77.0.2:__PORT__" "(qemu)" 60
 mon "migrate_start_postcopy" "(qemu)" 60
-if until_mig "Migration status: completed" 1200; then
-  echo "A-COMPLETED"
-else
-  echo "A-NOT-COMPLETED"
-fi
+case __MODE__ in
+normal)
+  until_mig "Migration status: postcopy-active" 600 && echo "A-POSTCOPY"
+  read ack
+  # B's fetch is active: freeze the whole source QEMU.  Whatever B's guest
+  # reads now that has not arrived can only come by RDMA READ.
+  kill -STOP $qpid
+  echo "A-STOPPED"
+  read ack
+  kill -CONT $qpid
+  echo "A-CONTINUED"
+  if until_mig "Migration status: completed" 1200; then
+    echo "A-COMPLETED"
+  else
+    echo "A-NOT-COMPLETED"
+  fi ;;
+kill-source)
+  until_mig "Migration status: postcopy-active" 600 && echo "A-POSTCOPY"
+  read ack
+  kill -STOP $qpid
+  echo "A-STOPPED"
+  read ack
+  # B's guest is reading by RDMA: the source dies in the middle.
+  kill -9 $qpid
+  echo "A-KILLED"
+  # The machine stays up (its kernel answers for the dead QEMU's sockets)
+  # until B is done.
+  read ack
+  exit 0 ;;
+kill-dest)
+  if until_mig "Migration status: postcopy-paused" 600; then
+    echo "A-PAUSED"
+  fi
+  sleep 3
+  : > /tmp/mon.log; echo "info migrate" >&4; sleep 2
+  kill -0 $qpid 2>/dev/null && echo "A-ALIVE" ;;
+esac
 echo "A-INFO-BEGIN"; tr -d '\r' < /tmp/mon.log; echo "A-INFO-END"
 cat /tmp/qemu.err
 quit_l2
@@ -102,23 +140,56 @@ echo "B-LISTENING"
 if ! until_mig "postcopy rdma: active" 900; then
   echo "B-NO-RDMA"; tr -d '\r' < /tmp/mon.log; cat /tmp/qemu.err
 fi
-echo "check __REGION__ __BYTES__ 7" >&3
-waitfor /tmp/ser.log "ok check" 1800
-echo "B-CHECK $(grep 'ok check' /tmp/ser.log | tr -d '\r')"
-if until_mig "Migration status: completed" 1200; then
-  echo "B-COMPLETED"
-else
-  echo "B-NOT-COMPLETED"
-fi
+case __MODE__ in
+normal)
+  echo "B-ACTIVE"
+  read ack
+  echo "check __REGION__ __BYTES__ 7" >&3
+  waitfor /tmp/ser.log "ok check" 1800
+  echo "B-CHECK $(grep 'ok check' /tmp/ser.log | tr -d '\r')"
+  : > /tmp/mon.log; echo "info migrate" >&4; sleep 2
+  echo "B-STOPPED-INFO $(tr -d '\r' < /tmp/mon.log | grep 'postcopy rdma registered')"
+  echo "B-READ-DONE"
+  read ack
+  if until_mig "Migration status: completed" 1200; then
+    echo "B-COMPLETED"
+  else
+    echo "B-NOT-COMPLETED"
+  fi ;;
+kill-source)
+  echo "B-ACTIVE"
+  read ack
+  echo "check __REGION__ __BYTES__ 7" >&3
+  until_mig "pages read: [1-9]" 300 && echo "B-READING"
+  read ack
+  if until_mig "Migration status: postcopy-paused" 600; then
+    echo "B-PAUSED"
+  fi
+  grep -q "ok check" /tmp/ser.log && echo "B-CHECK-ANSWERED"
+  echo "B-INFO-BEGIN"; tr -d '\r' < /tmp/mon.log; echo "B-INFO-END"
+  cat /tmp/qemu.err
+  kill -9 $qpid
+  exit 0 ;;
+kill-dest)
+  kill -9 $qpid
+  echo "B-KILLED"
+  read ack
+  exit 0 ;;
+esac
 echo "B-INFO-BEGIN"; tr -d '\r' < /tmp/mon.log; echo "B-INFO-END"
 cat /tmp/qemu.err
 quit_l2
 '''
 
 
-def script(text, me, peer):
+def script(text, me, peer, mode):
+    # kill-source: a bigger region, so that L2 is still reading when the
+    # source dies.
+    region, size = ((KILL_REGION, KILL_BYTES) if mode == 'kill-source'
+                    else (REGION, BYTES))
     return (text.replace('__ADDR__', me).replace('__PEER__', peer)
-            .replace('__REGION__', hex(REGION)).replace('__BYTES__', hex(BYTES))
+            .replace('__MODE__', mode)
+            .replace('__REGION__', hex(region)).replace('__BYTES__', hex(size))
             .replace('__PORT__', str(PORT)))
 
 
@@ -132,24 +203,23 @@ def number(info, label):
     return int(m[1]) if m else None
 
 
-def main():
-    try:
-        kvmxvm.guest_image(os.path.join(kvmxvm.REPO_ROOT))
-    except kvmxvm.GuestImageMissing as e:
-        kvmxvm.skip(str(e))
+def run(mode):
+    """Both guests through the mode's script; returns their consoles."""
     nested = os.path.join(kvmxvm.REPO_ROOT, 'build', 'guest-nested')
     if not os.path.isfile(os.path.join(nested, 'initramfs.cpio.gz')):
         kvmxvm.skip(f'{nested} missing (run scripts/mkguest --nested)')
     os.environ['KVMX_GUEST_DIR'] = nested
-    work = kvmxtest.workdir('rdma-postcopy-')
+    work = kvmxtest.workdir(f'rdma-postcopy-{mode}-')
     qemu = kvmxvm.patched_qemu()
     append = f'{MODULES} kvmx.timeout=2400'
     t0 = time.monotonic()
-    with kvmxvm.start_guest(qemu, script(GUEST_A, '10.77.0.1', '10.77.0.2'),
+    with kvmxvm.start_guest(qemu,
+                            script(GUEST_A, '10.77.0.1', '10.77.0.2', mode),
                             guest_args(work, 'a', 'b', '52:54:00:77:00:01'),
                             work, 'a', mem='1536M', append_extra=append) as a, \
             kvmxvm.start_guest(qemu,
-                               script(GUEST_B, '10.77.0.2', '10.77.0.1'),
+                               script(GUEST_B, '10.77.0.2', '10.77.0.1',
+                                      mode),
                                guest_args(work, 'b', 'a', '52:54:00:77:00:02'),
                                work, 'b', mem='1536M',
                                append_extra=append) as b:
@@ -166,10 +236,41 @@ def main():
             a.wait_console(r'A-FILLED .*\n', 1200)
             b.wait_console(r'B-LISTENING\n', 300)
             print(f'  {time.monotonic() - t0:4.0f} s: L2 filled on A, B '
-                  f'listens; migrating', flush=True)
+                  f'listens; migrating ({mode})', flush=True)
             a.send_serial(b'go\n')
-            rb = kvmxvm.wait_guest_exit(b, 2400)
-            ra = kvmxvm.wait_guest_exit(a, 600)
+            if mode in ('normal', 'kill-source'):
+                # B's fetch is active: stop A's QEMU, then let L2 read.
+                b.wait_console(r'B-ACTIVE\n', 900)
+                a.wait_console(r'A-POSTCOPY\n', 300)
+                a.send_serial(b'go\n')
+                a.wait_console(r'A-STOPPED\n', 120)
+                print(f'  {time.monotonic() - t0:4.0f} s: source QEMU '
+                      'stopped (SIGSTOP); L2 reads on B', flush=True)
+                b.send_serial(b'go\n')
+            if mode == 'normal':
+                b.wait_console(r'B-READ-DONE\n', 1800)
+                print(f'  {time.monotonic() - t0:4.0f} s: L2 read its '
+                      'memory; source QEMU continues', flush=True)
+                a.send_serial(b'go\n')
+                a.wait_console(r'A-CONTINUED\n', 120)
+                b.send_serial(b'go\n')
+                rb = kvmxvm.wait_guest_exit(b, 2400)
+                ra = kvmxvm.wait_guest_exit(a, 900)
+            elif mode == 'kill-source':
+                b.wait_console(r'B-READING\n', 600)
+                a.send_serial(b'go\n')
+                a.wait_console(r'A-KILLED\n', 120)
+                print(f'  {time.monotonic() - t0:4.0f} s: source QEMU '
+                      'killed while L2 reads on B', flush=True)
+                b.send_serial(b'go\n')
+                rb = kvmxvm.wait_guest_exit(b, 2400)
+                a.send_serial(b'go\n')
+                ra = kvmxvm.wait_guest_exit(a, 300)
+            elif mode == 'kill-dest':
+                b.wait_console(r'B-KILLED\n', 900)
+                ra = kvmxvm.wait_guest_exit(a, 1200)
+                b.send_serial(b'go\n')
+                rb = kvmxvm.wait_guest_exit(b, 300)
         except (TimeoutError, RuntimeError):
             save()
             print('A:', a.console_text()[-3000:])
@@ -178,9 +279,10 @@ def main():
         save()
         ta, tb = a.console_text(), b.console_text()
     print(f'both guests done in {time.monotonic() - t0:.0f} s')
-    ia, ib = section(ta, 'A'), section(tb, 'B')
-    print('--- A (source) info migrate\n' + ia)
-    print('--- B (destination) info migrate\n' + ib)
+    return work, ra, rb, ta, tb
+
+
+def check_normal(ra, rb, ta, tb, ia, ib):
     check(ra == 0 and rb == 0, f'both guest scripts ended normally ({ra}, {rb})')
     m = re.search(r'B-CHECK ok check n=(\d+) bad=(\d+) first=(\S+)', tb)
     check(m is not None and int(m[1]) == PAGES and m[2] == '0',
@@ -190,19 +292,21 @@ def main():
           'the migration completed on both sides')
     check('B-NO-RDMA' not in tb, 'B reported the RDMA fetch active '
           'before L2 read its memory')
+    stopped = re.search(r'B-STOPPED-INFO .*pages read: (\d+)', tb)
+    stopped = int(stopped[1]) if stopped else None
     read = number(ib, 'pages read')
     fails = number(ib, 'read failures')
     bad = number(ib, 'bad commands')
     dups = number(ib, 'duplicates')
-    # Every fault on a page that had not arrived was a READ; how many pages
-    # the background stream delivered first depends on how fast L2 runs
-    # against the stream (measured: 1277-1314 of 4096 read on a 2-core
-    # host; the stream moved ~1.1 MB/s in post-copy although
-    # max-postcopy-bandwidth was 64 KiB/s, which is not understood yet).
-    check(read is not None and read >= MIN_READ,
-          f'B served {read} faults by RDMA READ (at least {MIN_READ}; '
-          f'the region has {PAGES} pages, the rest came with the stream '
-          'first)')
+    # L2 read its memory while A's QEMU was stopped (SIGSTOP): every page
+    # that had not arrived by precopy before the switch came by RDMA READ,
+    # with no source thread running at all.
+    check('A-STOPPED' in ta and ta.find('A-CONTINUED') > 0,
+          "A's QEMU was stopped while L2 read and continued afterwards")
+    check(stopped is not None and stopped >= MIN_READ,
+          f'with the source QEMU stopped, B served {stopped} faults by RDMA '
+          f'READ (at least {MIN_READ} of the region\'s {PAGES} pages; the '
+          'rest had come by precopy before the switch)')
     check(fails == 0 and bad == 0,
           f'no READ failed ({fails}), no command refused ({bad}); '
           f'{dups} pages came twice')
@@ -216,6 +320,51 @@ def main():
     m = re.search(r'postcopy rdma: (\S+)', ia)
     check(m is not None and m[1] == 'closed',
           f"A's RDMA state at the end: {m[1] if m else 'none'}")
+
+
+def check_kill_source(ra, rb, ta, tb, ia, ib):
+    """As over TCP: the destination pauses, nothing claims success."""
+    check(ra == 0 and rb == 0, f'both guest scripts ended normally ({ra}, {rb})')
+    check('B-NO-RDMA' not in tb, 'the RDMA fetch was active before the kill')
+    check('B-READING' in tb, 'L2 was reading by RDMA READ when the source '
+          'died')
+    check('B-PAUSED' in tb, "B's post-copy paused when the source died")
+    check('B-CHECK-ANSWERED' not in tb and 'Migration status: completed'
+          not in ib, 'L2 did not finish its read and B claims no success')
+    m = re.search(r'postcopy rdma: (\S+)(.*)', ib)
+    check(m is not None and m[1] == 'failed:',
+          f"B's RDMA state says the READ failed ({m[0] if m else 'none'})")
+    check((number(ib, 'read failures') or 0) == 1,
+          'one READ failed, then the fault went to the (dead) stream')
+
+
+def check_kill_dest(ra, rb, ta, tb, ia, ib):
+    """As over TCP: the source pauses and stays up, and unpins."""
+    check(ra == 0 and rb == 0, f'both guest scripts ended normally ({ra}, {rb})')
+    check('A-PAUSED' in ta, "A's post-copy paused when the destination died")
+    check('A-ALIVE' in ta, "A's QEMU is still running")
+    m = re.search(r'postcopy rdma: (\S+)', ia)
+    check(m is not None and m[1] != 'active',
+          f"A's RDMA connection is not left active "
+          f"({m[1] if m else 'none'}): the registered RAM is unpinned")
+
+
+def main():
+    mode = sys.argv[1] if len(sys.argv) > 1 else 'normal'
+    if mode not in ('normal', 'kill-source', 'kill-dest'):
+        print('usage: test_rdma_postcopy.py [normal|kill-source|kill-dest]',
+              file=sys.stderr)
+        return 2
+    try:
+        kvmxvm.guest_image(os.path.join(kvmxvm.REPO_ROOT))
+    except kvmxvm.GuestImageMissing as e:
+        kvmxvm.skip(str(e))
+    work, ra, rb, ta, tb = run(mode)
+    ia, ib = section(ta, 'A'), section(tb, 'B')
+    print('--- A (source) info migrate\n' + ia)
+    print('--- B (destination) info migrate\n' + ib)
+    {'normal': check_normal, 'kill-source': check_kill_source,
+     'kill-dest': check_kill_dest}[mode](ra, rb, ta, tb, ia, ib)
     return check.finish(work)
 
 

@@ -285,6 +285,20 @@ std::string format_outcome(const json& response) {
                                        ? std::string()
                                        : " (" + str(r, "dedup_reason") + ")");
     }
+    if (r.contains("rdma") && r["rdma"].is_object()) {
+      const json& d = r["rdma"];
+      std::string st = str(d, "status"), why = str(d, "reason");
+      if (st == "active" || st == "closed")
+        out += "; RDMA: the destination read " + u64(d, "pages_read") +
+               " pages by RDMA READ";
+      else
+        out += std::string(st == "failed" ? "; RDMA failed after " +
+                                                u64(d, "pages_read") +
+                                                " pages read"
+                                          : "; RDMA not used") +
+               (why.empty() ? "" : " (" + why + ")") +
+               ": post-copy went over the stream";
+    }
     return out;
   }
   return "migration of '" + vm + "' to '" + dest + "' is " + state +

@@ -218,6 +218,20 @@ TEST_CASE("ctl: progress and outcome lines with disk dedup") {
   done["result"]["dedup_reason"] = "no --shared-storage";
   CHECK_THAT(format_outcome(done),
              ContainsSubstring("; disk dedup off (no --shared-storage)"));
+  done["result"]["rdma"] = {{"status", "closed"}, {"pages_read", 77}};
+  CHECK_THAT(format_outcome(done),
+             ContainsSubstring("; RDMA: the destination read 77 pages by "
+                               "RDMA READ"));
+  done["result"]["rdma"] = {{"status", "fallback"},
+                            {"reason", "no RDMA device"}, {"pages_read", 0}};
+  CHECK_THAT(format_outcome(done),
+             ContainsSubstring("; RDMA not used (no RDMA device): post-copy "
+                               "went over the stream"));
+  done["result"]["rdma"] = {{"status", "failed"}, {"reason", "READ failed"},
+                            {"pages_read", 9}};
+  CHECK_THAT(format_outcome(done),
+             ContainsSubstring("; RDMA failed after 9 pages read (READ "
+                               "failed)"));
 
   json snap = {{"event", "migration"}, {"kind", "snapshot"}, {"elapsed_ms", 1000},
                {"state", "saving"}, {"remaining", 0}, {"transferred", 1048576},

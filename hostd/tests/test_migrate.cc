@@ -152,6 +152,10 @@ struct Pair {
   std::optional<json> src_dd, dst_dd;
   std::set<std::string> caps_on;  // reported on by query-migrate-capabilities
   uint64_t refs = 0;              // pages as reference so far
+  // postcopy-rdma as query-migrate reports it once post-copy started: the
+  // source's status and reason; the destination's pages read grow by 7.
+  std::string rdma_status = "active", rdma_reason;
+  uint64_t rdma_read = 0;
 
   json answer(const std::string& side, const std::string& cmd,
               const json& args, std::string* err) {
@@ -264,6 +268,17 @@ struct Pair {
       if (src && src_mig == "completed") r["downtime"] = 12;
       if (src && src_mig == "failed") r["error-desc"] = fail_desc;
       auto& c = src ? src_caps : dst_caps;
+      if (c.count("postcopy-rdma") && c["postcopy-rdma"] &&
+          (src_mig == "postcopy-active" || src_mig == "completed")) {
+        if (!src) rdma_read += 7;
+        json pr = {{"status", rdma_status},
+                   {"registered-bytes", src ? 1 << 20 : 0},
+                   {"rejected", 0}, {"pages-read", src ? 0 : rdma_read},
+                   {"read-failures", 0}, {"duplicates", 0},
+                   {"bad-commands", 0}};
+        if (!rdma_reason.empty()) pr["reason"] = rdma_reason;
+        r["postcopy-rdma"] = pr;
+      }
       if (c.count("disk-dedup") && c["disk-dedup"])
         r["disk-dedup"] = {{"pages-as-reference", src ? refs : 0},
                            {"bytes-saved", src ? refs * 4000 : 0},
@@ -506,6 +521,68 @@ TEST_CASE("job: prefetch a QEMU knows: capability and mode on both sides") {
   off.job->start();
   off.run();
   CHECK(off.pair->dst_caps["postcopy-prefetch"] == false);
+}
+
+TEST_CASE("job: transport rdma: postcopy-rdma on both, QEMU's state reported") {
+  Settings s = Run::base();
+  s.uri = "tcp:10.0.0.2:4444";
+  s.transport = "rdma";
+  // A QEMU without the capability: a clear error, nothing set.
+  Run no(s);
+  no.job->start();
+  no.run();
+  REQUIRE_FALSE(no.job->outcome().ok());
+  CHECK(no.job->outcome().error().code == "migration-unsupported");
+  CHECK_THAT(no.job->outcome().error().message,
+             ContainsSubstring("no migration capability 'postcopy-rdma'"));
+  CHECK(no.pair->count("src migrate-set") == 0);
+
+  Run r(s);
+  r.pair->caps.insert("postcopy-rdma");
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kCompleted);
+  CHECK(r.pair->src_caps["postcopy-rdma"] == true);
+  CHECK(r.pair->dst_caps["postcopy-rdma"] == true);
+  auto out = r.job->outcome();
+  REQUIRE(out.ok());
+  CHECK((*out)["transport"] == "rdma");
+  CHECK((*out)["rdma"]["status"] == "active");
+  CHECK((*out)["rdma"]["registered"] == 1 << 20);
+  CHECK((*out)["rdma"]["pages_read"].get<uint64_t>() > 0);
+  bool said = false;
+  for (const auto& e : r.events)
+    said = said || e.value("message", "").find("RDMA page fetch active") !=
+                       std::string::npos;
+  CHECK(said);
+
+  // QEMU fell back: said as it goes and in the outcome.
+  Run f(s);
+  f.pair->caps.insert("postcopy-rdma");
+  f.pair->rdma_status = "fallback";
+  f.pair->rdma_reason = "no RDMA device has the migration address 10.0.0.1";
+  f.job->start();
+  f.run();
+  CHECK(f.job->state() == State::kCompleted);
+  std::string note, last;
+  for (const auto& e : f.events) {
+    auto m = e.value("message", "");
+    if (m.find("RDMA not used") != std::string::npos && note.empty()) note = m;
+    if (!m.empty()) last = m;
+  }
+  CHECK_THAT(note, ContainsSubstring("no RDMA device has the migration "
+                                     "address 10.0.0.1; post-copy goes on "
+                                     "over the migration stream"));
+  CHECK_THAT(last, ContainsSubstring("; RDMA not used: no RDMA device"));
+
+  // Known but not asked for: off on both.
+  Run off;
+  off.pair->caps.insert("postcopy-rdma");
+  off.job->start();
+  off.run();
+  CHECK(off.pair->src_caps["postcopy-rdma"] == false);
+  CHECK(off.pair->dst_caps["postcopy-rdma"] == false);
+  CHECK_FALSE(off.job->outcome()->contains("rdma"));
 }
 
 TEST_CASE("job: QEMU refusing post-copy names the VM and QEMU's reason") {

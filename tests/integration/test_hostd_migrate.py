@@ -323,7 +323,8 @@ def policy(hostd, work, src, dst, dst_img, ram, pmem, prefetch):
     if rdma and not os.path.exists('/dev/infiniband/rdma_cm'):
         note = [l for l in lines if 'RDMA not used' in l]
         check(note and 'post-copy goes on over the migration stream' in
-              note[0] and 'RDMA not used' in lines[-1],
+              note[0] and 'RDMA not used' in lines[-1] and
+              'post-copy went over the stream' in lines[-1],
               f'policy: --transport=rdma without an RDMA device: QEMU fell '
               f'back to TCP and hostd said why ({note[:1]})')
     elif not rdma:

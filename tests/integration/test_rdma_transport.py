@@ -65,20 +65,34 @@ if [ -b /dev/vda ]; then mkfs.ext4 -q -F /dev/vda && mount -t ext4 /dev/vda /mnt
 KVMX_RDMA_LOCAL_IP=10.77.0.1 KVMX_RDMA_PLAIN_IP=127.0.0.1 \
     /opt/kvmx/test-hostd-rdma --reporter compact --colour-mode none '[nodevice],[local]' 2>&1
 echo "A-CATCH2 $?"
+# Announced once it listens: it registers and measures first.
+serving() {  # serving LOG PID
+  i=0
+  until grep -q ", ready" $1; do
+    i=$((i+1)); [ $i -gt 600 ] && { echo "A-SERVE-NOT-READY"; cat $1; exit 5; }
+    kill -0 $2 2>/dev/null || { echo "A-SERVE-DIED"; cat $1; exit 5; }
+    sleep 0.2
+  done
+  cat $1
+}
 /opt/kvmx/kvmx-rdma-bench serve --addr 10.77.0.1 --ctl-port 4790 \
-    --mib 16 --sessions 0 2>&1 &
+    --mib 16 --sessions 0 > /tmp/serve1.log 2>&1 &
 pid=$!
-sleep 1
+serving /tmp/serve1.log $pid
 echo "A-SERVING"
 wait $pid
-echo "A-SERVE-EXIT $?"
+rc=$?
+tail -n 3 /tmp/serve1.log
+echo "A-SERVE-EXIT $rc"
 /opt/kvmx/kvmx-rdma-bench serve --addr 10.77.0.1 --ctl-port 4790 \
-    --mib __MIB__ --sessions 1 --file-dir /mnt/disk 2>&1 &
+    --mib __MIB__ --sessions 1 --file-dir /mnt/disk > /tmp/serve2.log 2>&1 &
 pid=$!
-sleep 1
+serving /tmp/serve2.log $pid
 echo "A-SERVING2"
 wait $pid
-echo "A-SERVE2-EXIT $?"
+rc=$?
+cat /tmp/serve2.log
+echo "A-SERVE2-EXIT $rc"
 '''
 
 GUEST_B = COMMON + r'''

@@ -11,10 +11,9 @@
 //             staging area of fixed-size slots and posts READs into them,
 //             up to the queue depth, then polls for their completions.
 //
-// hostd uses it to check a host before a `--transport rdma` migration
-// (which device has the address, whether it can be reached) and the RDMA
-// benchmark uses it; QEMU's post-copy fetch speaks the same protocol in C
-// (docs/specs/rdma-fetch.md).
+// The RDMA benchmark (kvmx-rdma-bench) and the transport tests use it;
+// QEMU's post-copy fetch (topic 09-rdma-fetch) speaks the same connect
+// protocol in C (docs/specs/rdma-fetch.md).
 #pragma once
 
 #include <cstddef>

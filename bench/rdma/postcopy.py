@@ -92,6 +92,7 @@ def script(text, variant, mib, stream):
     wait = ('until_mig "postcopy rdma: active" 600' if variant == 'rdma'
             else ':')
     return (text.replace('__CAPS__', caps).replace('__WAIT_RDMA__', wait)
+            .replace('__EXTRA_CAPS__', '')
             .replace('__REGION__', hex(REGION))
             .replace('__BYTES__', hex(mib << 20))
             .replace('__STREAM__', str(stream)))

@@ -2,6 +2,8 @@
 """Post-copy with one-sided RDMA page fetch (postcopy-rdma), on soft-RoCE.
 
   test_rdma_postcopy.py [normal]   the migration, checked (below)
+  test_rdma_postcopy.py prefetch   the same with postcopy-prefetch (pattern):
+                                   predicted pages come by batched READ
   test_rdma_postcopy.py kill-source  A's QEMU killed once B reads by RDMA:
                                    B pauses, nothing claims success
   test_rdma_postcopy.py kill-dest  B's QEMU killed in post-copy: A pauses,
@@ -79,6 +81,7 @@ until_mig() {  # until_mig PATTERN SECONDS: poll info migrate for PATTERN
 }
 mon "migrate_set_capability postcopy-ram on" "(qemu)" 60
 mon "migrate_set_capability postcopy-rdma on" "(qemu)" 60
+__EXTRA_CAPS__
 '''
 
 GUEST_A = COMMON + L1_HELPERS + L2.replace('__INCOMING__', '') + r'''
@@ -92,7 +95,7 @@ mon "migrate_set_parameter max-postcopy-bandwidth 65536" "(qemu)" 60
 mon "migrate -d tcp:10.77.0.2:__PORT__" "(qemu)" 60
 mon "migrate_start_postcopy" "(qemu)" 60
 case __MODE__ in
-normal)
+normal|prefetch)
   until_mig "Migration status: postcopy-active" 600 && echo "A-POSTCOPY"
   read ack
   # B's fetch is active: freeze the whole source QEMU.  Whatever B's guest
@@ -141,7 +144,7 @@ if ! until_mig "postcopy rdma: active" 900; then
   echo "B-NO-RDMA"; tr -d '\r' < /tmp/mon.log; cat /tmp/qemu.err
 fi
 case __MODE__ in
-normal)
+normal|prefetch)
   echo "B-ACTIVE"
   read ack
   echo "check __REGION__ __BYTES__ 7" >&3
@@ -187,8 +190,11 @@ def script(text, me, peer, mode):
     # source dies.
     region, size = ((KILL_REGION, KILL_BYTES) if mode == 'kill-source'
                     else (REGION, BYTES))
+    extra = ('mon "migrate_set_capability postcopy-prefetch on" "(qemu)" 60\n'
+             'mon "migrate_set_parameter postcopy-prefetch-mode pattern" '
+             '"(qemu)" 60' if mode == 'prefetch' else '')
     return (text.replace('__ADDR__', me).replace('__PEER__', peer)
-            .replace('__MODE__', mode)
+            .replace('__MODE__', mode).replace('__EXTRA_CAPS__', extra)
             .replace('__REGION__', hex(region)).replace('__BYTES__', hex(size))
             .replace('__PORT__', str(PORT)))
 
@@ -238,7 +244,7 @@ def run(mode):
             print(f'  {time.monotonic() - t0:4.0f} s: L2 filled on A, B '
                   f'listens; migrating ({mode})', flush=True)
             a.send_serial(b'go\n')
-            if mode in ('normal', 'kill-source'):
+            if mode in ('normal', 'prefetch', 'kill-source'):
                 # B's fetch is active: stop A's QEMU, then let L2 read.
                 b.wait_console(r'B-ACTIVE\n', 900)
                 a.wait_console(r'A-POSTCOPY\n', 300)
@@ -247,7 +253,7 @@ def run(mode):
                 print(f'  {time.monotonic() - t0:4.0f} s: source QEMU '
                       'stopped (SIGSTOP); L2 reads on B', flush=True)
                 b.send_serial(b'go\n')
-            if mode == 'normal':
+            if mode in ('normal', 'prefetch'):
                 b.wait_console(r'B-READ-DONE\n', 1800)
                 print(f'  {time.monotonic() - t0:4.0f} s: L2 read its '
                       'memory; source QEMU continues', flush=True)
@@ -294,6 +300,8 @@ def check_normal(ra, rb, ta, tb, ia, ib):
           'before L2 read its memory')
     stopped = re.search(r'B-STOPPED-INFO .*pages read: (\d+)', tb)
     stopped = int(stopped[1]) if stopped else None
+    pre = re.search(r'B-STOPPED-INFO .*prefetched: (\d+)', tb)
+    pre = int(pre[1]) if pre else 0
     read = number(ib, 'pages read')
     fails = number(ib, 'read failures')
     bad = number(ib, 'bad commands')
@@ -303,10 +311,11 @@ def check_normal(ra, rb, ta, tb, ia, ib):
     # with no source thread running at all.
     check('A-STOPPED' in ta and ta.find('A-CONTINUED') > 0,
           "A's QEMU was stopped while L2 read and continued afterwards")
-    check(stopped is not None and stopped >= MIN_READ,
+    check(stopped is not None and stopped + pre >= MIN_READ,
           f'with the source QEMU stopped, B served {stopped} faults by RDMA '
-          f'READ (at least {MIN_READ} of the region\'s {PAGES} pages; the '
-          'rest had come by precopy before the switch)')
+          f'READ and read {pre} predicted pages (together at least '
+          f'{MIN_READ} of the region\'s {PAGES} pages; the rest had come by '
+          'precopy before the switch)')
     check(fails == 0 and bad == 0,
           f'no READ failed ({fails}), no command refused ({bad}); '
           f'{dups} pages came twice')
@@ -320,6 +329,21 @@ def check_normal(ra, rb, ta, tb, ia, ib):
     m = re.search(r'postcopy rdma: (\S+)', ia)
     check(m is not None and m[1] == 'closed',
           f"A's RDMA state at the end: {m[1] if m else 'none'}")
+
+
+def check_prefetch(ra, rb, ta, tb, ia, ib):
+    """As normal, with the pattern predictor: its pages come by READ too."""
+    check_normal(ra, rb, ta, tb, ia, ib)
+    m = re.search(r'B-STOPPED-INFO .*prefetched: (\d+)', tb)
+    pre = int(m[1]) if m else 0
+    read = re.search(r'B-STOPPED-INFO .*pages read: (\d+)', tb)
+    read = int(read[1]) if read else 0
+    # L2 reads sequentially: after a few faults the predictor asks for the
+    # next pages, and with the source stopped only READ can bring them.
+    check(pre >= MIN_READ // 2 and read < pre,
+          f'with the source stopped, {pre} predicted pages came by batched '
+          f'RDMA READ and only {read} faults were left (a fault each time '
+          'the prediction ran out)')
 
 
 def check_kill_source(ra, rb, ta, tb, ia, ib):
@@ -351,8 +375,9 @@ def check_kill_dest(ra, rb, ta, tb, ia, ib):
 
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else 'normal'
-    if mode not in ('normal', 'kill-source', 'kill-dest'):
-        print('usage: test_rdma_postcopy.py [normal|kill-source|kill-dest]',
+    if mode not in ('normal', 'prefetch', 'kill-source', 'kill-dest'):
+        print('usage: test_rdma_postcopy.py '
+              '[normal|prefetch|kill-source|kill-dest]',
               file=sys.stderr)
         return 2
     try:
@@ -363,7 +388,8 @@ def main():
     ia, ib = section(ta, 'A'), section(tb, 'B')
     print('--- A (source) info migrate\n' + ia)
     print('--- B (destination) info migrate\n' + ib)
-    {'normal': check_normal, 'kill-source': check_kill_source,
+    {'normal': check_normal, 'prefetch': check_prefetch,
+     'kill-source': check_kill_source,
      'kill-dest': check_kill_dest}[mode](ra, rb, ta, tb, ia, ib)
     return check.finish(work)
 

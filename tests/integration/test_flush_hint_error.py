@@ -97,7 +97,7 @@ def run_stop(vm, fs, work):
 
     fs.free()
     vm.qmp.cmd('cont')
-    m = vm.wait_console(r'DD-RETURNED (\d+)', 180)
+    m = vm.wait_console(r'DD-RETURNED (\d+)\r?\n', 180)
     dirty = pagecache.cachestat(fs.path)
     check(m[1] == '0', f'after cont the guest dd returned success (rc {m[1]})')
     check(dirty['dirty'] == 0 and dirty['writeback'] == 0,

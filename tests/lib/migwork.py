@@ -176,7 +176,7 @@ def run(qemu, work, link, workload, variant, mib=256, mem='1G',
                 res['index_tables'] = int(m[1])
                 res['index_us'] = int(m[3])
             if workload != 'W5':
-                rc = dst.wait_console(r'MEMWALK-RC (\d+)', 120, start=mark)
+                rc = dst.wait_console(r'MEMWALK-RC (\d+)\r?\n', 120, start=mark)
                 res['guest_rc'] = int(rc[1])
     return res
 

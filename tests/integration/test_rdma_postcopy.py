@@ -4,6 +4,7 @@
   test_rdma_postcopy.py [normal]   the migration, checked (below)
   test_rdma_postcopy.py prefetch   the same with postcopy-prefetch (pattern):
                                    predicted pages come by batched READ
+  test_rdma_postcopy.py precopy-uri  precopy over QEMU's own rdma: URI
   test_rdma_postcopy.py kill-source  A's QEMU killed once B reads by RDMA:
                                    B pauses, nothing claims success
   test_rdma_postcopy.py kill-dest  B's QEMU killed in post-copy: A pauses,
@@ -92,9 +93,15 @@ echo "A-FILLED $(grep 'ok fill' /tmp/ser.log | tr -d '\r')"
 read ack
 mon "migrate_set_parameter max-bandwidth 2M" "(qemu)" 60
 mon "migrate_set_parameter max-postcopy-bandwidth 65536" "(qemu)" 60
-mon "migrate -d tcp:10.77.0.2:__PORT__" "(qemu)" 60
-mon "migrate_start_postcopy" "(qemu)" 60
+mon "migrate -d __SCHEME__:10.77.0.2:__PORT__" "(qemu)" 60
+[ __MODE__ = precopy-uri ] || mon "migrate_start_postcopy" "(qemu)" 60
 case __MODE__ in
+precopy-uri)
+  if until_mig "Migration status: completed" 1200; then
+    echo "A-COMPLETED"
+  else
+    echo "A-NOT-COMPLETED"
+  fi ;;
 normal|prefetch)
   until_mig "Migration status: postcopy-active" 600 && echo "A-POSTCOPY"
   read ack
@@ -138,12 +145,21 @@ quit_l2
 
 GUEST_B = COMMON + L1_HELPERS + L2.replace(
     '__INCOMING__', '-incoming defer') + r'''
-mon "migrate_incoming tcp:10.77.0.2:__PORT__" "(qemu)" 60
+mon "migrate_incoming __SCHEME__:10.77.0.2:__PORT__" "(qemu)" 60
 echo "B-LISTENING"
-if ! until_mig "postcopy rdma: active" 900; then
+if [ __MODE__ != precopy-uri ] && ! until_mig "postcopy rdma: active" 900; then
   echo "B-NO-RDMA"; tr -d '\r' < /tmp/mon.log; cat /tmp/qemu.err
 fi
 case __MODE__ in
+precopy-uri)
+  if until_mig "Migration status: completed" 1200; then
+    echo "B-COMPLETED"
+  else
+    echo "B-NOT-COMPLETED"
+  fi
+  echo "check __REGION__ __BYTES__ 7" >&3
+  waitfor /tmp/ser.log "ok check" 1800
+  echo "B-CHECK $(grep 'ok check' /tmp/ser.log | tr -d '\r')" ;;
 normal|prefetch)
   echo "B-ACTIVE"
   read ack
@@ -190,11 +206,20 @@ def script(text, me, peer, mode):
     # source dies.
     region, size = ((KILL_REGION, KILL_BYTES) if mode == 'kill-source'
                     else (REGION, BYTES))
-    extra = ('mon "migrate_set_capability postcopy-prefetch on" "(qemu)" 60\n'
-             'mon "migrate_set_parameter postcopy-prefetch-mode pattern" '
-             '"(qemu)" 60' if mode == 'prefetch' else '')
+    extra = {
+        'prefetch': 'mon "migrate_set_capability postcopy-prefetch on" '
+                    '"(qemu)" 60\n'
+                    'mon "migrate_set_parameter postcopy-prefetch-mode '
+                    'pattern" "(qemu)" 60',
+        # QEMU's own rdma: migration, precopy only.
+        'precopy-uri': 'mon "migrate_set_capability postcopy-rdma off" '
+                       '"(qemu)" 60\n'
+                       'mon "migrate_set_capability postcopy-ram off" '
+                       '"(qemu)" 60',
+    }.get(mode, '')
     return (text.replace('__ADDR__', me).replace('__PEER__', peer)
             .replace('__MODE__', mode).replace('__EXTRA_CAPS__', extra)
+            .replace('__SCHEME__', 'rdma' if mode == 'precopy-uri' else 'tcp')
             .replace('__REGION__', hex(region)).replace('__BYTES__', hex(size))
             .replace('__PORT__', str(PORT)))
 
@@ -253,7 +278,10 @@ def run(mode):
                 print(f'  {time.monotonic() - t0:4.0f} s: source QEMU '
                       'stopped (SIGSTOP); L2 reads on B', flush=True)
                 b.send_serial(b'go\n')
-            if mode in ('normal', 'prefetch'):
+            if mode == 'precopy-uri':
+                rb = kvmxvm.wait_guest_exit(b, 2400)
+                ra = kvmxvm.wait_guest_exit(a, 900)
+            elif mode in ('normal', 'prefetch'):
                 b.wait_console(r'B-READ-DONE\n', 1800)
                 print(f'  {time.monotonic() - t0:4.0f} s: L2 read its '
                       'memory; source QEMU continues', flush=True)
@@ -331,6 +359,17 @@ def check_normal(ra, rb, ta, tb, ia, ib):
           f"A's RDMA state at the end: {m[1] if m else 'none'}")
 
 
+def check_precopy_uri(ra, rb, ta, tb, ia, ib):
+    """QEMU's own rdma: migration (precopy) with the patched QEMU."""
+    check(ra == 0 and rb == 0, f'both guest scripts ended normally ({ra}, {rb})')
+    check('A-COMPLETED' in ta and 'B-COMPLETED' in tb,
+          'precopy over rdma: completed on both sides')
+    m = re.search(r'B-CHECK ok check n=(\d+) bad=(\d+)', tb)
+    check(m is not None and int(m[1]) == PAGES and m[2] == '0',
+          f'L2 on B finds all {PAGES} pages as written on A '
+          f'({m[0] if m else "no check result"})')
+
+
 def check_prefetch(ra, rb, ta, tb, ia, ib):
     """As normal, with the pattern predictor: its pages come by READ too."""
     check_normal(ra, rb, ta, tb, ia, ib)
@@ -375,9 +414,10 @@ def check_kill_dest(ra, rb, ta, tb, ia, ib):
 
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else 'normal'
-    if mode not in ('normal', 'prefetch', 'kill-source', 'kill-dest'):
+    if mode not in ('normal', 'prefetch', 'kill-source', 'kill-dest',
+                    'precopy-uri'):
         print('usage: test_rdma_postcopy.py '
-              '[normal|prefetch|kill-source|kill-dest]',
+              '[normal|prefetch|kill-source|kill-dest|precopy-uri]',
               file=sys.stderr)
         return 2
     try:
@@ -389,6 +429,7 @@ def main():
     print('--- A (source) info migrate\n' + ia)
     print('--- B (destination) info migrate\n' + ib)
     {'normal': check_normal, 'prefetch': check_prefetch,
+     'precopy-uri': check_precopy_uri,
      'kill-source': check_kill_source,
      'kill-dest': check_kill_dest}[mode](ra, rb, ta, tb, ia, ib)
     return check.finish(work)

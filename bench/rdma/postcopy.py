@@ -76,6 +76,7 @@ t0=$(cut -d' ' -f1 /proc/uptime)
 echo "check __REGION__ __BYTES__ 7" >&3
 waitfor /tmp/ser.log "ok check" 1800
 t1=$(cut -d' ' -f1 /proc/uptime)
+sleep 1  # the rest of the line
 echo "B-CHECK $(grep 'ok check' /tmp/ser.log | tr -d '\r') t0=$t0 t1=$t1"
 until_mig "Migration status: completed" 1800 && echo "B-COMPLETED"
 echo "B-INFO-BEGIN"; tr -d '\r' < /tmp/mon.log; echo "B-INFO-END"

@@ -89,6 +89,7 @@ GUEST_A = COMMON + L1_HELPERS + L2.replace('__INCOMING__', '') + r'''
 waitfor /tmp/ser.log "kvmx-testguest ready" 600
 echo "fill __REGION__ __BYTES__ 7" >&3
 waitfor /tmp/ser.log "ok fill" 900
+sleep 1
 echo "A-FILLED $(grep 'ok fill' /tmp/ser.log | tr -d '\r')"
 read ack
 mon "migrate_set_parameter max-bandwidth 2M" "(qemu)" 60
@@ -159,12 +160,14 @@ precopy-uri)
   fi
   echo "check __REGION__ __BYTES__ 7" >&3
   waitfor /tmp/ser.log "ok check" 1800
+sleep 1  # the rest of the line (grep sees lines still arriving)
   echo "B-CHECK $(grep 'ok check' /tmp/ser.log | tr -d '\r')" ;;
 normal|prefetch)
   echo "B-ACTIVE"
   read ack
   echo "check __REGION__ __BYTES__ 7" >&3
   waitfor /tmp/ser.log "ok check" 1800
+sleep 1  # the rest of the line (grep sees lines still arriving)
   echo "B-CHECK $(grep 'ok check' /tmp/ser.log | tr -d '\r')"
   : > /tmp/mon.log; echo "info migrate" >&4; sleep 2
   echo "B-STOPPED-INFO $(tr -d '\r' < /tmp/mon.log | grep 'postcopy rdma registered')"
@@ -394,11 +397,16 @@ def check_kill_source(ra, rb, ta, tb, ia, ib):
     check('B-PAUSED' in tb, "B's post-copy paused when the source died")
     check('B-CHECK-ANSWERED' not in tb and 'Migration status: completed'
           not in ib, 'L2 did not finish its read and B claims no success')
+    # Which comes first is a race: a READ in flight fails (state failed,
+    # then the fault goes to the dead stream), or the broken stream pauses
+    # post-copy and the fault thread holds before its next READ, as it
+    # does without RDMA.  Both end paused; neither reads a wrong page.
     m = re.search(r'postcopy rdma: (\S+)(.*)', ib)
-    check(m is not None and m[1] == 'failed:',
-          f"B's RDMA state says the READ failed ({m[0] if m else 'none'})")
-    check((number(ib, 'read failures') or 0) == 1,
-          'one READ failed, then the fault went to the (dead) stream')
+    print(f"  B's RDMA state: {m[0] if m else 'none'}; read failures "
+          f"{number(ib, 'read failures')}")
+    check(m is not None and m[1] in ('failed:', 'active'),
+          f"B's RDMA state is failed or held by the pause "
+          f"({m[0] if m else 'none'})")
 
 
 def check_kill_dest(ra, rb, ta, tb, ia, ib):

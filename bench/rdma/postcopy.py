@@ -38,8 +38,8 @@ import benchlib  # noqa: E402
 import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
 from test_flush_hint_nested import L1_HELPERS  # noqa: E402
-from test_rdma_postcopy import L2  # noqa: E402
-from test_rdma_transport import COMMON, MODULES, guest_args  # noqa: E402
+from test_rdma_postcopy import L2, number, section  # noqa: E402
+from test_rdma_transport import COMMON, rdma_pair  # noqa: E402
 
 VARIANTS = {
     'rdma': ['postcopy-rdma'],
@@ -99,42 +99,24 @@ def script(text, variant, mib, stream):
             .replace('__STREAM__', str(stream)))
 
 
-def section(text, name):
-    m = re.search(rf'{name}-INFO-BEGIN\n(.*?){name}-INFO-END', text, re.S)
-    return m[1] if m else ''
-
-
-def number(info, label):
-    m = re.search(rf'{label}: (\d+)', info)
-    return int(m[1]) if m else 0
+def count(info, label):
+    """A counter of 'info migrate' (absent: QEMU printed none, so 0)."""
+    return number(info, label) or 0
 
 
 def run_one(variant, mib, stream):
-    nested = os.path.join(ROOT, 'build', 'guest-nested')
-    os.environ['KVMX_GUEST_DIR'] = nested
     work = kvmxtest.workdir(f'bench-rdma-postcopy-{variant}-')
-    qemu = kvmxvm.patched_qemu()
-    append = f'{MODULES} kvmx.timeout=2400'
     ga = script(GUEST_A, variant, mib, stream).replace(
         '__ADDR__', '10.77.0.1').replace('__PEER__', '10.77.0.2').replace(
         '__INCOMING__', '')
     gb = script(GUEST_B, variant, mib, stream).replace(
         '__ADDR__', '10.77.0.2').replace('__PEER__', '10.77.0.1')
-    with kvmxvm.start_guest(qemu, ga,
-                            guest_args(work, 'a', 'b', '52:54:00:77:00:01'),
-                            work, 'a', mem='1536M', append_extra=append) as a, \
-            kvmxvm.start_guest(qemu, gb,
-                               guest_args(work, 'b', 'a', '52:54:00:77:00:02'),
-                               work, 'b', mem='1536M',
-                               append_extra=append) as b:
+    with rdma_pair(work, ga, gb, 2400) as (a, b):
         a.wait_console(r'A-FILLED\n', 1200)
         b.wait_console(r'B-LISTENING\n', 300)
         a.send_serial(b'go\n')
         rb = kvmxvm.wait_guest_exit(b, 2400)
         if rb != 0:
-            for vm, n in ((a, 'A'), (b, 'B')):
-                with open(os.path.join(work, f'{n}.console'), 'w') as f:
-                    f.write(vm.console_text())
             raise RuntimeError(f'{variant}: the script on B failed ({rb}); '
                                f'consoles in {work}')
         ra = kvmxvm.wait_guest_exit(a, 900)
@@ -145,17 +127,17 @@ def run_one(variant, mib, stream):
     if ra or rb or not m or m[2] != '0' or 'B-COMPLETED' not in tb:
         raise RuntimeError(f'{variant}: the run failed (A {ra}, B {rb}, '
                            f'{m[0] if m else "no check"}); consoles in {work}')
-    reads = number(ib, 'pages read')
-    requests = number(ia, 'postcopy request count')
-    blocktime = number(ib, 'postcopy blocktime')
+    reads = count(ib, 'pages read')
+    requests = count(ia, 'postcopy request count')
+    blocktime = count(ib, 'postcopy blocktime')
     faults = reads + requests
     return {'variant': variant, 'read_s': float(m[4]) - float(m[3]),
             'pages': int(m[1]), 'rdma_reads': reads,
             'page_requests': requests, 'faults': faults,
             'blocktime_ms': blocktime,
             'blocktime_per_fault_ms': blocktime / faults if faults else None,
-            'postcopy_kib': number(ia, 'postcopy ram'),
-            'total_ms': number(ia, 'total time')}
+            'postcopy_kib': count(ia, 'postcopy ram'),
+            'total_ms': count(ia, 'total time')}
 
 
 def median(rows, key):

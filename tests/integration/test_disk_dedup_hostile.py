@@ -219,21 +219,13 @@ def vm_args(img):
             '-device', 'virtio-blk-pci,drive=d0,id=vd0,disk-dedup=dd0']
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def real_migration(qemu, work, vm, dst_img):
     """The same source to a patched destination with dedup on."""
     with kvmxvm.Vm(qemu, vm_args(dst_img) + ['-incoming', 'defer'], work,
                    'dst') as dst:
         dst.start()
         set_caps(dst)
-        port = free_port()
+        port = kvmxtest.free_port()
         dst.qmp.cmd('migrate-incoming', uri=f'tcp:127.0.0.1:{port}')
         set_caps(vm)
         vm.qmp.cmd('migrate', uri=f'tcp:127.0.0.1:{port}')

@@ -36,7 +36,6 @@ NVDIMM (issue 12, item 3), under TCG.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -295,12 +294,6 @@ def progress_checks(name, lines, elapsed):
     return passes, states
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def policy(hostd, work, src, dst, dst_img, ram, pmem, prefetch):
     t0 = time.monotonic()
     extra = ['--prefetch=pattern'] if prefetch else []
@@ -308,7 +301,7 @@ def policy(hostd, work, src, dst, dst_img, ram, pmem, prefetch):
     # QEMU falls back to the stream, and hostd must say so.
     rdma = 'postcopy-rdma' in capabilities(src)
     if rdma:
-        extra += ['--transport=rdma', f'uri=tcp:127.0.0.1:{free_port()}']
+        extra += ['--transport=rdma', f'uri=tcp:127.0.0.1:{kvmxtest.free_port()}']
     # Slow enough that precopy is still running when the policy switches.
     rc, out, err = ctl(hostd, 'migrate', 'vm=src', 'dest=dst', '--postcopy',
                        f'max_bandwidth={32 * MIB}', 'downtime_limit_ms=1',

@@ -219,12 +219,6 @@ def incoming(qemu, work, name, img):
         raise
 
 
-def free_port():
-    """A TCP port of 127.0.0.1 that nothing listens on right now."""
-    with socket.create_server(('127.0.0.1', 0)) as s:
-        return s.getsockname()[1]
-
-
 def stop(vm, timeout=10.0):
     """Quit (or kill) a VM and close its out-of-band monitor if it has one."""
     rc = vm.shutdown(timeout)
@@ -531,7 +525,7 @@ def recover(src, dst, sev, dev, relays, timings):
     how = 'new relay' if relays is not None else 'direct'
     t0 = time.time()
     for _ in range(5):
-        port = free_port()
+        port = kvmxtest.free_port()
         try:
             dst.oob.cmd('migrate-recover', oob=True,
                         uri=f'tcp:127.0.0.1:{port}')

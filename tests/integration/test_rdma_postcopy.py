@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
 from test_flush_hint_nested import L1_HELPERS  # noqa: E402
-from test_rdma_transport import COMMON, MODULES, guest_args  # noqa: E402
+from test_rdma_transport import COMMON, rdma_pair  # noqa: E402
 
 check = kvmxtest.Checks()
 REGION = 0x6000000          # 96 MiB into L2's RAM
@@ -239,81 +239,52 @@ def number(info, label):
 
 def run(mode):
     """Both guests through the mode's script; returns their consoles."""
-    nested = os.path.join(kvmxvm.REPO_ROOT, 'build', 'guest-nested')
-    if not os.path.isfile(os.path.join(nested, 'initramfs.cpio.gz')):
-        kvmxvm.skip(f'{nested} missing (run scripts/mkguest --nested)')
-    os.environ['KVMX_GUEST_DIR'] = nested
     work = kvmxtest.workdir(f'rdma-postcopy-{mode}-')
-    qemu = kvmxvm.patched_qemu()
-    append = f'{MODULES} kvmx.timeout=2400'
     t0 = time.monotonic()
-    with kvmxvm.start_guest(qemu,
-                            script(GUEST_A, '10.77.0.1', '10.77.0.2', mode),
-                            guest_args(work, 'a', 'b', '52:54:00:77:00:01'),
-                            work, 'a', mem='1536M', append_extra=append) as a, \
-            kvmxvm.start_guest(qemu,
-                               script(GUEST_B, '10.77.0.2', '10.77.0.1',
-                                      mode),
-                               guest_args(work, 'b', 'a', '52:54:00:77:00:02'),
-                               work, 'b', mem='1536M',
-                               append_extra=append) as b:
-        def save():
-            for vm, name in ((a, 'A'), (b, 'B')):
-                with open(os.path.join(work, f'{name}.console'), 'w') as f:
-                    f.write(vm.console_text())
-        try:
-            for vm in (a, b):
-                m = vm.wait_console(r'RDMA-UP|RDMA-SKIP (.*)\n|RDMA-NO-LINK',
-                                    600)
-                if m[0].startswith('RDMA-SKIP'):
-                    kvmxvm.skip(f'in the guest: {m[1]}')
-            a.wait_console(r'A-FILLED .*\n', 1200)
-            b.wait_console(r'B-LISTENING\n', 300)
-            print(f'  {time.monotonic() - t0:4.0f} s: L2 filled on A, B '
-                  f'listens; migrating ({mode})', flush=True)
+
+    def step(what):
+        print(f'  {time.monotonic() - t0:4.0f} s: {what}', flush=True)
+
+    with rdma_pair(work, script(GUEST_A, '10.77.0.1', '10.77.0.2', mode),
+                   script(GUEST_B, '10.77.0.2', '10.77.0.1', mode),
+                   2400) as (a, b):
+        a.wait_console(r'A-FILLED .*\n', 1200)
+        b.wait_console(r'B-LISTENING\n', 300)
+        step(f'L2 filled on A, B listens; migrating ({mode})')
+        a.send_serial(b'go\n')
+        if mode in ('normal', 'prefetch', 'kill-source'):
+            # B's fetch is active: stop A's QEMU, then let L2 read.
+            b.wait_console(r'B-ACTIVE\n', 900)
+            a.wait_console(r'A-POSTCOPY\n', 300)
             a.send_serial(b'go\n')
-            if mode in ('normal', 'prefetch', 'kill-source'):
-                # B's fetch is active: stop A's QEMU, then let L2 read.
-                b.wait_console(r'B-ACTIVE\n', 900)
-                a.wait_console(r'A-POSTCOPY\n', 300)
-                a.send_serial(b'go\n')
-                a.wait_console(r'A-STOPPED\n', 120)
-                print(f'  {time.monotonic() - t0:4.0f} s: source QEMU '
-                      'stopped (SIGSTOP); L2 reads on B', flush=True)
-                b.send_serial(b'go\n')
-            if mode == 'precopy-uri':
-                rb = kvmxvm.wait_guest_exit(b, 2400)
-                ra = kvmxvm.wait_guest_exit(a, 900)
-            elif mode in ('normal', 'prefetch'):
-                b.wait_console(r'B-READ-DONE\n', 1800)
-                print(f'  {time.monotonic() - t0:4.0f} s: L2 read its '
-                      'memory; source QEMU continues', flush=True)
-                a.send_serial(b'go\n')
-                a.wait_console(r'A-CONTINUED\n', 120)
-                b.send_serial(b'go\n')
-                rb = kvmxvm.wait_guest_exit(b, 2400)
-                ra = kvmxvm.wait_guest_exit(a, 900)
-            elif mode == 'kill-source':
-                b.wait_console(r'B-READING\n', 600)
-                a.send_serial(b'go\n')
-                a.wait_console(r'A-KILLED\n', 120)
-                print(f'  {time.monotonic() - t0:4.0f} s: source QEMU '
-                      'killed while L2 reads on B', flush=True)
-                b.send_serial(b'go\n')
-                rb = kvmxvm.wait_guest_exit(b, 2400)
-                a.send_serial(b'go\n')
-                ra = kvmxvm.wait_guest_exit(a, 300)
-            elif mode == 'kill-dest':
-                b.wait_console(r'B-KILLED\n', 900)
-                ra = kvmxvm.wait_guest_exit(a, 1200)
-                b.send_serial(b'go\n')
-                rb = kvmxvm.wait_guest_exit(b, 300)
-        except (TimeoutError, RuntimeError):
-            save()
-            print('A:', a.console_text()[-3000:])
-            print('B:', b.console_text()[-3000:])
-            raise
-        save()
+            a.wait_console(r'A-STOPPED\n', 120)
+            step('source QEMU stopped (SIGSTOP); L2 reads on B')
+            b.send_serial(b'go\n')
+        if mode == 'precopy-uri':
+            rb = kvmxvm.wait_guest_exit(b, 2400)
+            ra = kvmxvm.wait_guest_exit(a, 900)
+        elif mode in ('normal', 'prefetch'):
+            b.wait_console(r'B-READ-DONE\n', 1800)
+            step('L2 read its memory; source QEMU continues')
+            a.send_serial(b'go\n')
+            a.wait_console(r'A-CONTINUED\n', 120)
+            b.send_serial(b'go\n')
+            rb = kvmxvm.wait_guest_exit(b, 2400)
+            ra = kvmxvm.wait_guest_exit(a, 900)
+        elif mode == 'kill-source':
+            b.wait_console(r'B-READING\n', 600)
+            a.send_serial(b'go\n')
+            a.wait_console(r'A-KILLED\n', 120)
+            step('source QEMU killed while L2 reads on B')
+            b.send_serial(b'go\n')
+            rb = kvmxvm.wait_guest_exit(b, 2400)
+            a.send_serial(b'go\n')
+            ra = kvmxvm.wait_guest_exit(a, 300)
+        elif mode == 'kill-dest':
+            b.wait_console(r'B-KILLED\n', 900)
+            ra = kvmxvm.wait_guest_exit(a, 1200)
+            b.send_serial(b'go\n')
+            rb = kvmxvm.wait_guest_exit(b, 300)
         ta, tb = a.console_text(), b.console_text()
     print(f'both guests done in {time.monotonic() - t0:.0f} s')
     return work, ra, rb, ta, tb

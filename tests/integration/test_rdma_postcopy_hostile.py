@@ -78,11 +78,6 @@ def rdma_cmd(blocks, version=1, port=4791, token=7, addr='127.0.0.1',
     return body + tail
 
 
-def free_port():
-    with socket.create_server(('127.0.0.1', 0)) as s:
-        return s.getsockname()[1]
-
-
 def attempt(qemu, work, n, what, payload, expect, rdma_cap=True, then=None,
             bad=1):
     """One destination, one command; expect: the refusal's words, or None
@@ -94,7 +89,7 @@ def attempt(qemu, work, n, what, payload, expect, rdma_cap=True, then=None,
         vm.qmp.cmd('migrate-set-capabilities', capabilities=[
             {'capability': 'postcopy-ram', 'state': True},
             {'capability': 'postcopy-rdma', 'state': rdma_cap}])
-        port = free_port()
+        port = kvmxtest.free_port()
         vm.qmp.cmd('migrate-incoming', uri=f'tcp:127.0.0.1:{port}')
         s = socket.create_connection(('127.0.0.1', port), timeout=10)
         try:

@@ -24,6 +24,7 @@ and between two devices of one kernel the traffic would go through lo.
 The consoles are kept in the work directory; the fetch and registration
 JSON lines are what bench/rdma/run.py reads.
 """
+import contextlib
 import json
 import os
 import re
@@ -118,12 +119,47 @@ def guest_args(work, me, peer, mac):
             '-device', f'virtio-net-pci,netdev=wire,mac={mac}']
 
 
-def run_pair(work, mib=64, samples=1000):
-    """Boot A and B, drive them; returns (A console, B console)."""
+@contextlib.contextmanager
+def rdma_pair(work, script_a, script_b, timeout_s, extra_a=()):
+    """Guests A (10.77.0.1) and B (10.77.0.2) of scripts/mkguest --nested,
+    NIC wired to NIC, each script started after COMMON brought rdma_rxe up;
+    yields (a, b) once both said RDMA-UP.  Skips (77) without the image or
+    when rxe cannot be set up in a guest.  The consoles are saved to
+    <work>/A.console and B.console on the way out, and their tails printed
+    when the body times out or QEMU fails."""
     nested = os.path.join(kvmxvm.REPO_ROOT, 'build', 'guest-nested')
     if not os.path.isfile(os.path.join(nested, 'initramfs.cpio.gz')):
         kvmxvm.skip(f'{nested} missing (run scripts/mkguest --nested)')
     os.environ['KVMX_GUEST_DIR'] = nested
+    qemu = kvmxvm.patched_qemu()
+    append = f'{MODULES} kvmx.timeout={timeout_s}'
+    with kvmxvm.start_guest(qemu, script_a,
+                            guest_args(work, 'a', 'b', '52:54:00:77:00:01') +
+                            list(extra_a),
+                            work, 'a', mem='1536M', append_extra=append) as a, \
+            kvmxvm.start_guest(qemu, script_b,
+                               guest_args(work, 'b', 'a', '52:54:00:77:00:02'),
+                               work, 'b', mem='1536M',
+                               append_extra=append) as b:
+        try:
+            for vm in (a, b):
+                m = vm.wait_console(r'RDMA-UP|RDMA-SKIP (.*)\n|RDMA-NO-LINK',
+                                    600)
+                if m[0].startswith('RDMA-SKIP'):
+                    kvmxvm.skip(f'in the guest: {m[1]}')
+            yield a, b
+        except (TimeoutError, RuntimeError):
+            print('A:', a.console_text()[-3000:])
+            print('B:', b.console_text()[-3000:])
+            raise
+        finally:
+            for vm, name in ((a, 'A'), (b, 'B')):
+                with open(os.path.join(work, f'{name}.console'), 'w') as f:
+                    f.write(vm.console_text())
+
+
+def run_pair(work, mib=64, samples=1000):
+    """Boot A and B, drive them; returns (rc A, rc B, A's console, B's)."""
     disk = os.path.join(work, 'disk.img')
     with open(disk, 'wb') as f:
         f.truncate(256 << 20)
@@ -132,42 +168,18 @@ def run_pair(work, mib=64, samples=1000):
     script_b = (GUEST_B.replace('__ADDR__', '10.77.0.2')
                 .replace('__PEER__', '10.77.0.1')
                 .replace('__SAMPLES__', str(samples)))
-    qemu = kvmxvm.patched_qemu()
-    args_a = guest_args(work, 'a', 'b', '52:54:00:77:00:01') + [
-        '-drive', f'file={disk},format=raw,if=virtio']
-    args_b = guest_args(work, 'b', 'a', '52:54:00:77:00:02')
-    append = f'{MODULES} kvmx.timeout=1500'
-    with kvmxvm.start_guest(qemu, script_a, args_a, work, 'a', mem='1536M',
-                            append_extra=append) as a, \
-            kvmxvm.start_guest(qemu, script_b, args_b, work, 'b',
-                               mem='1536M', append_extra=append) as b:
-        def both(what):
-            for vm, name in ((a, 'A'), (b, 'B')):
-                with open(os.path.join(work, f'{name}.console'), 'w') as f:
-                    f.write(vm.console_text())
-            return a.console_text(), b.console_text()
-        try:
-            for vm in (a, b):
-                m = vm.wait_console(r'RDMA-UP|RDMA-SKIP (.*)\n|RDMA-NO-LINK',
-                                    600)
-                if m[0].startswith('RDMA-SKIP'):
-                    kvmxvm.skip(f'in the guest: {m[1]}')
-            a.wait_console(r'A-SERVING\n', 600)
-            b.wait_console(r'B-WAIT\n', 60)
-            b.send_serial(b'go\n')
-            b.wait_console(r'B-CATCH2 \d+', 900)
-            a.wait_console(r'A-SERVING2\n', 120)
-            b.wait_console(r'B-WAIT2\n', 60)
-            b.send_serial(b'go\n')
-            rb = kvmxvm.wait_guest_exit(b, 900)
-            ra = kvmxvm.wait_guest_exit(a, 120)
-        except (TimeoutError, RuntimeError) as e:
-            ta, tb = both('failure')
-            print('A:', ta[-3000:])
-            print('B:', tb[-3000:])
-            raise
-        ta, tb = both('end')
-        return ra, rb, ta, tb
+    with rdma_pair(work, script_a, script_b, 1500,
+                   ['-drive', f'file={disk},format=raw,if=virtio']) as (a, b):
+        a.wait_console(r'A-SERVING\n', 600)
+        b.wait_console(r'B-WAIT\n', 60)
+        b.send_serial(b'go\n')
+        b.wait_console(r'B-CATCH2 \d+', 900)
+        a.wait_console(r'A-SERVING2\n', 120)
+        b.wait_console(r'B-WAIT2\n', 60)
+        b.send_serial(b'go\n')
+        rb = kvmxvm.wait_guest_exit(b, 900)
+        ra = kvmxvm.wait_guest_exit(a, 120)
+        return ra, rb, a.console_text(), b.console_text()
 
 
 def parse_json(text, tag):

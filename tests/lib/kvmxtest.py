@@ -4,6 +4,7 @@ failure, removed on success), scratch files, and the usual NVDIMM
 command line."""
 import hashlib
 import os
+import socket
 import shutil
 import tempfile
 
@@ -40,6 +41,12 @@ def require_guest_image():
         kvmxvm.guest_image()
     except kvmxvm.GuestImageMissing as e:
         kvmxvm.skip(str(e))
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.create_server(('127.0.0.1', 0)) as s:
+        return s.getsockname()[1]
 
 
 def workdir(prefix):

@@ -126,6 +126,7 @@ Result<void> Engine::attach() {
     cancelled_.assign(nblocks_, 0);
     pending_.assign(nblocks_, 0);
     queued_.assign(nblocks_, 0);
+    ra_faulted_.assign(nblocks_, 0);
   }
   // Only now: a fault the agent tells us right after HELLO needs them.
   agent_->start();
@@ -297,6 +298,7 @@ void Engine::on_fault(uint64_t offset) {
   uint64_t b = offset >> cfg_.block_shift;
   std::lock_guard g(mu_);
   stats_.faults++;
+  if (st_[b] == St::kRestoring) ra_faulted_[b] = 1;
   if (queued_[b]) return;  // concurrent faults on a block: one restore
   queued_[b] = 1;
   faults_.push_back(b);  // at most one entry per block: bounded
@@ -304,7 +306,7 @@ void Engine::on_fault(uint64_t offset) {
 }
 
 void Engine::fault_loop() {
-  auto m = Mover::create(4);
+  auto m = Mover::create(16);
   if (!m) {
     fatal(0, "no mover for fault-back: " + m.error().message);
     return;
@@ -320,6 +322,7 @@ void Engine::fault_loop() {
       queued_[b] = 0;
     }
     restore(b, **m, true);
+    readahead_after(b, **m);
   }
 }
 
@@ -333,8 +336,10 @@ void Engine::record_latency(uint64_t us) {
 }
 
 bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
-  uint64_t t0 = mono_us();
-  Entry e;
+  std::vector<Restore> rs(1);
+  Restore& r = rs[0];
+  r.t0 = mono_us();
+  r.b = b;
   {
     std::unique_lock g(mu_);
     cv_.wait(g, [&] { return stop_ || st_[b] != St::kSealing; });
@@ -342,6 +347,7 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
     switch (st_[b]) {
       case St::kPurged:
         st_[b] = St::kRestoring;
+        ra_faulted_[b] = 0;
         break;
       case St::kMoving:
         // Not punched yet: the backend still has it; the purge drops it.
@@ -351,54 +357,95 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
       case St::kResident: {
         g.unlock();
         // A hole hidden at QEMU's start, a cancel, or a stale fault.
-        auto r = agent_->request(AgentClient::kMapBack, off(b), len(b));
-        if (!r) {
+        auto m = agent_->request(AgentClient::kMapBack, off(b), len(b));
+        if (!m) {
           std::lock_guard g2(mu_);
           stats_.agent_errors++;
         }
-        return r.ok();
+        return m.ok();
       }
       case St::kRestoring:
+        // Read ahead right now (or brought back by unpurge): its MAP_BACK
+        // wakes whoever waits on it.
+        if (from_fault) stats_.readahead_waits++;
+        return false;
       case St::kLost:
       case St::kSealing:
-        return false;  // another thread has it, or it is lost for good
+        return false;  // lost for good
     }
-    e = table_->entry(b);
+    r.e = table_->entry(b);
   }
+  read_copies(rs, mover);
+  return finish_restore(r, from_fault ? Mode::kFault : Mode::kUnpurge);
+}
 
-  // Read the disk copy, check it, write it into the backend, make that
-  // durable, commit `resident`, and only then let anything see the range.
-  AlignedBuf buf(block_size());
-  if (!buf) {
-    fatal(b, "cannot allocate a block buffer");
+// Reads the disk copies of claimed blocks, all at once: a block above
+// 512 KiB is read as 512 KiB pieces in parallel, which the disk serves
+// sooner than one large request.  All-zero blocks have no copy.
+void Engine::read_copies(std::vector<Restore>& rs, Mover& mover) {
+  constexpr uint64_t kPiece = 512 << 10;
+  std::vector<IoReq> reqs;
+  std::vector<size_t> owner;
+  for (size_t i = 0; i < rs.size(); i++) {
+    Restore& r = rs[i];
+    r.buf = AlignedBuf(block_size());
+    if (!r.buf) {
+      r.err = ENOMEM;
+      continue;
+    }
+    if (r.e.flags & 1) {
+      std::memset(r.buf.data(), 0, block_size());
+      continue;
+    }
+    uint64_t at = table_->slot_offset(r.e.disk_slot);
+    for (uint64_t o = 0; o < block_size(); o += kPiece) {
+      uint64_t n = std::min(kPiece, block_size() - o);
+      reqs.push_back(IoReq{vbd_fd_.get(), at + o, r.buf.bytes() + o,
+                           static_cast<uint32_t>(n), false});
+      owner.push_back(i);
+    }
+  }
+  auto run = reqs.empty() ? Result<void>{} : mover.run(reqs);
+  for (size_t k = 0; k < reqs.size(); k++) {
+    Restore& r = rs[owner[k]];
+    if (r.err) continue;
+    if (!run) r.err = EIO;
+    else if (reqs[k].result < 0) r.err = static_cast<int>(-reqs[k].result);
+    else if (reqs[k].result != reqs[k].len) r.err = EIO;  // a short copy
+  }
+  uint64_t t = mono_us();
+  for (auto& r : rs) r.t_read = t;
+}
+
+// Checks the copy, writes it into the backend and maps it back.  A failure
+// of a fault or an unpurge is fatal for the block (the reader stays
+// blocked); a read-ahead gives the block back to `purged` instead, and a
+// fault that came meanwhile retries it the fault's way.
+bool Engine::finish_restore(Restore& r, Mode mode) {
+  uint64_t b = r.b;
+  bool ra = mode == Mode::kReadahead;
+  if (r.err) {
+    {
+      std::lock_guard g(mu_);
+      stats_.io_errors++;
+    }
+    std::string why = r.err == ENOMEM ? std::string("cannot allocate a block buffer")
+                                      : "cannot read its disk copy: " +
+                                            std::string(std::strerror(r.err));
+    if (ra) give_back(r, why);
+    else fatal(b, why);
     return false;
   }
   uint64_t n = len(b);
-  if (e.flags & 1) {
-    std::memset(buf.data(), 0, n);
-  } else {
-    IoReq rq{vbd_fd_.get(), table_->slot_offset(e.disk_slot), buf.data(),
-             static_cast<uint32_t>(block_size()), false};
-    auto r = mover.run(std::span<IoReq>(&rq, 1));
-    if (!r || rq.result != static_cast<int64_t>(block_size())) {
-      {
-        std::lock_guard g(mu_);
-        stats_.io_errors++;
-      }
-      fatal(b, "cannot read its disk copy: " +
-                   (r ? std::string(std::strerror(
-                            rq.result < 0 ? static_cast<int>(-rq.result) : EIO))
-                      : r.error().message));
-      return false;
-    }
-  }
-  uint64_t t_read = mono_us();
-  if (table_->data_crc(b, e.generation, buf.data(), n) != e.data_crc) {
+  if (table_->data_crc(b, r.e.generation, r.buf.data(), n) != r.e.data_crc) {
     {
       std::lock_guard g(mu_);
       stats_.checksum_errors++;
     }
-    fatal(b, "its disk copy fails its checksum (changed behind hostd's back)");
+    std::string why =
+        "its disk copy fails its checksum (changed behind hostd's back)";
+    if (ra) give_back(r, why);
+    else fatal(b, why);
     return false;
   }
   uint64_t t_crc = mono_us();
@@ -410,10 +457,19 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
   // not at write-back.
   // Zeros too: the range must read as data, not as unwritten extents, to
   // a recovery that runs while QEMU still holds it (see below).
-  if (auto r = write_all(bfd, buf.bytes(), n, at); !r) {
-    fatal(b, r.error().message);
+  if (auto w = write_all(bfd, r.buf.bytes(), n, at); !w) {
+    if (ra) {
+      // Nothing but the placeholder maps the range: free what the write
+      // allocated, so that recovery finds a hole, not a partial block.
+      (void)fallocate(bfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      static_cast<off_t>(at), static_cast<off_t>(n));
+      give_back(r, w.error().message);
+    } else {
+      fatal(b, w.error().message);
+    }
     return false;
   }
+  r.buf = AlignedBuf();  // memory back before the round trip to QEMU
   // `resident` is committed later, in a batch (flush_residents): until then
   // recovery finds the range fully allocated only once the data is on
   // disk (written back, or synced by a guest flush), and takes the backend
@@ -424,20 +480,135 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
   uint64_t t_map = mono_us();
   {
     std::lock_guard g(mu_);
-    stats_.phase_us[0] += t_read - t0;
-    stats_.phase_us[1] += t_crc - t_read;
-    stats_.phase_us[2] += t_write - t_crc;
-    stats_.phase_us[3] += t_map - t_write;
+    if (mode == Mode::kFault) {
+      stats_.phase_us[0] += r.t_read - r.t0;
+      stats_.phase_us[1] += t_crc - r.t_read;
+      stats_.phase_us[2] += t_write - t_crc;
+      stats_.phase_us[3] += t_map - t_write;
+      record_latency(t_map - r.t0);
+    }
+    if (ra) stats_.readahead_blocks++;
     st_[b] = St::kResident;
     pending_[b] = 1;
-    pending_residents_.push_back({b, e.generation, e.disk_slot});
+    pending_residents_.push_back({b, r.e.generation, r.e.disk_slot});
     if (!m) stats_.agent_errors++;
     stats_.fault_backs++;
     stats_.restored_bytes += n;
-    if (from_fault) record_latency(mono_us() - t0);
     cv_.notify_all();
   }
   return m.ok();
+}
+
+// A read-ahead that did not work: the block stays purged, behind its
+// placeholder, with its disk copy.  If a fault asked for it meanwhile, the
+// fault path tries again (and stops the VM if that fails too).
+void Engine::give_back(Restore& r, const std::string& why) {
+  log::warn("purge: read-ahead dropped a block",
+            {{"nvdimm", cfg_.name}, {"block", r.b}, {"error", why}});
+  std::lock_guard g(mu_);
+  stats_.readahead_dropped++;
+  st_[r.b] = St::kPurged;
+  if (ra_faulted_[r.b] && !queued_[r.b]) {
+    queued_[r.b] = 1;
+    faults_.push_front(r.b);
+  }
+  ra_faulted_[r.b] = 0;
+  cv_.notify_all();
+}
+
+// After a fault on block b: if the faults run sequentially (b follows the
+// last faulted block, or the last read-ahead window), the purged blocks
+// that follow come back too, up to the policy's read-ahead bytes, in a
+// window that starts at 2 blocks and doubles.  Their reads run in
+// parallel; a fault on another block is served between them.
+void Engine::readahead_after(uint64_t b, Mover& mover) {
+  if (b == ra_last_) return;  // the same block again (another vCPU)
+  // Sequential: the next block, or one inside (or just after) the last
+  // window, which a reader that caught up with the read-ahead faults on.
+  uint64_t hi = ra_last_ == UINT64_MAX ? 0
+                : ra_next_ == UINT64_MAX ? ra_last_ + 1
+                                         : std::max(ra_next_, ra_last_ + 1);
+  bool seq = ra_last_ != UINT64_MAX && b > ra_last_ && b <= hi;
+  ra_last_ = b;
+  std::vector<Restore> rs;
+  {
+    std::lock_guard g(mu_);
+    uint64_t max = policy_->config().readahead_bytes >> cfg_.block_shift;
+    if (!seq || max == 0 || stop_ || fatal_seen_ || agent_lost_) {
+      ra_window_ = 0;
+      ra_next_ = UINT64_MAX;
+      return;
+    }
+    ra_window_ = std::min(max, ra_window_ ? ra_window_ * 2 : uint64_t{2});
+    uint64_t end = std::min(nblocks_, b + 1 + ra_window_);
+    for (uint64_t x = b + 1; x < end; x++) {
+      if (st_[x] != St::kPurged) continue;
+      st_[x] = St::kRestoring;
+      ra_faulted_[x] = 0;
+      rs.emplace_back();
+      rs.back().b = x;
+      rs.back().e = table_->entry(x);
+    }
+    ra_next_ = end;
+    if (rs.empty()) return;
+    stats_.readahead_windows++;
+  }
+  for (auto& r : rs) r.t0 = mono_us();
+  read_copies(rs, mover);
+  for (auto& r : rs) {
+    // A faulted block goes before the rest of the window.
+    for (;;) {
+      uint64_t f;
+      {
+        std::lock_guard g(mu_);
+        if (faults_.empty() || stop_) break;
+        f = faults_.front();
+        faults_.pop_front();
+        queued_[f] = 0;
+      }
+      restore(f, mover, true);
+    }
+    finish_restore(r, Mode::kReadahead);
+  }
+}
+
+// Unpurge, a batch at a time: the reads of a batch run in parallel.
+Result<MoveResult> Engine::unpurge_blocks(const std::vector<uint64_t>& blocks,
+                                          Mover& mover) {
+  MoveResult mr;
+  uint64_t t0 = mono_us();
+  size_t per = std::clamp<uint64_t>(cfg_.batch_bytes / block_size(), 1, 4096);
+  for (size_t i = 0; i < blocks.size(); i += per) {
+    std::vector<Restore> rs;
+    {
+      std::lock_guard g(mu_);
+      if (stop_) break;
+      for (size_t k = i; k < std::min(blocks.size(), i + per); k++) {
+        uint64_t b = blocks[k];
+        if (st_[b] != St::kPurged) {  // a fault or read-ahead was quicker
+          mr.skipped++;
+          continue;
+        }
+        st_[b] = St::kRestoring;
+        ra_faulted_[b] = 0;
+        rs.emplace_back();
+        rs.back().b = b;
+        rs.back().e = table_->entry(b);
+        rs.back().t0 = mono_us();
+      }
+    }
+    read_copies(rs, mover);
+    for (auto& r : rs) {
+      if (finish_restore(r, Mode::kUnpurge)) {
+        mr.blocks++;
+        mr.bytes += len(r.b);
+      } else {
+        mr.failed++;
+      }
+    }
+  }
+  mr.seconds = (mono_us() - t0) / 1e6;
+  return mr;
 }
 
 // Commits `resident` for the blocks brought back since the last call and
@@ -908,18 +1079,7 @@ void Engine::control_loop() {
       if (cmd->purge) {
         r = purge_blocks(sel, mover);
       } else {
-        MoveResult mr;
-        uint64_t t0 = mono_us();
-        for (uint64_t b : sel) {
-          if (restore(b, mover, false)) {
-            mr.blocks++;
-            mr.bytes += len(b);
-          } else {
-            mr.failed++;
-          }
-        }
-        mr.seconds = (mono_us() - t0) / 1e6;
-        r = mr;
+        r = unpurge_blocks(sel, mover);
       }
       if (r) r->skipped += skipped;
       std::lock_guard g(mu_);
@@ -1046,6 +1206,13 @@ json Engine::status() const {
       {"faults", stats_.faults},
       {"fault-backs", stats_.fault_backs},
       {"cancels", stats_.cancels},
+      // Blocks brought back because the faults ran sequentially: in how
+      // many windows, how many blocks, dropped (an error: still purged),
+      // and faults that found their block on its way back.
+      {"readahead", {{"windows", stats_.readahead_windows},
+                     {"blocks", stats_.readahead_blocks},
+                     {"dropped", stats_.readahead_dropped},
+                     {"waits", stats_.readahead_waits}}},
       {"fault-latency-us", {{"p50", pct(0.5)}, {"p99", pct(0.99)},
                             {"samples", lat.size()}}},
       // Where fault-backs spend their time, summed: reading the disk copy

@@ -99,6 +99,22 @@ class Engine {
   void on_fault(uint64_t offset);
   // The block is back in QEMU's mapping when it returns true.
   bool restore(uint64_t b, Mover& mover, bool from_fault);
+  // A purged block on its way back: claimed (kRestoring), then its disk
+  // copy read into `buf`.
+  struct Restore {
+    uint64_t b = 0;
+    Entry e;
+    AlignedBuf buf;
+    int err = 0;  // the read's errno, 0 when it worked
+    uint64_t t0 = 0, t_read = 0;
+  };
+  enum class Mode { kFault, kUnpurge, kReadahead };
+  void read_copies(std::vector<Restore>& rs, Mover& mover);
+  bool finish_restore(Restore& r, Mode mode);
+  void give_back(Restore& r, const std::string& why);
+  Result<MoveResult> unpurge_blocks(const std::vector<uint64_t>& blocks,
+                                    Mover& mover);
+  void readahead_after(uint64_t b, Mover& mover);
   Result<MoveResult> purge_blocks(const std::vector<uint64_t>& blocks,
                                   Mover& mover);
   struct Stats;
@@ -155,6 +171,11 @@ class Engine {
   std::vector<PendingResident> pending_residents_;  // under mu_
   std::vector<uint8_t> pending_;      // under mu_: in pending_residents_
   std::vector<uint8_t> queued_;       // under mu_: block is in faults_
+  std::vector<uint8_t> ra_faulted_;   // under mu_: faulted while read ahead
+  // Sequential-fault detection, fault thread only.
+  uint64_t ra_last_ = UINT64_MAX;     // the block the last fault asked for
+  uint64_t ra_next_ = UINT64_MAX;     // the first block after the window
+  uint64_t ra_window_ = 0;            // blocks, doubling per sequential fault
   struct Command {
     bool purge;
     uint64_t first, count;
@@ -175,7 +196,9 @@ class Engine {
              zero_blocks = 0, purged_bytes = 0, restored_bytes = 0,
              disk_full = 0, io_errors = 0, checksum_errors = 0,
              commit_errors = 0, agent_errors = 0, probe_rounds = 0,
-             probe_errors = 0, zapped_blocks = 0, policy_purges = 0;
+             probe_errors = 0, zapped_blocks = 0, policy_purges = 0,
+             readahead_windows = 0, readahead_blocks = 0,
+             readahead_dropped = 0, readahead_waits = 0;
     double purge_seconds = 0;
     uint64_t phase_us[4] = {};  // fault-back: read, check, write, map
     uint64_t purge_phase_us[5] = {};  // swap, read, write, commit, punch

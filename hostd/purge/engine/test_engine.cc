@@ -756,6 +756,11 @@ TEST_CASE("restart: a purged block whose range is fully allocated is resident") 
   CHECK(f.hole(4));
 
   // A fault on it only maps it back; block 4 is restored from its copy.
+  // (Faults on 3 then 4 are sequential: read-ahead off, to count only
+  // what the faults bring back.)
+  PolicyConfig p = e->policy();
+  p.readahead_bytes = 0;
+  REQUIRE(e->set_policy(p).ok());
   auto maps = fault_back(f, 3);
   REQUIRE(wait_until([&] { return st(*e, "faults") == 1; }));
   CHECK(maps.size() == 1);
@@ -832,6 +837,137 @@ TEST_CASE("fault: a disk copy that fails its checksum is fatal, not mapped") {
   CHECK(f.fatal_calls().size() == 1);
   CHECK(err(*e, "checksum") == 2);
   CHECK(f.agent->since(m, kMapBack).empty());
+  e.reset();
+}
+
+// -- read-ahead ---------------------------------------------------------------------
+
+namespace {
+
+// The .vbd slot that holds block b's pattern (slot s sits at (s + 1) x
+// block size), found by content.
+uint64_t slot_of(const Fixture& f, uint64_t b) {
+  int fd = open(f.vbd.c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  std::string want = f.orig_block(b), got(kBlock, '\0');
+  for (uint64_t s = 0; s < 4 * kBlocks; s++) {
+    if (pread(fd, got.data(), kBlock, static_cast<off_t>((s + 1) * kBlock)) !=
+        static_cast<ssize_t>(kBlock))
+      break;
+    if (got == want) {
+      close(fd);
+      return s;
+    }
+  }
+  close(fd);
+  FAIL("no slot holds block " << b);
+  return 0;
+}
+
+bool mapped_back(const std::vector<Req>& maps, uint64_t b) {
+  for (const Req& q : maps)
+    if (overlaps(q, b) && q.status == 0) return true;
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("read-ahead: sequential faults bring the next blocks, random ones do not") {
+  Fixture f;
+  auto e = f.start();
+  REQUIRE(purge_all(*e).blocks == kBlocks);
+  size_t m = f.agent->mark();
+
+  fault_back(f, 3);  // a first fault: nothing to follow yet
+  fault_back(f, 4);  // sequential: a window of 2 (blocks 5, 6)
+  REQUIRE(wait_until([&] { return st(*e, "fault-backs") == 4; }));
+  auto maps = f.agent->since(m, kMapBack);
+  for (uint64_t b : {3, 4, 5, 6}) CHECK(mapped_back(maps, b));
+  CHECK_FALSE(mapped_back(maps, 7));
+  CHECK(f.agent->swapped(7));
+  // The reader reaches the end of the window: 4 more (8..11).
+  fault_back(f, 7);
+  REQUIRE(wait_until([&] { return st(*e, "fault-backs") == 9; }));
+  maps = f.agent->since(m, kMapBack);
+  for (uint64_t b = 8; b <= 11; b++) CHECK(mapped_back(maps, b));
+  CHECK_FALSE(mapped_back(maps, 12));
+  // A jump elsewhere starts over: no read-ahead.
+  fault_back(f, 20);
+  std::this_thread::sleep_for(100ms);
+  CHECK(st(*e, "fault-backs") == 10);
+  CHECK(f.agent->swapped(21));
+
+  auto s = e->status();
+  CHECK(s["readahead"]["windows"].get<uint64_t>() == 2);
+  CHECK(s["readahead"]["blocks"].get<uint64_t>() == 6);
+  CHECK(s["readahead"]["dropped"].get<uint64_t>() == 0);
+  CHECK(s["faults"].get<uint64_t>() == 4);
+  CHECK(s["fault-latency-us"]["samples"].get<uint64_t>() == 4);
+  CHECK(s["resident"].get<uint64_t>() == 10);
+  for (uint64_t b : {3, 4, 5, 6, 7, 8, 9, 10, 11, 20})
+    CHECK(f.read_block(b) == f.orig_block(b));
+
+  // Off by policy: sequential faults bring only themselves.
+  PolicyConfig p = e->policy();
+  p.readahead_bytes = 0;
+  REQUIRE(e->set_policy(p).ok());
+  fault_back(f, 24);
+  fault_back(f, 25);
+  fault_back(f, 26);
+  std::this_thread::sleep_for(100ms);
+  CHECK(st(*e, "fault-backs") == 13);
+  CHECK(f.agent->swapped(27));
+  CHECK(f.agent->rejected() == 0);
+  CHECK(f.fatal_calls().empty());
+  e.reset();
+
+  // Read-ahead blocks are committed resident like faulted ones.
+  RecoveryReport rep;
+  auto t = f.open_table(&rep);
+  for (uint64_t b : {5, 6, 8, 11}) {
+    CHECK(t->entry(b).state == BlockState::Resident);
+    CHECK(t->entry(b).disk_slot == kNoSlot);
+  }
+  CHECK(t->entry(12).state == BlockState::Purged);
+}
+
+TEST_CASE("read-ahead: a bad disk copy is dropped, and fatal only when faulted") {
+  Fixture f;
+  auto e = f.start();
+  REQUIRE(purge_all(*e).blocks == kBlocks);
+  {
+    int fd = open(f.vbd.c_str(), O_RDWR | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    off_t at = static_cast<off_t>((slot_of(f, 6) + 1) * kBlock + 100);
+    unsigned char x = 0;
+    REQUIRE(pread(fd, &x, 1, at) == 1);
+    x ^= 0x5a;
+    REQUIRE(pwrite(fd, &x, 1, at) == 1);
+    REQUIRE(fsync(fd) == 0);
+    close(fd);
+  }
+  size_t m = f.agent->mark();
+  fault_back(f, 4);
+  fault_back(f, 5);  // window: 6 (bad) and 7
+  REQUIRE(wait_until([&] { return st(*e, "fault-backs") == 3; }));
+  REQUIRE(wait_until(
+      [&] { return e->status()["readahead"]["dropped"].get<uint64_t>() == 1; }));
+  auto maps = f.agent->since(m, kMapBack);
+  CHECK(mapped_back(maps, 7));
+  CHECK_FALSE(mapped_back(maps, 6));
+  CHECK(f.agent->swapped(6));
+  CHECK(f.hole(6));
+  CHECK(f.fatal_calls().empty());
+  CHECK(e->alive());
+  CHECK(e->status()["purged"].get<uint64_t>() == kBlocks - 3);
+  CHECK(err(*e, "checksum") == 1);
+
+  // The guest reaches it: now the block is lost, and the VM must stop.
+  f.agent->fault(off(6) + kPage);
+  REQUIRE(wait_until([&] { return f.fatal_calls().size() == 1; }));
+  CHECK_THAT(f.fatal_calls()[0], ContainsSubstring("block 6 "));
+  CHECK(e->status()["state"] == "failed");
+  CHECK(f.agent->swapped(6));
   e.reset();
 }
 

@@ -38,6 +38,7 @@ Result<PolicyConfig> parse_policy(const nlohmann::json& j,
     else if (key == "high-watermark") dst = &c.high_watermark_bytes;
     else if (key == "low-watermark") dst = &c.low_watermark_bytes;
     else if (key == "rate") dst = &c.rate_bytes_per_s;
+    else if (key == "readahead") dst = &c.readahead_bytes;
     else if (key != "max-blocks-per-round")
       return bad(key, "unknown field");
     auto n = get_u64(v, key);
@@ -53,6 +54,10 @@ Result<PolicyConfig> parse_policy(const nlohmann::json& j,
   }
   // Checks on the merged result: a partial update may break them too.
   if (c.rate_bytes_per_s == 0) return bad("rate", "must be above 0");
+  if (c.readahead_bytes > kMaxReadaheadBytes)
+    return bad("readahead", std::to_string(c.readahead_bytes) +
+                                " is above the limit " +
+                                std::to_string(kMaxReadaheadBytes));
   if (c.low_watermark_bytes > c.high_watermark_bytes)
     return bad("low-watermark",
                std::to_string(c.low_watermark_bytes) +
@@ -70,7 +75,8 @@ nlohmann::json to_json(const PolicyConfig& c) {
           {"high-watermark", c.high_watermark_bytes},
           {"low-watermark", c.low_watermark_bytes},
           {"rate", c.rate_bytes_per_s},
-          {"max-blocks-per-round", c.max_blocks_per_round}};
+          {"max-blocks-per-round", c.max_blocks_per_round},
+          {"readahead", c.readahead_bytes}};
 }
 
 Policy::Policy(PolicyConfig cfg, uint64_t block_size)

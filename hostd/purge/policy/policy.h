@@ -19,16 +19,23 @@ struct PolicyConfig {
   uint64_t low_watermark_bytes = 0;   // ... and stops when resident <= low
   uint64_t rate_bytes_per_s = 256ull << 20;  // token bucket rate, > 0
   uint32_t max_blocks_per_round = 64;        // 1..4096
+  // Fault-back read-ahead: on sequential faults, up to this many bytes of
+  // the purged blocks that follow come back with the faulted one (a window
+  // that doubles from 2 blocks per sequential fault).  0: off.  The engine
+  // applies it; choose() does not look at it.
+  uint64_t readahead_bytes = 16ull << 20;    // 0..64 MiB
 };
 
 inline constexpr uint32_t kMaxBlocksPerRoundLimit = 4096;
+inline constexpr uint64_t kMaxReadaheadBytes = 64ull << 20;
 
 // Validates a JSON object with the keys "enabled", "min-idle-ms",
-// "high-watermark", "low-watermark", "rate", "max-blocks-per-round" (all
-// optional: a partial object changes only those fields of `base`).  Numbers
-// must be non-negative integers.  Any problem (not an object, an unknown
-// key, a wrong type, rate 0, max-blocks-per-round outside 1..4096,
-// low-watermark > high-watermark after the merge) is an Error with code
+// "high-watermark", "low-watermark", "rate", "max-blocks-per-round",
+// "readahead" (all optional: a partial object changes only those fields of
+// `base`).  Numbers must be non-negative integers.  Any problem (not an
+// object, an unknown key, a wrong type, rate 0, max-blocks-per-round
+// outside 1..4096, readahead above 64 MiB, low-watermark > high-watermark
+// after the merge) is an Error with code
 // "bad-policy" whose message starts with the field's name.
 Result<PolicyConfig> parse_policy(const nlohmann::json& j,
                                   const PolicyConfig& base);

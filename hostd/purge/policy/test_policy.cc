@@ -220,7 +220,8 @@ TEST_CASE("policy: JSON round trip and partial updates") {
 
   json full = {{"enabled", true},         {"min-idle-ms", 5000},
                {"high-watermark", 1000},  {"low-watermark", 500},
-               {"rate", 4096},            {"max-blocks-per-round", 4096}};
+               {"rate", 4096},            {"max-blocks-per-round", 4096},
+               {"readahead", 1 << 20}};
   r = parse_policy(full, base);
   REQUIRE(r.ok());
   CHECK(r->enabled);
@@ -229,6 +230,7 @@ TEST_CASE("policy: JSON round trip and partial updates") {
   CHECK(r->low_watermark_bytes == 500);
   CHECK(r->rate_bytes_per_s == 4096);
   CHECK(r->max_blocks_per_round == 4096);
+  CHECK(r->readahead_bytes == (1u << 20));
   CHECK(to_json(*r) == full);
 
   auto part = parse_policy(json{{"rate", 1}}, *r);
@@ -268,6 +270,9 @@ TEST_CASE("policy: every bad field is named") {
       {{{"max-blocks-per-round", 4097}}, "max-blocks-per-round"},
       {{{"max-blocks-per-round", -3}}, "max-blocks-per-round"},
       {{{"max-blocks-per-round", 1ull << 40}}, "max-blocks-per-round"},
+      {{{"readahead", (64ull << 20) + 1}}, "readahead"},
+      {{{"readahead", -1}}, "readahead"},
+      {{{"readahead", "16M"}}, "readahead"},
   };
   for (const auto& c : cases) {
     INFO(c.j.dump());
@@ -290,4 +295,6 @@ TEST_CASE("policy: every bad field is named") {
   CHECK(parse_policy(json{{"low-watermark", 1000}}, base).ok());  // low == high
   CHECK(parse_policy(json{{"max-blocks-per-round", 1}}, base).ok());
   CHECK(parse_policy(json{{"min-idle-ms", 0}}, base).ok());
+  CHECK(parse_policy(json{{"readahead", 0}}, base).ok());  // off
+  CHECK(parse_policy(json{{"readahead", 64ull << 20}}, base).ok());
 }

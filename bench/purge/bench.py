@@ -188,6 +188,39 @@ def bench_faultback(res, quick):
               flush=True)
 
 
+def bench_sequential(res, quick):
+    """A reader walks a purged NVDIMM block after block (a word of each,
+    through QEMU's qtest: a fault per block without read-ahead): read-ahead
+    on (the policy's default) against off, same run, same data."""
+    out = res.setdefault('sequential', {})
+    size = 128 * MiB if quick else 256 * MiB
+    for block in (2 * MiB, 64 * KiB):
+        row = {}
+        for ra in ('on', 'off'):
+            work = scratch('sequential')
+            policy = {} if ra == 'on' else {'readahead': 0}
+            s = Setup(work, size, block, **policy)
+            try:
+                s.purge_all()
+                t0 = time.monotonic()
+                for b in range(size // block):
+                    s.q.read_at(b * block + 4096, 8)
+                wall = time.monotonic() - t0
+                st = s.status()
+            finally:
+                s.close()
+            shutil.rmtree(work, ignore_errors=True)
+            row[ra] = {'seconds': wall, 'mibs': size / MiB / wall,
+                       'faults': st['faults'],
+                       'fault_backs': st['fault-backs'],
+                       'readahead': st['readahead']}
+            print(f'  {block // KiB} KiB, read-ahead {ra}: {wall:.2f} s '
+                  f'({size / MiB / wall:.0f} MiB/s), {st["faults"]} faults, '
+                  f'{st["fault-backs"]} blocks back', flush=True)
+        row['speedup'] = row['off']['seconds'] / row['on']['seconds']
+        out[str(block)] = row
+
+
 def sweep_rate(g, base, hot, seconds):
     """Sweeps of the hot set per second, over `seconds`."""
     n, t0 = 0, time.monotonic()
@@ -351,6 +384,12 @@ def report(res):
                      f"{f['fio_p50_us']:.0f}, p99 {f['fio_p99_us']:.0f}; "
                      f"ratio p50 {f['ratio_p50']:.2f}, p99 "
                      f"{f['ratio_p99']:.2f} (goal <= 1.5)")
+    for bs, q in res.get('sequential', {}).items():
+        lines.append(f"sequential scan of purged blocks, {int(bs) // KiB} KiB:"
+                     f" read-ahead on {q['on']['mibs']:.0f} MiB/s "
+                     f"({q['on']['faults']} faults), off "
+                     f"{q['off']['mibs']:.0f} MiB/s ({q['off']['faults']} "
+                     f"faults): {q['speedup']:.2f}x")
     g = res.get('guest', {})
     if 'skipped' in g:
         lines.append(f"guest: skipped ({g['skipped']})")
@@ -433,7 +472,7 @@ def main():
     args = sys.argv[1:]
     quick = '--quick' in args
     parts = [a for a in args if not a.startswith('--')] or \
-        ['throughput', 'faultback', 'guest', 'scale']
+        ['throughput', 'faultback', 'sequential', 'guest', 'scale']
     res = benchlib.new_results(quick=quick)
     for p in parts:
         print(f'{p}:', flush=True)

@@ -12,6 +12,7 @@
 #include <set>
 
 #include "common/log.h"
+#include "purge/table/crc32c.h"
 
 namespace kvmx::purge {
 
@@ -85,6 +86,9 @@ Result<std::unique_ptr<Engine>> Engine::start(EngineConfig cfg,
                       "block size must be a power of two from 64 KiB to 1 GiB");
   if (cfg.batch_bytes == 0 || cfg.batch_bytes > (256u << 20))
     return make_error("bad-batch", "batch must be 1 byte..256 MiB");
+  if (cfg.read_piece_bytes < 4096 ||
+      (cfg.read_piece_bytes & (cfg.read_piece_bytes - 1)))
+    return make_error("bad-piece", "read pieces must be a power of two >= 4 KiB");
   std::unique_ptr<Engine> e(new Engine(std::move(cfg)));
   e->on_fatal_ = std::move(on_fatal);
   if (auto r = e->attach(); !r) return r.error();
@@ -120,6 +124,8 @@ Result<void> Engine::attach() {
   if (hello_.page_size > block_size())
     return make_error("bad-block-size", "block size is below the page size");
   nblocks_ = (hello_.size + block_size() - 1) >> cfg_.block_shift;
+  pool_ = std::make_unique<BufPool>(
+      block_size(), 2 * cfg_.batch_bytes + (16 << 20) + 2 * block_size());
   {
     std::lock_guard g(mu_);
     st_.assign(nblocks_, St::kResident);
@@ -380,15 +386,20 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
 }
 
 // Reads the disk copies of claimed blocks, all at once: a block above
-// 512 KiB is read as 512 KiB pieces in parallel, which the disk serves
-// sooner than one large request.  All-zero blocks have no copy.
+// read_piece_bytes (512 KiB) is read as pieces in parallel, which the disk serves
+// sooner than one large request.  As the pieces of a block arrive in order,
+// each but the last is checksummed and written into the backend at once
+// (streaming), so that little is left to do once the read ends.  All-zero
+// blocks have no copy.
 void Engine::read_copies(std::vector<Restore>& rs, Mover& mover) {
-  constexpr uint64_t kPiece = 512 << 10;
+  const uint64_t kPiece = std::min(cfg_.read_piece_bytes, block_size());
+  last_busy_ms_ = mono_ms();
   std::vector<IoReq> reqs;
-  std::vector<size_t> owner;
+  std::vector<std::pair<size_t, size_t>> owner;  // (restore, piece)
   for (size_t i = 0; i < rs.size(); i++) {
     Restore& r = rs[i];
-    r.buf = AlignedBuf(block_size());
+    r.crc = table_->data_crc_seed(r.b, r.e.generation);
+    r.buf = pool_->get();
     if (!r.buf) {
       r.err = ENOMEM;
       continue;
@@ -402,12 +413,35 @@ void Engine::read_copies(std::vector<Restore>& rs, Mover& mover) {
       uint64_t n = std::min(kPiece, block_size() - o);
       reqs.push_back(IoReq{vbd_fd_.get(), at + o, r.buf.bytes() + o,
                            static_cast<uint32_t>(n), false});
-      owner.push_back(i);
+      owner.emplace_back(i, r.pieces++);
     }
+    r.arrived.assign(r.pieces, 0);
   }
-  auto run = reqs.empty() ? Result<void>{} : mover.run(reqs);
+  int bfd = hello_.backend_fd.get();
+  auto arrived = [&](size_t k) {
+    Restore& r = rs[owner[k].first];
+    if (reqs[k].result != reqs[k].len || !r.write_error.empty()) return;
+    r.arrived[owner[k].second] = 1;
+    uint64_t n = len(r.b);
+    // In order, and never the piece that completes the block's range.
+    while (r.next + 1 < r.pieces && r.arrived[r.next]) {
+      uint64_t o = r.next * kPiece;
+      uint64_t m = std::min(kPiece, n > o ? n - o : 0);
+      if (o + m >= n) break;
+      r.crc = crc32c(r.buf.bytes() + o, m, r.crc);
+      if (auto w = write_all(bfd, r.buf.bytes() + o, m,
+                             hello_.fd_offset + off(r.b) + o);
+          !w) {
+        r.write_error = w.error().message;
+        return;
+      }
+      r.done = o + m;
+      r.next++;
+    }
+  };
+  auto run = reqs.empty() ? Result<void>{} : mover.run(reqs, arrived);
   for (size_t k = 0; k < reqs.size(); k++) {
-    Restore& r = rs[owner[k]];
+    Restore& r = rs[owner[k].first];
     if (r.err) continue;
     if (!run) r.err = EIO;
     else if (reqs[k].result < 0) r.err = static_cast<int>(-reqs[k].result);
@@ -417,37 +451,46 @@ void Engine::read_copies(std::vector<Restore>& rs, Mover& mover) {
   for (auto& r : rs) r.t_read = t;
 }
 
-// Checks the copy, writes it into the backend and maps it back.  A failure
-// of a fault or an unpurge is fatal for the block (the reader stays
-// blocked); a read-ahead gives the block back to `purged` instead, and a
-// fault that came meanwhile retries it the fault's way.
+// Takes back what streaming wrote of a block that will not be mapped: the
+// range is behind QEMU's placeholder, nothing else sees it.
+void Engine::unwrite(const Restore& r) {
+  if (!r.done) return;
+  if (fallocate(hello_.backend_fd.get(),
+                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                static_cast<off_t>(hello_.fd_offset + off(r.b)),
+                static_cast<off_t>(len(r.b))))
+    log::warn("purge: cannot punch a block that was not brought back",
+              {{"nvdimm", cfg_.name}, {"block", r.b},
+               {"error", std::strerror(errno)}});
+}
+
+// Checks the copy, writes (the rest of) it into the backend and maps it
+// back.  A failure of a fault or an unpurge is fatal for the block (the
+// reader stays blocked); a read-ahead gives the block back to `purged`
+// instead, and a fault that came meanwhile retries it the fault's way.
 bool Engine::finish_restore(Restore& r, Mode mode) {
   uint64_t b = r.b;
   bool ra = mode == Mode::kReadahead;
-  if (r.err) {
+  auto fail = [&](const std::string& why, uint64_t Stats::*counter) {
     {
       std::lock_guard g(mu_);
-      stats_.io_errors++;
+      if (counter) stats_.*counter += 1;
     }
-    std::string why = r.err == ENOMEM ? std::string("cannot allocate a block buffer")
-                                      : "cannot read its disk copy: " +
-                                            std::string(std::strerror(r.err));
+    unwrite(r);
     if (ra) give_back(r, why);
     else fatal(b, why);
     return false;
-  }
+  };
+  if (r.err)
+    return fail(r.err == ENOMEM
+                    ? std::string("cannot allocate a block buffer")
+                    : "cannot read its disk copy: " +
+                          std::string(std::strerror(r.err)),
+                &Stats::io_errors);
   uint64_t n = len(b);
-  if (table_->data_crc(b, r.e.generation, r.buf.data(), n) != r.e.data_crc) {
-    {
-      std::lock_guard g(mu_);
-      stats_.checksum_errors++;
-    }
-    std::string why =
-        "its disk copy fails its checksum (changed behind hostd's back)";
-    if (ra) give_back(r, why);
-    else fatal(b, why);
-    return false;
-  }
+  if (crc32c(r.buf.bytes() + r.done, n - r.done, r.crc) != r.e.data_crc)
+    return fail("its disk copy fails its checksum (changed behind hostd's back)",
+                &Stats::checksum_errors);
   uint64_t t_crc = mono_us();
   int bfd = hello_.backend_fd.get();
   uint64_t at = hello_.fd_offset + off(b);
@@ -457,19 +500,13 @@ bool Engine::finish_restore(Restore& r, Mode mode) {
   // not at write-back.
   // Zeros too: the range must read as data, not as unwritten extents, to
   // a recovery that runs while QEMU still holds it (see below).
-  if (auto w = write_all(bfd, r.buf.bytes(), n, at); !w) {
-    if (ra) {
-      // Nothing but the placeholder maps the range: free what the write
-      // allocated, so that recovery finds a hole, not a partial block.
-      (void)fallocate(bfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      static_cast<off_t>(at), static_cast<off_t>(n));
-      give_back(r, w.error().message);
-    } else {
-      fatal(b, w.error().message);
-    }
-    return false;
+  if (!r.write_error.empty()) return fail(r.write_error, nullptr);
+  if (auto w = write_all(bfd, r.buf.bytes() + r.done, n - r.done, at + r.done);
+      !w) {
+    r.done = n;  // for unwrite: some of it may be there
+    return fail(w.error().message, nullptr);
   }
-  r.buf = AlignedBuf();  // memory back before the round trip to QEMU
+  pool_->put(std::move(r.buf));
   // `resident` is committed later, in a batch (flush_residents): until then
   // recovery finds the range fully allocated only once the data is on
   // disk (written back, or synced by a guest flush), and takes the backend
@@ -505,6 +542,7 @@ bool Engine::finish_restore(Restore& r, Mode mode) {
 void Engine::give_back(Restore& r, const std::string& why) {
   log::warn("purge: read-ahead dropped a block",
             {{"nvdimm", cfg_.name}, {"block", r.b}, {"error", why}});
+  pool_->put(std::move(r.buf));
   std::lock_guard g(mu_);
   stats_.readahead_dropped++;
   st_[r.b] = St::kPurged;
@@ -754,6 +792,7 @@ void Engine::batch_error(Batch& batch, Error e, uint64_t Stats::*counter) {
 void Engine::prepare_batch(const std::vector<uint64_t>& blocks, Batch& batch,
                            Mover& mover) {
   uint64_t t0 = mono_us();
+  last_busy_ms_ = mono_ms();
   {
     std::lock_guard g(mu_);
     for (uint64_t b : blocks) {
@@ -770,7 +809,7 @@ void Engine::prepare_batch(const std::vector<uint64_t>& blocks, Batch& batch,
   for (size_t i = 0; i < batch.items.size(); i++) {
     BatchItem& it = batch.items[i];
     it.old = table_->entry(it.b);
-    it.buf = AlignedBuf(block_size());
+    it.buf = pool_->get();
     if (!it.buf) {
       batch_error(batch, make_error("no-memory", "no memory for a block"),
                   nullptr);
@@ -953,7 +992,7 @@ void Engine::seal_batch(Batch& batch, Mover& mover, bool abandon) {
     }
     cv_.notify_all();
   }
-  for (auto& it : batch.items) it.buf = AlignedBuf();  // memory back now
+  for (auto& it : batch.items) pool_->put(std::move(it.buf));
   res.error = batch.first_error.message;
   res.error_code = batch.first_error.code;
   if (!batch.first_error.code.empty())
@@ -1088,6 +1127,8 @@ void Engine::control_loop() {
       cv_.notify_all();
       continue;
     }
+    if (pool_->kept_bytes() && now_ms() - last_busy_ms_ > 30000)
+      pool_->trim();  // idle: the memory goes back
     if (now_ms() < next_probe) continue;
     next_probe = now_ms() + cfg_.probe_interval_ms;
     probe_round();

@@ -8,6 +8,7 @@
 // None of them ever waits for QEMU's BQL.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -40,6 +41,9 @@ struct EngineConfig {
   uint64_t journal_bytes = 4 << 20;
   uint64_t probe_interval_ms = 1000;
   uint64_t batch_bytes = 16 << 20;   // per purge batch (two in flight)
+  // Fault-backs read a block's copy in pieces of this size, in parallel,
+  // and stream them into the backend: 4 KiB..block size, a power of two.
+  uint64_t read_piece_bytes = 512 << 10;
   PolicyConfig policy;
 };
 
@@ -107,11 +111,21 @@ class Engine {
     AlignedBuf buf;
     int err = 0;  // the read's errno, 0 when it worked
     uint64_t t0 = 0, t_read = 0;
+    // Streaming: the pieces read so far, in order, are checksummed into
+    // `crc` and written into the backend while the rest is still read;
+    // `done` bytes of them.  The last piece is written only once the whole
+    // block's checksum matches, so until then the range has a hole.
+    uint32_t crc = 0;
+    uint64_t done = 0;
+    size_t pieces = 0, next = 0;
+    std::vector<uint8_t> arrived;
+    std::string write_error;
   };
   enum class Mode { kFault, kUnpurge, kReadahead };
   void read_copies(std::vector<Restore>& rs, Mover& mover);
   bool finish_restore(Restore& r, Mode mode);
   void give_back(Restore& r, const std::string& why);
+  void unwrite(const Restore& r);
   Result<MoveResult> unpurge_blocks(const std::vector<uint64_t>& blocks,
                                     Mover& mover);
   void readahead_after(uint64_t b, Mover& mover);
@@ -208,6 +222,10 @@ class Engine {
   static constexpr size_t kLatencies = 4096;
 
   std::unique_ptr<Mover> seal_mover_;  // purge batches' writes
+  // Block buffers of purge batches and fault-backs, kept for reuse up to
+  // two batches and 16 MiB more, freed after 30 s without use.
+  std::unique_ptr<BufPool> pool_;
+  std::atomic<uint64_t> last_busy_ms_{0};
   std::thread fault_thread_;
   std::thread control_thread_;
 };

@@ -438,8 +438,11 @@ struct Fixture {
     return c;
   }
 
-  std::unique_ptr<Engine> start(uint64_t disk_slots = 0) {
-    auto e = Engine::start(config(disk_slots), [this](const std::string& w) {
+  std::unique_ptr<Engine> start(uint64_t disk_slots = 0,
+                                uint64_t read_piece = 512 << 10) {
+    EngineConfig c = config(disk_slots);
+    c.read_piece_bytes = read_piece;
+    auto e = Engine::start(c, [this](const std::string& w) {
       std::lock_guard g(fmu);
       fatals.push_back(w);
     });
@@ -968,6 +971,48 @@ TEST_CASE("read-ahead: a bad disk copy is dropped, and fatal only when faulted")
   CHECK_THAT(f.fatal_calls()[0], ContainsSubstring("block 6 "));
   CHECK(e->status()["state"] == "failed");
   CHECK(f.agent->swapped(6));
+  e.reset();
+}
+
+TEST_CASE("fault: a block read in pieces streams in; a bad copy leaves a hole") {
+  Fixture f;
+  auto e = f.start(0, 16 << 10);  // 4 pieces of 16 KiB per 64 KiB block
+  REQUIRE(purge_all(*e).blocks == kBlocks);
+  PolicyConfig p = e->policy();
+  p.readahead_bytes = 0;
+  REQUIRE(e->set_policy(p).ok());
+
+  fault_back(f, 2);
+  CHECK(f.read_block(2) == f.orig_block(2));
+  CHECK(f.allocated(2));
+
+  // A flipped byte in the first piece of block 12's copy (found only at
+  // the end: three pieces were already written), then in the last piece
+  // of block 20's (never written).
+  auto flip = [&](uint64_t b, uint64_t at) {
+    int fd = open(f.vbd.c_str(), O_RDWR | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    off_t o = static_cast<off_t>((slot_of(f, b) + 1) * kBlock + at);
+    unsigned char x = 0;
+    REQUIRE(pread(fd, &x, 1, o) == 1);
+    x ^= 0x01;
+    REQUIRE(pwrite(fd, &x, 1, o) == 1);
+    REQUIRE(fsync(fd) == 0);
+    close(fd);
+  };
+  flip(12, 100);
+  flip(20, kBlock - 100);
+  size_t m = f.agent->mark();
+  f.agent->fault(off(12) + kPage);
+  REQUIRE(wait_until([&] { return f.fatal_calls().size() == 1; }));
+  f.agent->fault(off(20) + kPage);
+  REQUIRE(wait_until([&] { return err(*e, "checksum") == 2; }));
+  CHECK_THAT(f.fatal_calls()[0], ContainsSubstring("block 12 "));
+  for (uint64_t b : {12, 20}) {
+    CHECK(f.hole(b));  // nothing of it stayed in the backend
+    CHECK(f.agent->swapped(b));
+    for (const Req& q : f.agent->since(m, kMapBack)) CHECK_FALSE(overlaps(q, b));
+  }
   e.reset();
 }
 

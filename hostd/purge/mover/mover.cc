@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <cstdlib>
 #include <ctime>
 #include <deque>
@@ -87,19 +88,28 @@ Mover::~Mover() {
 }
 
 Result<void> Mover::run(std::span<IoReq> reqs) {
+  const std::function<void(size_t)> none;
+  return run(reqs, none);
+}
+
+Result<void> Mover::run(std::span<IoReq> reqs,
+                        const std::function<void(size_t)>& on_done) {
   if (broken_)
     return make_error("mover-broken", "the io_uring ring failed earlier");
   for (auto& r : reqs) r.result = 0;
+  const std::function<void(size_t)>* cb = on_done ? &on_done : nullptr;
   if (!ring_) {
-    run_sync(reqs);
+    run_sync(reqs, cb);
     return ok_result();
   }
-  return run_ring(reqs);
+  return run_ring(reqs, cb);
 }
 
 // The fallback: one request after the other.
-void Mover::run_sync(std::span<IoReq> reqs) {
-  for (auto& r : reqs) {
+void Mover::run_sync(std::span<IoReq> reqs,
+                     const std::function<void(size_t)>* on_done) {
+  for (size_t i = 0; i < reqs.size(); i++) {
+    IoReq& r = reqs[i];
     if (!settle_trivial(r)) {
       Progress p;
       r.result = 0;
@@ -127,18 +137,22 @@ void Mover::run_sync(std::span<IoReq> reqs) {
     }
     stats_.completed++;
     if (r.result < 0) stats_.errors++;
+    if (on_done) (*on_done)(i);
   }
 }
 
-Result<void> Mover::run_ring(std::span<IoReq> reqs) {
+Result<void> Mover::run_ring(std::span<IoReq> reqs,
+                             const std::function<void(size_t)>* on_done) {
   std::vector<Progress> prog(reqs.size());
   std::vector<bool> finished(reqs.size(), false);
   std::deque<size_t> pending;  // to (re)submit, in order
+  bool cancelling = false;
   auto finish = [&](size_t i, int64_t result) {
     reqs[i].result = result;
     finished[i] = true;
     stats_.completed++;
     if (result < 0) stats_.errors++;
+    if (on_done && !cancelling) (*on_done)(i);
   };
   for (size_t i = 0; i < reqs.size(); i++) {
     if (settle_trivial(reqs[i])) finish(i, reqs[i].result);
@@ -231,6 +245,7 @@ Result<void> Mover::run_ring(std::span<IoReq> reqs) {
     io_uring_cqe_seen(ring_, cqe);
     inflight--;
   }
+  cancelling = true;
   for (size_t i = 0; i < reqs.size(); i++)
     if (!finished[i]) finish(i, -ECANCELED);
   return *failure;
@@ -254,6 +269,37 @@ AlignedBuf& AlignedBuf::operator=(AlignedBuf&& o) noexcept {
     size_ = std::exchange(o.size_, 0);
   }
   return *this;
+}
+
+AlignedBuf BufPool::get() {
+  {
+    std::lock_guard g(mu_);
+    if (!free_.empty()) {
+      AlignedBuf b = std::move(free_.back());
+      free_.pop_back();
+      return b;
+    }
+  }
+  AlignedBuf b(size_);
+  if (b) std::memset(b.data(), 0, size_);  // the first touch, here
+  return b;
+}
+
+void BufPool::put(AlignedBuf b) {
+  if (!b || b.size() != size_) return;  // freed by its destructor
+  std::lock_guard g(mu_);
+  if ((free_.size() + 1) * size_ <= max_) free_.push_back(std::move(b));
+}
+
+void BufPool::trim() {
+  std::vector<AlignedBuf> drop;
+  std::lock_guard g(mu_);
+  drop.swap(free_);
+}
+
+size_t BufPool::kept_bytes() const {
+  std::lock_guard g(mu_);
+  return free_.size() * size_;
 }
 
 }  // namespace kvmx::purge

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -208,4 +209,63 @@ TEST_CASE("mover: io_uring and the fallback give the same results") {
   }
   CHECK(memcmp(a.data(), src.data(), 16 * kBlock) == 0);
   CHECK(memcmp(b.data(), src.data(), 16 * kBlock) == 0);
+}
+
+TEST_CASE("mover: BufPool reuses buffers up to its bound") {
+  BufPool pool(64 << 10, 3 * (64 << 10));
+  std::vector<AlignedBuf> bufs;
+  std::vector<void*> addrs;
+  for (int i = 0; i < 5; i++) {
+    bufs.push_back(pool.get());
+    REQUIRE(bufs.back());
+    CHECK(bufs.back().size() == (64u << 10));
+    CHECK(reinterpret_cast<uintptr_t>(bufs.back().data()) % 4096 == 0);
+    addrs.push_back(bufs.back().data());
+  }
+  CHECK(pool.kept_bytes() == 0);
+  for (auto& b : bufs) pool.put(std::move(b));
+  CHECK(pool.kept_bytes() == 3 * (64u << 10));  // two were freed
+  // Kept ones come back (the same memory), then new ones.
+  AlignedBuf a = pool.get(), b = pool.get(), c = pool.get(), d = pool.get();
+  CHECK(std::find(addrs.begin(), addrs.end(), a.data()) != addrs.end());
+  CHECK(std::find(addrs.begin(), addrs.end(), c.data()) != addrs.end());
+  CHECK(pool.kept_bytes() == 0);
+  CHECK(d);
+  // A buffer of another size is not kept.
+  pool.put(AlignedBuf(4096));
+  CHECK(pool.kept_bytes() == 0);
+  pool.put(std::move(a));
+  CHECK(pool.kept_bytes() == (64u << 10));
+  pool.trim();
+  CHECK(pool.kept_bytes() == 0);
+}
+
+TEST_CASE("mover: on_done sees each request once, finished, while others run") {
+  bool fallback = GENERATE(false, true);
+  INFO("fallback " << fallback);
+  OPEN_DIRECT_OR_SKIP(f);
+  auto m = make(4, fallback);
+  std::vector<AlignedBuf> bufs;
+  std::vector<IoReq> w;
+  for (uint32_t i = 0; i < 12; i++) {
+    bufs.emplace_back(64u << 10);
+    fill(bufs.back(), i);
+    w.push_back({f.fd.get(), uint64_t{i} << 16, bufs.back().data(), 64u << 10,
+                 true});
+  }
+  w.push_back({f.fd.get(), 0, bufs[0].data(), 0, true});  // settled at once
+  std::vector<int> seen(w.size(), 0);
+  REQUIRE(m->run(w, [&](size_t i) {
+               REQUIRE(i < w.size());
+               seen[i]++;
+               CHECK(w[i].result == w[i].len);  // set before the call
+             }).ok());
+  for (size_t i = 0; i < w.size(); i++) CHECK(seen[i] == 1);
+  // Reads past the end: finished with 0 bytes, still reported.
+  AlignedBuf in(64u << 10);
+  std::vector<IoReq> r = {{f.fd.get(), 64u << 20, in.data(), 64u << 10, false}};
+  int calls = 0;
+  REQUIRE(m->run(r, [&](size_t) { calls++; }).ok());
+  CHECK(calls == 1);
+  CHECK(r[0].result == 0);
 }

@@ -737,13 +737,17 @@ Entry Table::entry(uint64_t block) const {
   return entries_[block];
 }
 
-uint32_t Table::data_crc(uint64_t block, uint64_t generation, const void* data,
-                         size_t len) const {
+uint32_t Table::data_crc_seed(uint64_t block, uint64_t generation) const {
   unsigned char seed[32];
   std::memcpy(seed, uuid_, 16);
   put64(seed + 16, block);
   put64(seed + 24, generation);
-  return crc32c(data, len, crc32c(seed, sizeof(seed)));
+  return crc32c(seed, sizeof(seed));
+}
+
+uint32_t Table::data_crc(uint64_t block, uint64_t generation, const void* data,
+                         size_t len) const {
+  return crc32c(data, len, data_crc_seed(block, generation));
 }
 
 Result<uint64_t> Table::alloc_slot() {

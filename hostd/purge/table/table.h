@@ -140,6 +140,9 @@ class Table {
   // generation, then the data.
   uint32_t data_crc(uint64_t block, uint64_t generation, const void* data,
                     size_t len) const;
+  // The CRC32C of the seed alone: data_crc(b, g, d, n) is
+  // crc32c(d, n, data_crc_seed(b, g)), so a block can be checked in pieces.
+  uint32_t data_crc_seed(uint64_t block, uint64_t generation) const;
 
   // A slot that no committed or in-flight entry uses; "disk-full" when none.
   Result<uint64_t> alloc_slot();

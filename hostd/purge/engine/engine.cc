@@ -711,20 +711,96 @@ void Engine::fatal(uint64_t b, const std::string& why) {
   if (first && on_fatal_) on_fatal_(what);
 }
 
-// Batches are pipelined: while one is written, synced, committed and
-// punched (seal_batch, on a thread of its own), the next is swapped out and
-// read (prepare_batch).  At most two batches' buffers exist at a time.
+// Batches go through three stages, each on its own thread, so that the
+// disk is kept writing:
+//   1. prepare (this thread): swap out, read the backend, checksum;
+//   2. write (a writer thread): the disk copies, O_DIRECT;
+//   3. seal (a sealer thread): one fdatasync of the disk file for every
+//      batch written since its last round, one journal commit for them,
+//      then punch.
+// A batch is handed to the writer only when the writer takes it, so at most
+// two batches hold buffers (one being prepared, one being written); the
+// sealer's queue holds batches without buffers.
 Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
                                         Mover& mover) {
   MoveResult total;
   uint64_t t0 = mono_us();
-  std::unique_ptr<Batch> sealing;
-  std::thread sealer;
-  bool stop_now = false;
-  auto collect = [&] {
-    if (!sealer.joinable()) return;
-    sealer.join();
-    const MoveResult& r = sealing->res;
+  std::vector<std::unique_ptr<Batch>> all;
+  std::mutex qmu;
+  std::condition_variable qcv;
+  Batch* to_write = nullptr;         // handed over, not yet taken
+  std::deque<Batch*> to_seal;
+  bool writer_done = false, no_more = false;
+
+  std::thread writer([&] {
+    for (;;) {
+      Batch* b;
+      {
+        std::unique_lock g(qmu);
+        qcv.wait(g, [&] { return to_write || no_more; });
+        if (!to_write) break;
+        b = std::exchange(to_write, nullptr);
+        qcv.notify_all();  // the handover is done
+      }
+      write_batch(*b, *seal_mover_);
+      std::lock_guard g(qmu);
+      to_seal.push_back(b);
+      qcv.notify_all();
+    }
+    std::lock_guard g(qmu);
+    writer_done = true;
+    qcv.notify_all();
+  });
+  std::thread sealer([&] {
+    for (;;) {
+      std::vector<Batch*> round;
+      {
+        std::unique_lock g(qmu);
+        qcv.wait(g, [&] { return !to_seal.empty() || writer_done; });
+        if (to_seal.empty()) break;
+        round.assign(to_seal.begin(), to_seal.end());
+        to_seal.clear();
+      }
+      seal_batches(round);
+    }
+  });
+
+  size_t per = std::clamp<uint64_t>(cfg_.batch_bytes / block_size(), 1, 4096);
+  for (size_t i = 0; i < blocks.size(); i += per) {
+    std::vector<uint64_t> ids(
+        blocks.begin() + i, blocks.begin() + std::min(blocks.size(), i + per));
+    all.push_back(std::make_unique<Batch>());
+    Batch* next = all.back().get();
+    prepare_batch(ids, *next, mover);
+    bool stop_here;
+    {
+      std::lock_guard g(mu_);
+      stop_here = stop_ || fatal_seen_ || agent_lost_;
+    }
+    if (stop_here) {
+      abandon_batch(*next);
+      break;
+    }
+    // A full disk stays full for the rest of this request.  (Read before
+    // the handover: the writer may record errors in the batch.)
+    bool disk_full = next->first_error.code == "disk-full";
+    {
+      std::unique_lock g(qmu);
+      to_write = next;
+      qcv.notify_all();
+      qcv.wait(g, [&] { return to_write == nullptr; });
+    }
+    if (disk_full) break;
+  }
+  {
+    std::lock_guard g(qmu);
+    no_more = true;
+    qcv.notify_all();
+  }
+  writer.join();
+  sealer.join();
+  for (auto& b : all) {
+    const MoveResult& r = b->res;
     total.blocks += r.blocks;
     total.zero += r.zero;
     total.skipped += r.skipped;
@@ -734,34 +810,16 @@ Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
       total.error = r.error;  // the first
       total.error_code = r.error_code;
     }
-    // A full disk stays full for the rest of this request.
-    if (r.error_code == "disk-full") stop_now = true;
-    sealing.reset();
-  };
-  size_t per = std::clamp<uint64_t>(cfg_.batch_bytes / block_size(), 1, 4096);
-  for (size_t i = 0; i < blocks.size() && !stop_now; i += per) {
-    std::vector<uint64_t> ids(
-        blocks.begin() + i, blocks.begin() + std::min(blocks.size(), i + per));
-    auto next = std::make_unique<Batch>();
-    prepare_batch(ids, *next, mover);
-    collect();
-    if (stop_now) {
-      seal_batch(*next, *seal_mover_, /*abandon=*/true);
-      break;
-    }
-    sealing = std::move(next);
-    sealer = std::thread([this, b = sealing.get()] {
-      seal_batch(*b, *seal_mover_, false);
-    });
-    std::lock_guard g(mu_);
-    if (stop_ || fatal_seen_ || agent_lost_) break;
   }
-  collect();
   total.seconds = (mono_us() - t0) / 1e6;
   {
     std::lock_guard g(mu_);
     stats_.purge_seconds += total.seconds;
   }
+  if (!total.error.empty())
+    log::warn("purge: some blocks stayed resident",
+              {{"nvdimm", cfg_.name}, {"failed", total.failed},
+               {"error", total.error}});
   if (total.blocks == 0 && !total.error.empty())
     return make_error("purge-failed", total.error);
   return total;
@@ -871,16 +929,18 @@ void Engine::prepare_batch(const std::vector<uint64_t>& blocks, Batch& batch,
   stats_.purge_phase_us[1] += t2 - t1;
 }
 
-// Write the disk copies, sync once, commit the blocks no fault cancelled,
-// punch them, and only then let faults in (kSealing until then).
-// `abandon`: put every block back instead (the request stops).
-void Engine::seal_batch(Batch& batch, Mover& mover, bool abandon) {
-  MoveResult& res = batch.res;
-  if (abandon) {
-    for (size_t i = 0; i < batch.items.size(); i++)
-      if (batch.items[i].ok) back_to_resident(batch, i, true);
-    return;
-  }
+// The request stops: every block of a prepared batch goes back.
+void Engine::abandon_batch(Batch& batch) {
+  for (size_t i = 0; i < batch.items.size(); i++)
+    if (batch.items[i].ok) back_to_resident(batch, i, true);
+  for (auto& it : batch.items) pool_->put(std::move(it.buf));
+  batch.res.error = batch.first_error.message;
+  batch.res.error_code = batch.first_error.code;
+}
+
+// Stage 2: the disk copies, O_DIRECT through io_uring.  A block whose write
+// fails goes back to resident now; the buffers go back to the pool.
+void Engine::write_batch(Batch& batch, Mover& mover) {
   uint64_t t0 = mono_us();
   std::vector<IoReq> writes;
   std::vector<size_t> idx;
@@ -894,10 +954,8 @@ void Engine::seal_batch(Batch& batch, Mover& mover, bool abandon) {
   }
   if (!writes.empty()) {
     auto r = mover.run(writes);
-    bool synced = r.ok() && fdatasync(vbd_fd_.get()) == 0;
     for (size_t k = 0; k < writes.size(); k++) {
-      if (synced && writes[k].result == static_cast<int64_t>(block_size()))
-        continue;
+      if (r && writes[k].result == static_cast<int64_t>(block_size())) continue;
       int err = writes[k].result < 0 ? static_cast<int>(-writes[k].result)
                                      : EIO;
       batch_error(batch,
@@ -908,81 +966,113 @@ void Engine::seal_batch(Batch& batch, Mover& mover, bool abandon) {
       back_to_resident(batch, idx[k], true);
     }
   }
+  for (auto& it : batch.items) pool_->put(std::move(it.buf));
+  std::lock_guard g(mu_);
+  stats_.purge_phase_us[2] += mono_us() - t0;
+}
+
+// Stage 3, for every batch written since the last round: one fdatasync of
+// the disk file, one journal commit (in slices) of the blocks no fault
+// cancelled, then punch them, and only then let faults in (kSealing until
+// then).  Disk copy durable, then entry durable, then NVM freed.
+void Engine::seal_batches(const std::vector<Batch*>& batches) {
+  uint64_t t0 = mono_us();
+  bool copies = false;
+  for (Batch* b : batches)
+    for (auto& it : b->items) copies |= it.ok && !it.zero;
+  if (copies && fdatasync(vbd_fd_.get()) != 0) {
+    int err = errno;
+    for (Batch* b : batches)
+      for (size_t i = 0; i < b->items.size(); i++) {
+        if (!b->items[i].ok || b->items[i].zero) continue;
+        batch_error(*b,
+                    make_error("disk-write",
+                               std::string("cannot sync the disk copies: ") +
+                                   std::strerror(err)),
+                    &Stats::io_errors);
+        back_to_resident(*b, i, true);
+      }
+  }
   uint64_t t1 = mono_us();
-  Tx tx{TxType::PurgeDone, {}};
-  std::vector<size_t> cancelled;
+  struct Ref {
+    Batch* batch;
+    size_t i;
+  };
+  std::vector<Ref> refs;
+  std::vector<Op> ops;
+  std::vector<Ref> cancelled;
   {
     std::lock_guard g(mu_);
-    for (size_t i = 0; i < batch.items.size(); i++) {
-      BatchItem& it = batch.items[i];
-      if (!it.ok) continue;
-      if (cancelled_[it.b]) {
-        cancelled.push_back(i);
-        continue;
+    for (Batch* b : batches)
+      for (size_t i = 0; i < b->items.size(); i++) {
+        BatchItem& it = b->items[i];
+        if (!it.ok) continue;
+        if (cancelled_[it.b]) {
+          cancelled.push_back({b, i});
+          continue;
+        }
+        st_[it.b] = St::kSealing;
+        refs.push_back({b, i});
+        ops.push_back(
+            {it.b, Entry{BlockState::Purged, static_cast<uint8_t>(it.zero),
+                         it.crc, it.old.generation + 1,
+                         it.zero ? kNoSlot : it.slot, 0}});
       }
-      st_[it.b] = St::kSealing;
-      tx.ops.push_back(
-          {it.b, Entry{BlockState::Purged, static_cast<uint8_t>(it.zero),
-                       it.crc, it.old.generation + 1,
-                       it.zero ? kNoSlot : it.slot, 0}});
-    }
   }
   // The fault already mapped these back.
-  for (size_t i : cancelled) back_to_resident(batch, i, false);
+  for (auto& c : cancelled) back_to_resident(*c.batch, c.i, false);
   // In slices of at most 64 table pages: the table refuses a transaction
   // that touches more than its journal can checkpoint (scattered blocks
   // of a large NVDIMM each sit on a page of their own).
-  std::set<uint64_t> committed;
-  for (size_t i = 0; i < tx.ops.size();) {
+  std::vector<uint8_t> committed(ops.size(), 0);
+  for (size_t i = 0; i < ops.size();) {
     Tx part{TxType::PurgeDone, {}};
     std::set<uint64_t> pages;
-    while (i < tx.ops.size() &&
-           (pages.size() < 64 || pages.count(tx.ops[i].block / 64))) {
-      pages.insert(tx.ops[i].block / 64);
-      part.ops.push_back(tx.ops[i++]);
+    size_t first = i;
+    while (i < ops.size() &&
+           (pages.size() < 64 || pages.count(ops[i].block / 64))) {
+      pages.insert(ops[i].block / 64);
+      part.ops.push_back(ops[i++]);
     }
-    std::vector<uint64_t> ids;
-    for (auto& op : part.ops) ids.push_back(op.block);
     if (auto c = table_->commit(std::move(part)); !c) {
-      batch_error(batch, c.error(), &Stats::commit_errors);
+      for (Batch* b : batches) batch_error(*b, c.error(), nullptr);
+      std::lock_guard g(mu_);
+      stats_.commit_errors++;
       break;
     }
-    committed.insert(ids.begin(), ids.end());
+    std::fill(committed.begin() + first, committed.begin() + i, 1);
   }
-  for (size_t i = 0; i < batch.items.size(); i++)
-    if (batch.items[i].ok && !committed.count(batch.items[i].b))
-      back_to_resident(batch, i, true);
+  for (size_t k = 0; k < refs.size(); k++)
+    if (!committed[k]) back_to_resident(*refs[k].batch, refs[k].i, true);
   uint64_t t2 = mono_us();
   // Free the NVM space.  Not once QEMU is gone: a new QEMU may already map
   // the file, where only a hole hidden at its start is safe to punch; the
   // range stays allocated and the next attach takes it as resident.
   bool qemu_there = agent_->connected();
-  auto block = [&](size_t k) { return batch.items[k].b; };
-  auto ok = [&](size_t k) { return batch.items[k].ok; };
-  for_each_run(batch.items.size(), block, ok, [&](size_t i, size_t j) {
-    uint64_t first = batch.items[i].b, last = batch.items[j - 1].b;
-    if (qemu_there &&
-        fallocate(hello_.backend_fd.get(),
-                  FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                  static_cast<off_t>(hello_.fd_offset + off(first)),
-                  static_cast<off_t>(off(last) + len(last) - off(first))))
-      log::warn("purge: punch failed; the space stays allocated",
-                {{"nvdimm", cfg_.name}, {"block", first},
-                 {"blocks", j - i}, {"error", std::strerror(errno)}});
-    for (size_t k = i; k < j; k++) {
-      BatchItem& x = batch.items[k];
-      if (x.zero && x.slot != kNoSlot) table_->release_slot(x.slot);
-      res.blocks++;
-      res.bytes += len(x.b);
-      if (x.zero) res.zero++;
-    }
-  });
-  uint64_t t3 = mono_us();
-  {
+  for (Batch* bp : batches) {
+    Batch& batch = *bp;
+    MoveResult& res = batch.res;
+    auto block = [&](size_t k) { return batch.items[k].b; };
+    auto ok = [&](size_t k) { return batch.items[k].ok; };
+    for_each_run(batch.items.size(), block, ok, [&](size_t i, size_t j) {
+      uint64_t first = batch.items[i].b, last = batch.items[j - 1].b;
+      if (qemu_there &&
+          fallocate(hello_.backend_fd.get(),
+                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    static_cast<off_t>(hello_.fd_offset + off(first)),
+                    static_cast<off_t>(off(last) + len(last) - off(first))))
+        log::warn("purge: punch failed; the space stays allocated",
+                  {{"nvdimm", cfg_.name}, {"block", first},
+                   {"blocks", j - i}, {"error", std::strerror(errno)}});
+      for (size_t k = i; k < j; k++) {
+        BatchItem& x = batch.items[k];
+        if (x.zero && x.slot != kNoSlot) table_->release_slot(x.slot);
+        res.blocks++;
+        res.bytes += len(x.b);
+        if (x.zero) res.zero++;
+      }
+    });
     std::lock_guard g(mu_);
-    stats_.purge_phase_us[2] += t1 - t0;
-    stats_.purge_phase_us[3] += t2 - t1;
-    stats_.purge_phase_us[4] += t3 - t2;
     for (auto& it : batch.items) {
       if (!it.ok) continue;
       st_[it.b] = St::kPurged;
@@ -991,14 +1081,14 @@ void Engine::seal_batch(Batch& batch, Mover& mover, bool abandon) {
       if (it.zero) stats_.zero_blocks++;
     }
     cv_.notify_all();
+    res.error = batch.first_error.message;
+    res.error_code = batch.first_error.code;
   }
-  for (auto& it : batch.items) pool_->put(std::move(it.buf));
-  res.error = batch.first_error.message;
-  res.error_code = batch.first_error.code;
-  if (!batch.first_error.code.empty())
-    log::warn("purge: some blocks stayed resident",
-              {{"nvdimm", cfg_.name}, {"failed", res.failed},
-               {"error", batch.first_error.message}});
+  uint64_t t3 = mono_us();
+  std::lock_guard g(mu_);
+  stats_.purge_phase_us[5] += t1 - t0;
+  stats_.purge_phase_us[3] += t2 - t1;
+  stats_.purge_phase_us[4] += t3 - t2;
 }
 
 void Engine::probe_round() {
@@ -1263,11 +1353,13 @@ json Engine::status() const {
                            {"check", stats_.phase_us[1]},
                            {"write", stats_.phase_us[2]},
                            {"map", stats_.phase_us[3]}}},
-      // And purges: swap-outs, reading the backend, writing and syncing the
-      // disk copies, the journal commit, punching.
+      // And purges, by stage: preparing (swap-outs, reading the backend),
+      // writing the disk copies, sealing (syncing them, the journal
+      // commit, punching).  The stages overlap.
       {"purge-phases-us", {{"swap", stats_.purge_phase_us[0]},
                            {"read", stats_.purge_phase_us[1]},
                            {"write", stats_.purge_phase_us[2]},
+                           {"sync", stats_.purge_phase_us[5]},
                            {"commit", stats_.purge_phase_us[3]},
                            {"punch", stats_.purge_phase_us[4]}}},
       {"purged-total", stats_.purged_blocks},

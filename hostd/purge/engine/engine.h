@@ -148,7 +148,9 @@ class Engine {
   };
   void prepare_batch(const std::vector<uint64_t>& blocks, Batch& batch,
                      Mover& mover);
-  void seal_batch(Batch& batch, Mover& mover, bool abandon);
+  void abandon_batch(Batch& batch);
+  void write_batch(Batch& batch, Mover& mover);
+  void seal_batches(const std::vector<Batch*>& batches);
   void back_to_resident(Batch& batch, size_t i, bool map_back);
   void batch_error(Batch& batch, Error e, uint64_t Stats::*counter);
   void probe_round();
@@ -215,7 +217,7 @@ class Engine {
              readahead_dropped = 0, readahead_waits = 0;
     double purge_seconds = 0;
     uint64_t phase_us[4] = {};  // fault-back: read, check, write, map
-    uint64_t purge_phase_us[5] = {};  // swap, read, write, commit, punch
+    uint64_t purge_phase_us[6] = {};  // swap, read, write, commit, punch, sync
   } stats_;
   std::vector<uint32_t> latencies_us_;  // ring of the last kLatencies
   size_t latency_next_ = 0;

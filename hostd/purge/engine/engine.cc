@@ -372,8 +372,12 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
       }
       case St::kRestoring:
         // Read ahead right now (or brought back by unpurge): its MAP_BACK
-        // wakes whoever waits on it.
-        if (from_fault) stats_.readahead_waits++;
+        // wakes whoever waits on it; should the read-ahead fail, this
+        // fault is retried (give_back).
+        if (from_fault) {
+          stats_.readahead_waits++;
+          ra_faulted_[b] = 1;
+        }
         return false;
       case St::kLost:
       case St::kSealing:
@@ -582,7 +586,7 @@ void Engine::readahead_after(uint64_t b, Mover& mover) {
     for (uint64_t x = b + 1; x < end; x++) {
       if (st_[x] != St::kPurged) continue;
       st_[x] = St::kRestoring;
-      ra_faulted_[x] = 0;
+      ra_faulted_[x] = queued_[x];  // a fault already waits for it
       rs.emplace_back();
       rs.back().b = x;
       rs.back().e = table_->entry(x);

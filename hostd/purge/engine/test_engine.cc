@@ -974,6 +974,36 @@ TEST_CASE("read-ahead: a bad disk copy is dropped, and fatal only when faulted")
   e.reset();
 }
 
+TEST_CASE("read-ahead: a fault that waits on a failed read-ahead is not lost") {
+  // The reader is one block ahead of hostd: the faults on 5 and 6 arrive
+  // together, 6 is read ahead while its fault waits, its copy is bad: the
+  // waiting fault must end in the fault path's verdict (fatal), not hang.
+  for (int round = 0; round < 5; round++) {
+    Fixture f;
+    auto e = f.start();
+    REQUIRE(purge_all(*e).blocks == kBlocks);
+    {
+      int fd = open(f.vbd.c_str(), O_RDWR | O_CLOEXEC);
+      REQUIRE(fd >= 0);
+      off_t at = static_cast<off_t>((slot_of(f, 6) + 1) * kBlock + 7);
+      unsigned char x = 0;
+      REQUIRE(pread(fd, &x, 1, at) == 1);
+      x ^= 0x80;
+      REQUIRE(pwrite(fd, &x, 1, at) == 1);
+      REQUIRE(fsync(fd) == 0);
+      close(fd);
+    }
+    fault_back(f, 4);
+    f.agent->fault(off(5));
+    f.agent->fault(off(6));
+    REQUIRE(wait_until([&] { return f.fatal_calls().size() == 1; }));
+    CHECK_THAT(f.fatal_calls()[0], ContainsSubstring("block 6 "));
+    CHECK(f.agent->swapped(6));
+    CHECK_FALSE(f.agent->any_swapped(5));
+    e.reset();
+  }
+}
+
 TEST_CASE("fault: a block read in pieces streams in; a bad copy leaves a hole") {
   Fixture f;
   auto e = f.start(0, 16 << 10);  // 4 pieces of 16 KiB per 64 KiB block

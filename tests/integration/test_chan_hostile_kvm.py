@@ -330,20 +330,12 @@ def test_track_read(qemu, elf, work):
               f'track-read: at most half of them done: {ok}')
 
 
-def vhost_user_blk():
-    """QEMU's contrib/vhost-user-blk: $KVMX_VHOST_USER_BLK, else next to
-    the patched QEMU."""
-    p = os.environ.get('KVMX_VHOST_USER_BLK') or os.path.join(
-        os.path.dirname(kvmxvm.patched_qemu()), 'vhost-user-blk')
-    return p if os.access(p, os.X_OK) else None
-
-
 def test_vhost(qemu, elf, work):
     """A vhost backend (vhost-user-blk) maps guest RAM region by region:
     protections may not use more regions than it has left, and dirty
     tracking, which would take every logged RAM region away from it, is
     refused."""
-    vub = vhost_user_blk()
+    vub = kvmxvm.vhost_user_blk()
     if not vub:
         print('SKIP vhost: no vhost-user-blk (build QEMU\'s '
               'contrib/vhost-user-blk, or set KVMX_VHOST_USER_BLK)')

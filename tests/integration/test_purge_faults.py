@@ -22,6 +22,12 @@ as in test_purge_crash.py), a 4 MiB file NVDIMM with 64 KiB blocks.
                    zeros), purge-status says failed, errors.checksum 1;
                  - the disk file cut short: the fault-back fails with an I/O
                    error, same outcome.
+  vhost-user     a vhost-user device (QEMU's vhost-user-blk) maps guest
+                 memory in its own process, where a purged block would read
+                 as zeros: QEMU refuses the device next to a purge-agent
+                 backend, and a purge-agent backend next to the device
+                 (object-add), each with an error naming the conflict; a
+                 backend without an agent is still accepted
   migration      a VM whose NVDIMM is all purged migrates with hostd's
                  migrate: the source faults every block back as it sends
                  it, the destination's backend holds every block's bytes.
@@ -183,6 +189,94 @@ def no_agent(hostd, qemu, work):
         p.kill()
         p.wait()
         hostd.call('detach', vm='noagent')
+
+
+def vhost_user(qemu, work):
+    vub = kvmxvm.vhost_user_blk()
+    if not vub:
+        check(False, 'vhost-user: no vhost-user-blk (scripts/build makes it)')
+        return
+    d = os.path.join(work, 'vhost')
+    os.makedirs(d)
+    disk = kvmxtest.backing_file(d, 'vub.img', 1 << 20)
+    sock = os.path.join(d, 'vub.sock')
+
+    def backend():
+        # It serves one connection and exits with it.
+        if os.path.exists(sock):
+            os.unlink(sock)
+        p = subprocess.Popen([vub, '-s', sock, '-b', disk],
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.1)
+        return p
+
+    base = [qemu, '-machine', 'q35,nvdimm=on', '-accel', 'qtest', '-qtest',
+            'null', '-display', 'none', '-nodefaults',
+            '-m', '128M,slots=2,maxmem=1G',
+            '-object', 'memory-backend-memfd,id=ram,size=128M,share=on',
+            '-machine', 'memory-backend=ram',
+            '-chardev', f'socket,id=vub,path={sock}',
+            '-device', 'vhost-user-blk-pci,chardev=vub,id=blk0']
+    agent = ['-object', 'memory-backend-memfd,id=nv,size=4M,share=on,'
+             f'purge-agent={os.path.join(d, "agent.sock")}',
+             '-device', 'nvdimm,id=nv0,memdev=nv']
+
+    # The device after a backend with an agent: QEMU does not start.
+    b = backend()
+    try:
+        r = subprocess.run(base + agent, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        b.kill()
+        b.wait()
+    why = [ln for ln in r.stderr.splitlines()
+           if 'vhost-user cannot share guest memory with a memory backend '
+              'that has a purge-agent' in ln]
+    check(r.returncode != 0 and why,
+          f'vhost-user device next to a purge agent refused '
+          f'(rc {r.returncode}: {why[:1] or r.stderr.strip()[-300:]})')
+
+    # An agent after the device (object-add): refused; without an agent
+    # the same backend is fine.
+    b = backend()
+    qmp = os.path.join(d, 'qmp.sock')
+    q = subprocess.Popen(base + ['-qmp', f'unix:{qmp},server=on,wait=off'],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if os.path.exists(qmp):
+                break
+            time.sleep(0.1)
+        m = kvmxvm.Qmp(qmp)
+        desc = ''
+        try:
+            m.cmd('object-add', {
+                'qom-type': 'memory-backend-memfd', 'id': 'nv',
+                'size': 4 << 20, 'share': True,
+                'purge-agent': os.path.join(d, 'agent2.sock')})
+        except kvmxvm.QmpError as e:
+            desc = e.desc
+        check('purge-agent cannot be used while a vhost-user device maps '
+              'guest memory' in desc,
+              f'purge agent next to a vhost-user device refused ({desc})')
+        try:
+            m.cmd('object-add', {'qom-type': 'memory-backend-memfd',
+                                 'id': 'nv3', 'size': 4 << 20, 'share': True})
+            ok = True
+        except kvmxvm.QmpError as e:
+            ok = e.desc
+        check(ok is True, f'the same backend without an agent: {ok}')
+        m.close()
+    finally:
+        q.kill()
+        q.wait()
+        b.kill()
+        b.wait()
 
 
 def disk_full(hostd, qemu, work):
@@ -380,6 +474,7 @@ def main():
     try:
         bad_requests(hostd, qemu, work)
         no_agent(hostd, qemu, work)
+        vhost_user(qemu, work)
         disk_full(hostd, qemu, work)
         changed_behind(hostd, qemu, work)
         lost_block(hostd, qemu, work, 'overwrite')

@@ -509,6 +509,15 @@ def run_guest_script(qemu, script_text, extra_args=(), workdir=".", name="guest"
         return rc, vm.console_text()
 
 
+def vhost_user_blk():
+    """QEMU's contrib/vhost-user-blk (a vhost-user backend process):
+    $KVMX_VHOST_USER_BLK, else the one scripts/build puts next to the
+    patched QEMU; None if there is none."""
+    p = os.environ.get("KVMX_VHOST_USER_BLK") or str(build_dir() / "qemu" /
+                                                      "vhost-user-blk")
+    return p if os.access(p, os.X_OK) else None
+
+
 def patched_qemu():
     """The patched QEMU under test: $KVMX_QEMU, else the one scripts/build
     made.  Skips the test if there is none."""

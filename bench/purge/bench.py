@@ -421,7 +421,7 @@ def plot(res, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     ax = axes[0]
     t = res.get('throughput', {})
     labels = [f'{int(b) // KiB} KiB' for b in t]
@@ -452,6 +452,18 @@ def plot(res, path):
     ax.set_title('one block back vs O_DIRECT read')
     ax.legend(fontsize=7)
     ax = axes[2]
+    q = res.get('sequential', {})
+    labels = [f'{int(b) // KiB} KiB' for b in q]
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], [v['on']['mibs'] for v in q.values()], 0.4,
+           label='read-ahead on')
+    ax.bar([x + 0.2 for x in xs], [v['off']['mibs'] for v in q.values()], 0.4,
+           label='read-ahead off')
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel('MiB/s')
+    ax.set_title('reading purged blocks in order')
+    ax.legend(fontsize=7)
+    ax = axes[3]
     s = res.get('guest', {}).get('samples', [])
     if s:
         ax.plot([x['t'] for x in s], [x['saved'] / MiB for x in s],

@@ -1221,7 +1221,8 @@ void Engine::control_loop() {
       cv_.notify_all();
       continue;
     }
-    if (pool_->kept_bytes() && now_ms() - last_busy_ms_ > 30000)
+    if (uint64_t now = now_ms(), last = last_busy_ms_;
+        pool_->kept_bytes() && now > last + 30000)
       pool_->trim();  // idle: the memory goes back
     if (now_ms() < next_probe) continue;
     next_probe = now_ms() + cfg_.probe_interval_ms;

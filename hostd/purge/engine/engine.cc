@@ -133,6 +133,7 @@ Result<void> Engine::attach() {
     pending_.assign(nblocks_, 0);
     queued_.assign(nblocks_, 0);
     ra_faulted_.assign(nblocks_, 0);
+    noticed_us_.assign(nblocks_, 0);
   }
   // Only now: a fault the agent tells us right after HELLO needs them.
   agent_->start();
@@ -305,6 +306,7 @@ void Engine::on_fault(uint64_t offset) {
   std::lock_guard g(mu_);
   stats_.faults++;
   if (st_[b] == St::kRestoring) ra_faulted_[b] = 1;
+  if (st_[b] == St::kPurged && !noticed_us_[b]) noticed_us_[b] = mono_us();
   if (queued_[b]) return;  // concurrent faults on a block: one restore
   queued_[b] = 1;
   faults_.push_back(b);  // at most one entry per block: bounded
@@ -354,6 +356,8 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
       case St::kPurged:
         st_[b] = St::kRestoring;
         ra_faulted_[b] = 0;
+        // The latency a waiting thread sees starts at QEMU's notice.
+        if (from_fault && noticed_us_[b]) r.t_notice = noticed_us_[b];
         break;
       case St::kMoving:
         // Not punched yet: the backend still has it; the purge drops it.
@@ -522,12 +526,15 @@ bool Engine::finish_restore(Restore& r, Mode mode) {
   {
     std::lock_guard g(mu_);
     if (mode == Mode::kFault) {
+      uint64_t from = r.t_notice && r.t_notice < r.t0 ? r.t_notice : r.t0;
+      stats_.phase_us[4] += r.t0 - from;
       stats_.phase_us[0] += r.t_read - r.t0;
       stats_.phase_us[1] += t_crc - r.t_read;
       stats_.phase_us[2] += t_write - t_crc;
       stats_.phase_us[3] += t_map - t_write;
-      record_latency(t_map - r.t0);
+      record_latency(t_map - from);
     }
+    noticed_us_[b] = 0;
     if (ra) stats_.readahead_blocks++;
     st_[b] = St::kResident;
     pending_[b] = 1;
@@ -550,6 +557,7 @@ void Engine::give_back(Restore& r, const std::string& why) {
   std::lock_guard g(mu_);
   stats_.readahead_dropped++;
   st_[r.b] = St::kPurged;
+  noticed_us_[r.b] = 0;
   if (ra_faulted_[r.b] && !queued_[r.b]) {
     queued_[r.b] = 1;
     faults_.push_front(r.b);
@@ -1351,10 +1359,12 @@ json Engine::status() const {
                      {"waits", stats_.readahead_waits}}},
       {"fault-latency-us", {{"p50", pct(0.5)}, {"p99", pct(0.99)},
                             {"samples", lat.size()}}},
-      // Where fault-backs spend their time, summed: reading the disk copy
-      // (with the wait for the worker), checking it, writing the backend,
-      // mapping it back.
-      {"fault-phases-us", {{"read", stats_.phase_us[0]},
+      // Where fault-backs spend their time, summed: from QEMU's notice to
+      // the fault-back worker, reading the disk copy (with the pieces
+      // written as they arrive), checking it, writing the rest into the
+      // backend, mapping it back.
+      {"fault-phases-us", {{"queue", stats_.phase_us[4]},
+                           {"read", stats_.phase_us[0]},
                            {"check", stats_.phase_us[1]},
                            {"write", stats_.phase_us[2]},
                            {"map", stats_.phase_us[3]}}},

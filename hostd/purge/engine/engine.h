@@ -111,6 +111,7 @@ class Engine {
     AlignedBuf buf;
     int err = 0;  // the read's errno, 0 when it worked
     uint64_t t0 = 0, t_read = 0;
+    uint64_t t_notice = 0;  // QEMU's fault notice, when a fault asked
     // Streaming: the pieces read so far, in order, are checksummed into
     // `crc` and written into the backend while the rest is still read;
     // `done` bytes of them.  The last piece is written only once the whole
@@ -188,6 +189,7 @@ class Engine {
   std::vector<uint8_t> pending_;      // under mu_: in pending_residents_
   std::vector<uint8_t> queued_;       // under mu_: block is in faults_
   std::vector<uint8_t> ra_faulted_;   // under mu_: faulted while read ahead
+  std::vector<uint64_t> noticed_us_;  // under mu_: first fault notice, 0: none
   // Sequential-fault detection, fault thread only.
   uint64_t ra_last_ = UINT64_MAX;     // the block the last fault asked for
   uint64_t ra_next_ = UINT64_MAX;     // the first block after the window
@@ -216,7 +218,7 @@ class Engine {
              readahead_windows = 0, readahead_blocks = 0,
              readahead_dropped = 0, readahead_waits = 0;
     double purge_seconds = 0;
-    uint64_t phase_us[4] = {};  // fault-back: read, check, write, map
+    uint64_t phase_us[5] = {};  // fault-back: read, check, write, map, queue
     uint64_t purge_phase_us[6] = {};  // swap, read, write, commit, punch, sync
   } stats_;
   std::vector<uint32_t> latencies_us_;  // ring of the last kLatencies

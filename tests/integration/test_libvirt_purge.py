@@ -1,0 +1,202 @@
+#!/usr/bin/python3
+"""Virtblock purging of a libvirt domain: examples/libvirt/nvdimm-purge.xml
+(docs/libvirt.md, "Virtblock purging") under a real libvirtd.
+
+libvirt cannot add purge-agent to the NVDIMM's backend, so the example
+gives the NVDIMM and a QMP socket for kvmx-hostd in <qemu:commandline>.
+The test fills the NVDIMM's backend file with a known pattern (a 64 KiB
+block each), starts the domain paused as the docs say, attaches hostd by
+the QMP socket, enables purging with 64 KiB blocks and purges every block:
+the backend's allocation drops to nothing.  It then reads words of
+scattered blocks through QEMU (HMP xp, through libvirt's monitor: QEMU's
+main thread faults on the placeholders and waits for hostd): every word
+is the pattern's, one fault-back per block read, the rest stays purged.
+virsh destroy: hostd sees the agent go (state disconnected), and the
+domain is gone.  SKIPPED where libvirtd cannot run (scripts/libvirtd-up
+exits 77)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
+sys.path.insert(0, os.path.dirname(__file__))
+import hostdctl  # noqa: E402
+import kvmxtest  # noqa: E402
+import kvmxvm  # noqa: E402
+import test_libvirt as tl  # noqa: E402
+
+check = tl.check
+EXAMPLE = tl.REPO / 'examples' / 'libvirt' / 'nvdimm-purge.xml'
+MIB = 1 << 20
+BLOCK = 64 << 10
+SIZE = 32 * MIB            # as in the example
+READ = [3, 17, 9, 30, 200, 123, 511]   # no two in a row: no read-ahead
+
+
+def word(b, i):
+    """The 8-byte word i of block b, as the backend was filled."""
+    return (b << 32) | (i * 2654435761 & 0xffffffff)
+
+
+def fill(path):
+    import struct
+    with open(path, 'wb') as f:
+        for b in range(SIZE // BLOCK):
+            f.write(b''.join(struct.pack('<Q', word(b, i))
+                             for i in range(BLOCK // 8)))
+        os.fsync(f.fileno())
+
+
+def allocated(path):
+    return os.stat(path).st_blocks * 512
+
+
+def render(name, work, qemu, root_qemu):
+    ET.register_namespace('qemu', tl.QEMU_NS)
+    text = EXAMPLE.read_text().replace('@KVMX_REPO@', str(tl.REPO)) \
+                              .replace('@VMDIR@', str(work))
+    dom = ET.fromstring(text)
+    dom.find('name').text = name
+    kernel, initrd = kvmxvm.guest_image()
+    dom.find('os/kernel').text = str(kernel)
+    dom.find('os/initrd').text = str(initrd)
+    dom.find('devices/emulator').text = str(qemu)
+    if root_qemu:
+        sec = ET.SubElement(dom, 'seclabel', type='static', model='dac',
+                            relabel='no')
+        ET.SubElement(sec, 'label').text = '+0:+0'
+    return dom
+
+
+def nvdimm_addr(name):
+    p = tl.virsh('qemu-monitor-command', name,
+                 json.dumps({'execute': 'query-memory-devices'}))
+    if p.returncode != 0:
+        raise RuntimeError(f'query-memory-devices: {tl.one_line(p.stderr)}')
+    for d in json.loads(p.stdout)['return']:
+        if d.get('type') == 'nvdimm' and d['data'].get('id') == 'nv0':
+            return d['data']['addr']
+    raise RuntimeError('no nvdimm nv0 in query-memory-devices')
+
+
+def xp(name, addr):
+    """Two 8-byte words at guest-physical `addr`, read by QEMU (HMP xp)."""
+    out = tl.monitor(name, hmp=f'xp /2gx {addr:#x}')
+    vals = [int(v, 16) for v in out.split(':', 1)[1].split()] if ':' in out \
+        else []
+    return vals
+
+
+def run(work, qemu, root_qemu, hostd):
+    name = tl.PREFIX + 'purge'
+    img = os.path.join(work, 'pmem.img')
+    fill(img)
+    if not root_qemu:
+        import pwd
+        pw = pwd.getpwnam(tl.QEMU_USER)
+        os.chown(work, pw.pw_uid, pw.pw_gid)
+        os.chown(img, pw.pw_uid, pw.pw_gid)
+    dom = render(name, work, qemu, root_qemu)
+    tl.define(dom, work, 'purge')
+    p = tl.virsh('start', '--paused', name)
+    if not check(p.returncode == 0, f'virsh start --paused {name} '
+                 f'({tl.one_line(p.stdout + p.stderr)})'):
+        return
+    pids = tl.qemu_pids(name)
+    print(f'QEMU runs as {tl.proc_user(pids[0]) if pids else "?"}')
+    qmp = os.path.join(work, 'vm.qmp')
+    r = hostd.call('attach', vm='lv', qmp=qmp)
+    check('result' in r, f'hostd attaches by the example\'s QMP socket '
+                         f'({r.get("error")})')
+    hostd.wait_vm('lv', lambda v: v['state'] == 'attached', 60)
+    r = hostd.call('purge-policy', vm='lv', nvdimm='nv0mem',
+                   block_size=BLOCK)
+    if not check('result' in r, f'purging enabled on the domain\'s NVDIMM '
+                                f'({r.get("error")})'):
+        return
+    before = allocated(img)
+    r = hostd.call('purge-now', vm='lv', nvdimm='nv0mem', ignore_idle=True)
+    res = r.get('result', {})
+    check(res.get('blocks') == SIZE // BLOCK,
+          f'purge-now purged every block ({res or r.get("error")})')
+    after = allocated(img)
+    check(after == 0, f'backend allocation {before // MIB} MiB -> '
+                      f'{after} B')
+    base = nvdimm_addr(name)
+    wrong = []
+    for b in READ:
+        got = xp(name, base + b * BLOCK + 8 * 100)
+        want = [word(b, 100), word(b, 101)]
+        if got != want:
+            wrong.append((b, got, want))
+    check(not wrong, f'QEMU reads {len(READ)} purged blocks through libvirt\'s '
+                     f'monitor with the right words ({wrong[:2]})')
+    s = hostd.call('purge-status', vm='lv', nvdimm='nv0mem')['result'][
+        'nvdimms'][0]
+    check(s['fault-backs'] == len(READ) and
+          s['purged'] == SIZE // BLOCK - len(READ),
+          f'one fault-back per block read ({s["fault-backs"]}), the other '
+          f'{s["purged"]} blocks stay purged')
+    check(s['state'] == 'running' and not any(s['errors'].values()),
+          f'purging state {s["state"]}, errors {s["errors"]}')
+    p = tl.virsh('destroy', name)
+    check(p.returncode == 0, f'virsh destroy ({tl.one_line(p.stderr)})')
+    check(tl.gone(pids), 'QEMU gone after virsh destroy')
+    state = None
+    for _ in range(300):
+        state = hostd.call('purge-status', vm='lv', nvdimm='nv0mem')[
+            'result']['nvdimms'][0]['state']
+        if state == 'disconnected':
+            break
+        time.sleep(0.1)
+    check(state == 'disconnected',
+          f'hostd sees the agent go: purging {state}')
+
+
+def main():
+    kvmxtest.require_guest_image()
+    qemu = kvmxvm.patched_qemu()
+    signal.signal(signal.SIGTERM, tl.terminate)
+    signal.signal(signal.SIGHUP, tl.terminate)
+    up = subprocess.run([tl.SCRIPTS / 'libvirtd-up', '--hold', str(os.getpid())],
+                        capture_output=True, text=True)
+    print(up.stderr.strip())
+    if up.returncode == 77:
+        kvmxvm.skip(tl.one_line(up.stderr))
+    if up.returncode != 0:
+        print('FAIL scripts/libvirtd-up could not start libvirtd')
+        return 1
+    work = kvmxtest.workdir('libvirt-purge-')
+    hostd = hostdctl.Hostd(work)
+    try:
+        tl.reap_leftovers()
+        os.chmod(work, 0o755)
+        root_qemu = bool(os.environ.get('KVMX_LIBVIRT_ROOT_QEMU'))
+        for p in (qemu, kvmxvm.guest_image()[0], work):
+            if not root_qemu and not tl.reachable(Path(p)):
+                print(f'note: {p} is not reachable by {tl.QEMU_USER}: '
+                      'QEMU runs as root (<seclabel model=dac>)')
+                root_qemu = True
+        hostd.start()
+        run(work, qemu, root_qemu, hostd)
+    except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError) as e:
+        check(False, f'{type(e).__name__}: {e}')
+    finally:
+        hostd.stop()
+        for name in tl.domains:
+            tl.remove_domain(name)
+        left = [n for n in tl.domains if tl.qemu_pids(n)]
+        check(not left, f'no QEMU of this test left ({left})')
+        rel = subprocess.run([tl.SCRIPTS / 'libvirtd-up', '--release',
+                              str(os.getpid())], capture_output=True, text=True)
+        print(rel.stderr.strip())
+    return check.finish(work)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -125,7 +125,7 @@ Result<void> Engine::attach() {
     return make_error("bad-block-size", "block size is below the page size");
   nblocks_ = (hello_.size + block_size() - 1) >> cfg_.block_shift;
   pool_ = std::make_unique<BufPool>(
-      block_size(), 2 * cfg_.batch_bytes + (16 << 20) + 2 * block_size());
+      block_size(), 3 * cfg_.batch_bytes + (16 << 20) + 2 * block_size());
   {
     std::lock_guard g(mu_);
     st_.assign(nblocks_, St::kResident);
@@ -723,15 +723,15 @@ void Engine::fatal(uint64_t b, const std::string& why) {
   if (first && on_fatal_) on_fatal_(what);
 }
 
-// Batches go through three stages, each on its own thread, so that the
+// Batches go through three stages, on threads of their own, so that the
 // disk is kept writing:
 //   1. prepare (this thread): swap out, read the backend, checksum;
-//   2. write (a writer thread): the disk copies, O_DIRECT;
+//   2. write (two writer threads, a batch each): the disk copies, O_DIRECT;
 //   3. seal (a sealer thread): one fdatasync of the disk file for every
 //      batch written since its last round, one journal commit for them,
 //      then punch.
-// A batch is handed to the writer only when the writer takes it, so at most
-// two batches hold buffers (one being prepared, one being written); the
+// A batch is handed to a writer only when one takes it, so at most three
+// batches hold buffers (one being prepared, two being written); the
 // sealer's queue holds batches without buffers.
 Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
                                         Mover& mover) {
@@ -742,9 +742,11 @@ Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
   std::condition_variable qcv;
   Batch* to_write = nullptr;         // handed over, not yet taken
   std::deque<Batch*> to_seal;
-  bool writer_done = false, no_more = false;
-
-  std::thread writer([&] {
+  unsigned writers_left = 2;
+  bool no_more = false;
+  // Two writers, each with its own mover: while one waits for the last
+  // writes of its batch, the other already writes the next one.
+  auto writer_loop = [&](Mover* wm) {
     for (;;) {
       Batch* b;
       {
@@ -754,21 +756,23 @@ Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
         b = std::exchange(to_write, nullptr);
         qcv.notify_all();  // the handover is done
       }
-      write_batch(*b, *seal_mover_);
+      write_batch(*b, *wm);
       std::lock_guard g(qmu);
       to_seal.push_back(b);
       qcv.notify_all();
     }
     std::lock_guard g(qmu);
-    writer_done = true;
+    writers_left--;
     qcv.notify_all();
-  });
+  };
+  std::thread writer(writer_loop, seal_mover_.get());
+  std::thread writer2(writer_loop, seal_mover2_.get());
   std::thread sealer([&] {
     for (;;) {
       std::vector<Batch*> round;
       {
         std::unique_lock g(qmu);
-        qcv.wait(g, [&] { return !to_seal.empty() || writer_done; });
+        qcv.wait(g, [&] { return !to_seal.empty() || writers_left == 0; });
         if (to_seal.empty()) break;
         round.assign(to_seal.begin(), to_seal.end());
         to_seal.clear();
@@ -810,6 +814,7 @@ Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
     qcv.notify_all();
   }
   writer.join();
+  writer2.join();
   sealer.join();
   for (auto& b : all) {
     const MoveResult& r = b->res;
@@ -1152,6 +1157,12 @@ void Engine::control_loop() {
     return;
   }
   seal_mover_ = std::move(*sm);
+  auto sm2 = Mover::create(16);
+  if (!sm2) {
+    fatal(0, "no mover: " + sm2.error().message);
+    return;
+  }
+  seal_mover2_ = std::move(*sm2);
   uint64_t next_probe = now_ms();
   uint64_t next_flush = now_ms() + 2000;
   for (;;) {

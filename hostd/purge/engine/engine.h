@@ -40,7 +40,7 @@ struct EngineConfig {
   uint64_t disk_slots = 0;           // 0: one per block
   uint64_t journal_bytes = 4 << 20;
   uint64_t probe_interval_ms = 1000;
-  uint64_t batch_bytes = 16 << 20;   // per purge batch (two in flight)
+  uint64_t batch_bytes = 16 << 20;   // per purge batch (three in flight)
   // Fault-backs read a block's copy in pieces of this size, in parallel,
   // and stream them into the backend: 4 KiB..block size, a power of two.
   uint64_t read_piece_bytes = 512 << 10;
@@ -226,8 +226,9 @@ class Engine {
   static constexpr size_t kLatencies = 4096;
 
   std::unique_ptr<Mover> seal_mover_;  // purge batches' writes
+  std::unique_ptr<Mover> seal_mover2_;  // ... of the second writer
   // Block buffers of purge batches and fault-backs, kept for reuse up to
-  // two batches and 16 MiB more, freed after 30 s without use.
+  // three batches and 16 MiB more, freed after 30 s without use.
   std::unique_ptr<BufPool> pool_;
   std::atomic<uint64_t> last_busy_ms_{0};
   std::thread fault_thread_;

@@ -153,7 +153,8 @@ def reachable(path):
 def render(name, work, qemu, script, ctl_sock, root_qemu=False,
            example=EXAMPLE):
     """The example with its placeholders filled in, for this test: our own
-    QEMU and guest image, our guest script, a control serial port."""
+    QEMU and guest image, our guest script and a control serial port
+    (each left out when None)."""
     ET.register_namespace('qemu', QEMU_NS)
     text = example.read_text().replace('@KVMX_REPO@', str(REPO)) \
                               .replace('@VMDIR@', str(work))
@@ -163,12 +164,14 @@ def render(name, work, qemu, script, ctl_sock, root_qemu=False,
     dom.find('os/kernel').text = str(kernel)
     dom.find('os/initrd').text = str(initrd)
     dom.find('devices/emulator').text = str(qemu)
-    dom.find("sysinfo[@type='fwcfg']/entry[@name='opt/kvmx/script']") \
-       .set('file', str(script))
-    devices = dom.find('devices')
-    ctl = ET.SubElement(devices, 'serial', type='unix')
-    ET.SubElement(ctl, 'source', mode='bind', path=str(ctl_sock))
-    ET.SubElement(ctl, 'target', port='1')
+    if script:
+        dom.find("sysinfo[@type='fwcfg']/entry[@name='opt/kvmx/script']") \
+           .set('file', str(script))
+    if ctl_sock:
+        devices = dom.find('devices')
+        ctl = ET.SubElement(devices, 'serial', type='unix')
+        ET.SubElement(ctl, 'source', mode='bind', path=str(ctl_sock))
+        ET.SubElement(ctl, 'target', port='1')
     if root_qemu:
         sec = ET.SubElement(dom, 'seclabel', type='static', model='dac',
                             relabel='no')
@@ -538,9 +541,9 @@ def terminate(signum, frame):
     raise SystemExit(f'killed by signal {signum}')
 
 
-def main():
-    kvmxtest.require_guest_image()
-    qemu = kvmxvm.patched_qemu()
+def hold_libvirtd():
+    """libvirtd for this test (scripts/libvirtd-up --hold): skips (77)
+    where it cannot run; False when it would not start."""
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
     up = subprocess.run([SCRIPTS / 'libvirtd-up', '--hold', str(os.getpid())],
@@ -550,6 +553,38 @@ def main():
         kvmxvm.skip(one_line(up.stderr))
     if up.returncode != 0:
         print('FAIL scripts/libvirtd-up could not start libvirtd')
+        return False
+    return True
+
+
+def qemu_as_root(qemu, work):
+    """Whether the domains must run QEMU as root: $KVMX_LIBVIRT_ROOT_QEMU,
+    or a path QEMU needs that libvirt-qemu cannot reach."""
+    root_qemu = bool(os.environ.get('KVMX_LIBVIRT_ROOT_QEMU'))
+    for p in (qemu, kvmxvm.guest_image()[0], work):
+        if not root_qemu and not reachable(Path(p)):
+            print(f'note: {p} is not reachable by {QEMU_USER}: '
+                  'QEMU runs as root (<seclabel model=dac>)')
+            root_qemu = True
+    return root_qemu
+
+
+def release_libvirtd():
+    """Removes this test's domains, checks no QEMU of them is left, and
+    releases libvirtd."""
+    for name in domains:
+        remove_domain(name)
+    left = [n for n in domains if qemu_pids(n)]
+    check(not left, f'no QEMU of this test left ({left})')
+    rel = subprocess.run([SCRIPTS / 'libvirtd-up', '--release',
+                          str(os.getpid())], capture_output=True, text=True)
+    print(rel.stderr.strip())
+
+
+def main():
+    kvmxtest.require_guest_image()
+    qemu = kvmxvm.patched_qemu()
+    if not hold_libvirtd():
         return 1
     work = kvmxtest.workdir('libvirt-')
     ctl_dir = work
@@ -560,12 +595,7 @@ def main():
         if len(os.path.join(work, 'no-access.sock')) > 100:   # sun_path
             ctl_dir = tempfile.mkdtemp(prefix='kvmx-lv-')
             os.chmod(ctl_dir, 0o755)
-        root_qemu = bool(os.environ.get('KVMX_LIBVIRT_ROOT_QEMU'))
-        for p in (qemu, kvmxvm.guest_image()[0], work):
-            if not root_qemu and not reachable(Path(p)):
-                print(f'note: {p} is not reachable by {QEMU_USER}: '
-                      'QEMU runs as root (<seclabel model=dac>)')
-                root_qemu = True
+        root_qemu = qemu_as_root(qemu, work)
         # hostd runs before any domain starts, and sees all of them.
         if check(os.access(HOSTD, os.X_OK), f'{HOSTD} is built'):
             # -o reconnect-max-ms: back in 1 s after a libvirtd restart.
@@ -588,13 +618,7 @@ def main():
             hostd.kill()
             if check.failures:
                 print(f'--- hostd log tail\n{hostd.tail()}')
-        for name in domains:
-            remove_domain(name)
-        left = [n for n in domains if qemu_pids(n)]
-        check(not left, f'no QEMU of this test left ({left})')
-        rel = subprocess.run([SCRIPTS / 'libvirtd-up', '--release',
-                              str(os.getpid())], capture_output=True, text=True)
-        print(rel.stderr.strip())
+        release_libvirtd()
         if ctl_dir != work:
             subprocess.run(['rm', '-rf', ctl_dir])
     return check.finish(work)

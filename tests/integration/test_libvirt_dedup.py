@@ -26,13 +26,11 @@ Prints how long the migration took.  SKIPPED without a peer or QEMU dedup.
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -246,15 +244,7 @@ def main():
     lacks = tdd.dedup_support(qemu)
     if lacks:
         kvmxvm.skip(f'this QEMU has no disk dedup: {lacks}')
-    signal.signal(signal.SIGTERM, tl.terminate)
-    signal.signal(signal.SIGHUP, tl.terminate)
-    up = subprocess.run([SCRIPTS / 'libvirtd-up', '--hold', str(os.getpid())],
-                        capture_output=True, text=True)
-    print(up.stderr.strip())
-    if up.returncode == 77:
-        kvmxvm.skip(tl.one_line(up.stderr))
-    if up.returncode != 0:
-        print('FAIL scripts/libvirtd-up could not start libvirtd')
+    if not tl.hold_libvirtd():
         return 1
     work = kvmxtest.workdir('libvirt-dedup-')
     peer_dir = tempfile.mkdtemp(prefix='kvmx-peer-', dir='/tmp')
@@ -265,12 +255,7 @@ def main():
         disk = tdd.Disk(work)
         disk.build(os.path.join(os.path.dirname(qemu), 'qemu-img'))
         set_refused(work, qemu, disk.raw)
-        root_qemu = bool(os.environ.get('KVMX_LIBVIRT_ROOT_QEMU'))
-        for p in (qemu, kvmxvm.guest_image()[0], work):
-            if not root_qemu and not tl.reachable(Path(p)):
-                print(f'note: {p} is not reachable by {tl.QEMU_USER}: '
-                      'QEMU runs as root (<seclabel model=dac>)')
-                root_qemu = True
+        root_qemu = tl.qemu_as_root(qemu, work)
         peer = subprocess.run([SCRIPTS / 'libvirtd-peer', 'start', peer_dir],
                               capture_output=True, text=True)
         print(peer.stderr.strip())
@@ -291,13 +276,7 @@ def main():
             except OSError:
                 pass
         subprocess.run(['rm', '-rf', peer_dir])
-        for name in tl.domains:
-            tl.remove_domain(name)
-        left = [n for n in tl.domains if tl.qemu_pids(n)]
-        check(not left, f'no QEMU of this test left ({left})')
-        rel = subprocess.run([SCRIPTS / 'libvirtd-up', '--release',
-                              str(os.getpid())], capture_output=True, text=True)
-        print(rel.stderr.strip())
+        tl.release_libvirtd()
     print(f'test_libvirt_dedup: {time.monotonic() - t_start:.1f} s')
     return check.finish(work)
 

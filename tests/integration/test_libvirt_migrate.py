@@ -26,14 +26,12 @@ migration part says SKIPPED.
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 import kvmxtest  # noqa: E402
@@ -250,15 +248,7 @@ def run(work, qemu, root_qemu, peer_uri, hostd):
 def main():
     kvmxtest.require_guest_image()
     qemu = kvmxvm.patched_qemu()
-    signal.signal(signal.SIGTERM, tl.terminate)
-    signal.signal(signal.SIGHUP, tl.terminate)
-    up = subprocess.run([SCRIPTS / 'libvirtd-up', '--hold', str(os.getpid())],
-                        capture_output=True, text=True)
-    print(up.stderr.strip())
-    if up.returncode == 77:
-        kvmxvm.skip(tl.one_line(up.stderr))
-    if up.returncode != 0:
-        print('FAIL scripts/libvirtd-up could not start libvirtd')
+    if not tl.hold_libvirtd():
         return 1
     work = kvmxtest.workdir('libvirt-migrate-')
     peer_dir = tempfile.mkdtemp(prefix='kvmx-peer-', dir='/tmp')
@@ -267,12 +257,7 @@ def main():
     try:
         tl.reap_leftovers()
         os.chmod(work, 0o755)
-        root_qemu = bool(os.environ.get('KVMX_LIBVIRT_ROOT_QEMU'))
-        for p in (qemu, kvmxvm.guest_image()[0], work):
-            if not root_qemu and not tl.reachable(Path(p)):
-                print(f'note: {p} is not reachable by {tl.QEMU_USER}: '
-                      'QEMU runs as root (<seclabel model=dac>)')
-                root_qemu = True
+        root_qemu = tl.qemu_as_root(qemu, work)
         peer = subprocess.run([SCRIPTS / 'libvirtd-peer', 'start', peer_dir],
                               capture_output=True, text=True)
         print(peer.stderr.strip())
@@ -300,13 +285,7 @@ def main():
             except OSError:
                 pass
         subprocess.run(['rm', '-rf', peer_dir])
-        for name in tl.domains:
-            tl.remove_domain(name)
-        left = [n for n in tl.domains if tl.qemu_pids(n)]
-        check(not left, f'no QEMU of this test left ({left})')
-        rel = subprocess.run([SCRIPTS / 'libvirtd-up', '--release',
-                              str(os.getpid())], capture_output=True, text=True)
-        print(rel.stderr.strip())
+        tl.release_libvirtd()
     print(f'test_libvirt_migrate: {time.monotonic() - t_start:.1f} s')
     return check.finish(work)
 

@@ -16,12 +16,9 @@ domain is gone.  SKIPPED where libvirtd cannot run (scripts/libvirtd-up
 exits 77)."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
-from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -56,23 +53,6 @@ def allocated(path):
     return os.stat(path).st_blocks * 512
 
 
-def render(name, work, qemu, root_qemu):
-    ET.register_namespace('qemu', tl.QEMU_NS)
-    text = EXAMPLE.read_text().replace('@KVMX_REPO@', str(tl.REPO)) \
-                              .replace('@VMDIR@', str(work))
-    dom = ET.fromstring(text)
-    dom.find('name').text = name
-    kernel, initrd = kvmxvm.guest_image()
-    dom.find('os/kernel').text = str(kernel)
-    dom.find('os/initrd').text = str(initrd)
-    dom.find('devices/emulator').text = str(qemu)
-    if root_qemu:
-        sec = ET.SubElement(dom, 'seclabel', type='static', model='dac',
-                            relabel='no')
-        ET.SubElement(sec, 'label').text = '+0:+0'
-    return dom
-
-
 def nvdimm_addr(name):
     p = tl.virsh('qemu-monitor-command', name,
                  json.dumps({'execute': 'query-memory-devices'}))
@@ -101,7 +81,7 @@ def run(work, qemu, root_qemu, hostd):
         pw = pwd.getpwnam(tl.QEMU_USER)
         os.chown(work, pw.pw_uid, pw.pw_gid)
         os.chown(img, pw.pw_uid, pw.pw_gid)
-    dom = render(name, work, qemu, root_qemu)
+    dom = tl.render(name, work, qemu, None, None, root_qemu, example=EXAMPLE)
     tl.define(dom, work, 'purge')
     p = tl.virsh('start', '--paused', name)
     if not check(p.returncode == 0, f'virsh start --paused {name} '
@@ -161,40 +141,21 @@ def run(work, qemu, root_qemu, hostd):
 def main():
     kvmxtest.require_guest_image()
     qemu = kvmxvm.patched_qemu()
-    signal.signal(signal.SIGTERM, tl.terminate)
-    signal.signal(signal.SIGHUP, tl.terminate)
-    up = subprocess.run([tl.SCRIPTS / 'libvirtd-up', '--hold', str(os.getpid())],
-                        capture_output=True, text=True)
-    print(up.stderr.strip())
-    if up.returncode == 77:
-        kvmxvm.skip(tl.one_line(up.stderr))
-    if up.returncode != 0:
-        print('FAIL scripts/libvirtd-up could not start libvirtd')
+    if not tl.hold_libvirtd():
         return 1
     work = kvmxtest.workdir('libvirt-purge-')
     hostd = hostdctl.Hostd(work)
     try:
         tl.reap_leftovers()
         os.chmod(work, 0o755)
-        root_qemu = bool(os.environ.get('KVMX_LIBVIRT_ROOT_QEMU'))
-        for p in (qemu, kvmxvm.guest_image()[0], work):
-            if not root_qemu and not tl.reachable(Path(p)):
-                print(f'note: {p} is not reachable by {tl.QEMU_USER}: '
-                      'QEMU runs as root (<seclabel model=dac>)')
-                root_qemu = True
+        root_qemu = tl.qemu_as_root(qemu, work)
         hostd.start()
         run(work, qemu, root_qemu, hostd)
     except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError) as e:
         check(False, f'{type(e).__name__}: {e}')
     finally:
         hostd.stop()
-        for name in tl.domains:
-            tl.remove_domain(name)
-        left = [n for n in tl.domains if tl.qemu_pids(n)]
-        check(not left, f'no QEMU of this test left ({left})')
-        rel = subprocess.run([tl.SCRIPTS / 'libvirtd-up', '--release',
-                              str(os.getpid())], capture_output=True, text=True)
-        print(rel.stderr.strip())
+        tl.release_libvirtd()
     return check.finish(work)
 
 

@@ -867,6 +867,20 @@ uint64_t slot_of(const Fixture& f, uint64_t b) {
   return 0;
 }
 
+// Flips bits `mask` of byte `at` of block b's disk copy, behind the engine.
+void flip_copy_byte(const Fixture& f, uint64_t b, uint64_t at,
+                    unsigned char mask) {
+  int fd = open(f.vbd.c_str(), O_RDWR | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  off_t o = static_cast<off_t>((slot_of(f, b) + 1) * kBlock + at);
+  unsigned char x = 0;
+  REQUIRE(pread(fd, &x, 1, o) == 1);
+  x ^= mask;
+  REQUIRE(pwrite(fd, &x, 1, o) == 1);
+  REQUIRE(fsync(fd) == 0);
+  close(fd);
+}
+
 bool mapped_back(const std::vector<Req>& maps, uint64_t b) {
   for (const Req& q : maps)
     if (overlaps(q, b) && q.status == 0) return true;
@@ -938,17 +952,7 @@ TEST_CASE("read-ahead: a bad disk copy is dropped, and fatal only when faulted")
   Fixture f;
   auto e = f.start();
   REQUIRE(purge_all(*e).blocks == kBlocks);
-  {
-    int fd = open(f.vbd.c_str(), O_RDWR | O_CLOEXEC);
-    REQUIRE(fd >= 0);
-    off_t at = static_cast<off_t>((slot_of(f, 6) + 1) * kBlock + 100);
-    unsigned char x = 0;
-    REQUIRE(pread(fd, &x, 1, at) == 1);
-    x ^= 0x5a;
-    REQUIRE(pwrite(fd, &x, 1, at) == 1);
-    REQUIRE(fsync(fd) == 0);
-    close(fd);
-  }
+  flip_copy_byte(f, 6, 100, 0x5a);
   size_t m = f.agent->mark();
   fault_back(f, 4);
   fault_back(f, 5);  // window: 6 (bad) and 7
@@ -982,17 +986,7 @@ TEST_CASE("read-ahead: a fault that waits on a failed read-ahead is not lost") {
     Fixture f;
     auto e = f.start();
     REQUIRE(purge_all(*e).blocks == kBlocks);
-    {
-      int fd = open(f.vbd.c_str(), O_RDWR | O_CLOEXEC);
-      REQUIRE(fd >= 0);
-      off_t at = static_cast<off_t>((slot_of(f, 6) + 1) * kBlock + 7);
-      unsigned char x = 0;
-      REQUIRE(pread(fd, &x, 1, at) == 1);
-      x ^= 0x80;
-      REQUIRE(pwrite(fd, &x, 1, at) == 1);
-      REQUIRE(fsync(fd) == 0);
-      close(fd);
-    }
+    flip_copy_byte(f, 6, 7, 0x80);
     fault_back(f, 4);
     f.agent->fault(off(5));
     f.agent->fault(off(6));
@@ -1019,19 +1013,8 @@ TEST_CASE("fault: a block read in pieces streams in; a bad copy leaves a hole") 
   // A flipped byte in the first piece of block 12's copy (found only at
   // the end: three pieces were already written), then in the last piece
   // of block 20's (never written).
-  auto flip = [&](uint64_t b, uint64_t at) {
-    int fd = open(f.vbd.c_str(), O_RDWR | O_CLOEXEC);
-    REQUIRE(fd >= 0);
-    off_t o = static_cast<off_t>((slot_of(f, b) + 1) * kBlock + at);
-    unsigned char x = 0;
-    REQUIRE(pread(fd, &x, 1, o) == 1);
-    x ^= 0x01;
-    REQUIRE(pwrite(fd, &x, 1, o) == 1);
-    REQUIRE(fsync(fd) == 0);
-    close(fd);
-  };
-  flip(12, 100);
-  flip(20, kBlock - 100);
+  flip_copy_byte(f, 12, 100, 0x01);
+  flip_copy_byte(f, 20, kBlock - 100, 0x01);
   size_t m = f.agent->mark();
   f.agent->fault(off(12) + kPage);
   REQUIRE(wait_until([&] { return f.fatal_calls().size() == 1; }));

@@ -343,22 +343,35 @@ void Engine::record_latency(uint64_t us) {
   latency_next_ = (latency_next_ + 1) % kLatencies;
 }
 
-bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
-  std::vector<Restore> rs(1);
-  Restore& r = rs[0];
-  r.t0 = mono_us();
+// Under mu_: takes purged block b for a restore (kRestoring) and adds it
+// to `rs`.  `fault_waits`: a fault already waits for it (retried should a
+// read-ahead of it fail).
+Engine::Restore& Engine::claim_locked(std::vector<Restore>& rs, uint64_t b,
+                                      bool fault_waits) {
+  st_[b] = St::kRestoring;
+  ra_faulted_[b] = fault_waits;
+  Restore& r = rs.emplace_back();
   r.b = b;
+  r.e = table_->entry(b);
+  r.t0 = mono_us();
+  return r;
+}
+
+bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
+  uint64_t t0 = mono_us();
+  std::vector<Restore> rs;
   {
     std::unique_lock g(mu_);
     cv_.wait(g, [&] { return stop_ || st_[b] != St::kSealing; });
     if (stop_) return false;
     switch (st_[b]) {
-      case St::kPurged:
-        st_[b] = St::kRestoring;
-        ra_faulted_[b] = 0;
+      case St::kPurged: {
+        Restore& r = claim_locked(rs, b, false);
+        r.t0 = t0;
         // The latency a waiting thread sees starts at QEMU's notice.
         if (from_fault && noticed_us_[b]) r.t_notice = noticed_us_[b];
         break;
+      }
       case St::kMoving:
         // Not punched yet: the backend still has it; the purge drops it.
         cancelled_[b] = 1;
@@ -387,10 +400,9 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
       case St::kSealing:
         return false;  // lost for good
     }
-    r.e = table_->entry(b);
   }
   read_copies(rs, mover);
-  return finish_restore(r, from_fault ? Mode::kFault : Mode::kUnpurge);
+  return finish_restore(rs[0], from_fault ? Mode::kFault : Mode::kUnpurge);
 }
 
 // Reads the disk copies of claimed blocks, all at once: a block above
@@ -592,18 +604,12 @@ void Engine::readahead_after(uint64_t b, Mover& mover) {
     ra_window_ = std::min(max, ra_window_ ? ra_window_ * 2 : uint64_t{2});
     uint64_t end = std::min(nblocks_, b + 1 + ra_window_);
     for (uint64_t x = b + 1; x < end; x++) {
-      if (st_[x] != St::kPurged) continue;
-      st_[x] = St::kRestoring;
-      ra_faulted_[x] = queued_[x];  // a fault already waits for it
-      rs.emplace_back();
-      rs.back().b = x;
-      rs.back().e = table_->entry(x);
+      if (st_[x] == St::kPurged) claim_locked(rs, x, queued_[x]);
     }
     ra_next_ = end;
     if (rs.empty()) return;
     stats_.readahead_windows++;
   }
-  for (auto& r : rs) r.t0 = mono_us();
   read_copies(rs, mover);
   for (auto& r : rs) {
     // A faulted block goes before the rest of the window.
@@ -639,12 +645,7 @@ Result<MoveResult> Engine::unpurge_blocks(const std::vector<uint64_t>& blocks,
           mr.skipped++;
           continue;
         }
-        st_[b] = St::kRestoring;
-        ra_faulted_[b] = 0;
-        rs.emplace_back();
-        rs.back().b = b;
-        rs.back().e = table_->entry(b);
-        rs.back().t0 = mono_us();
+        claim_locked(rs, b, false);
       }
     }
     read_copies(rs, mover);

@@ -123,6 +123,8 @@ class Engine {
     std::string write_error;
   };
   enum class Mode { kFault, kUnpurge, kReadahead };
+  Restore& claim_locked(std::vector<Restore>& rs, uint64_t b,
+                        bool fault_waits);
   void read_copies(std::vector<Restore>& rs, Mover& mover);
   bool finish_restore(Restore& r, Mode mode);
   void give_back(Restore& r, const std::string& why);

@@ -106,6 +106,11 @@ class FaultyStore:
         finally:
             os.close(fd)
 
+    def rearm(self):
+        """After the test wrote the file itself: free the store's copy of
+        its blocks again, so that writing them again needs new pages."""
+        self._punch_file_blocks(os.path.join(self.store, 'disk.img'))
+
     def fill(self, slack_kib=256):
         """Shrink the store's tmpfs to what it holds (+ slack): from now on
         writeback of the file's blocks fails."""

@@ -24,7 +24,8 @@ def content(block, version):
 class Qemu:
     """QEMU with the qtest accelerator: memory access by the test."""
 
-    def __init__(self, qemu, work, img, n, size=None):
+    def __init__(self, qemu, work, img, n, size=None,
+                 device='nvdimm,id=nv0,memdev=mem1', extra=()):
         size = size or SIZE
         self.work = work
         self.agent = os.path.join(work, 'agent.sock')
@@ -41,8 +42,9 @@ class Qemu:
              '-m', f'128M,slots=2,maxmem={(size >> 30) + 1}G',
              '-object', f'memory-backend-file,id=mem1,share=on,'
                         f'mem-path={img},size={size},purge-agent={self.agent}',
-             '-device', 'nvdimm,id=nv0,memdev=mem1',
-             '-qmp', f'unix:{self.hostd_qmp},server=on,wait=off'],
+             '-device', device,
+             '-qmp', f'unix:{self.hostd_qmp},server=on,wait=off'] +
+            list(extra),
             stdout=self.err, stderr=self.err)
         srv.settimeout(30)
         self.qt, _ = srv.accept()

@@ -1,6 +1,7 @@
 #include "purge/engine/agent_client.h"
 #include "purge/engine/agent_wire.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -108,7 +109,20 @@ Result<std::unique_ptr<AgentClient>> AgentClient::connect(
     hello->host_addr = rep.arg[1];
     hello->fd_offset = rep.arg[2];
     hello->page_size = rep.arg[3];
-    hello->backend_fd = std::move(fd);
+    // The fd is QEMU's own open file, and Linux keeps one writeback-error
+    // cursor per open file: a sync of ours on it would take a write error
+    // that QEMU's flush path must see, and a guest flush that failed would
+    // be reported done.  So the backend is opened again, as a file of ours.
+    std::string self_fd = "/proc/self/fd/" + std::to_string(fd.get());
+    UniqueFd own(::open(self_fd.c_str(), O_RDWR | O_CLOEXEC));
+    if (!own)
+      return Error{"backend-open",
+                   "cannot open the backend as a file of hostd's own (" +
+                       std::string(std::strerror(errno)) +
+                       "): sharing QEMU's would hide write errors from "
+                       "the guest's flushes",
+                   errno};
+    hello->backend_fd = std::move(own);
     break;
   }
   std::unique_ptr<AgentClient> c(new AgentClient());

@@ -313,13 +313,12 @@ void FileJob::sample(Result<json> r) {
   if (status_ == "failed") {
     std::string dd;
     if (dedup_ && s_.restore)
-      // QEMU names the page and the block of a mismatch on its stderr
-      // only (an incoming migration's error-desc is "load of migration
-      // failed"): its counts at least.
+      // QEMU's error-desc names the first page and block of a mismatch
+      // (07-disk-dedup/5); the counts say how many there were.
       dd = "; disk dedup: " + std::to_string(dd_.references_resolved) +
            " references read, " + std::to_string(dd_.mismatches) +
            " mismatches, " + std::to_string(dd_.read_errors) +
-           " read errors (QEMU's log names the blocks)";
+           " read errors (QEMU's log names the first few)";
     else if (dedup_)
       dd = "; disk dedup: " + std::to_string(dd_.pages_as_reference) +
            " pages as references";

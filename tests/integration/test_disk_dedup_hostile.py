@@ -14,7 +14,9 @@ state unchanged (`prelaunch`), and the next migration can start.  A
 well-formed refusal does not fail the migration: it is recorded in
 query-migrate (`images-refused`, `refused-reason`), and so is nothing for
 a well-formed `resolved` count of 0.  At the end one real migration to a
-patched destination with dedup on completes.
+patched destination with dedup on completes, and a save to a file is
+loaded by a destination whose disk differs: the load fails, and the
+destination's query-migrate names the disk and the reason.
 
 No guest runs: the source is a q35 machine kept in `prelaunch` with a
 virtio-blk disk on a small raw file tracked by a kvmx-disk-dedup object.
@@ -244,6 +246,41 @@ def real_migration(qemu, work, vm, dst_img):
         check(vm.proc.poll() is None, 'real destination: the source is alive')
 
 
+def file_to_other_disk(qemu, work):
+    """A save to a file, loaded where the disk is not the same (here: its
+    size differs).  There is no return path to refuse the disk on, so the
+    load fails, and the destination's query-migrate says why (it used to
+    say only 'load of migration failed: Invalid argument')."""
+    path = os.path.join(work, 'save.mig')
+    img = kvmxtest.backing_file(work, 'disk-file.raw', DISK_SIZE)
+    other = kvmxtest.backing_file(work, 'disk-other.raw', 2 * DISK_SIZE)
+    with kvmxvm.Vm(qemu, vm_args(img), work, 'src-file') as vm:
+        vm.start()
+        vm.qmp.cmd('migrate-set-capabilities', capabilities=[
+            {'capability': 'return-path', 'state': False},
+            {'capability': 'disk-dedup', 'state': True}])
+        vm.qmp.cmd('migrate', uri=f'file:{path}')
+        info = wait_end(vm, 60)
+        check(info.get('status') == 'completed',
+              f'file: saved ({info.get("status")}: '
+              f'{info.get("error-desc", "")!r})')
+    with kvmxvm.Vm(qemu, vm_args(other) + ['-incoming', 'defer'], work,
+                   'dst-other') as dst:
+        dst.start()
+        dst.qmp.cmd('migrate-set-capabilities', capabilities=[
+            {'capability': 'disk-dedup', 'state': True}])
+        dst.qmp.cmd('migrate-incoming', uri=f'file:{path}',
+                    **{'exit-on-error': False})
+        dinfo = wait_end(dst, 60)
+        err = dinfo.get('error-desc', '')
+        check(dinfo.get('status') == 'failed' and
+              'cannot be used here' in err and 'size differs' in err,
+              f'file, other disk: the load fails, and query-migrate on the '
+              f'destination names the disk and why ({err!r})')
+        check(dst.proc.poll() is None, 'file, other disk: the destination '
+              'is alive')
+
+
 def main():
     qemu = kvmxvm.patched_qemu()
     work = kvmxtest.workdir('dedup-hostile-')
@@ -356,7 +393,8 @@ def main():
             dd.get('pages-as-reference') == 0)
 
         real_migration(qemu, work, vm, dst_img)
-    print(f'note  {len(cases) + 4} migrations in '
+    file_to_other_disk(qemu, work)
+    print(f'note  {len(cases) + 5} migrations in '
           f'{time.monotonic() - t0:.1f} s', flush=True)
     return check.finish(work)
 

@@ -163,8 +163,8 @@ Result<void> Daemon::watch_purge_faults() {
       if (server_)
         server_->broadcast(json{{"event", "purge-failed"}, {"vm", vm},
                                 {"error", what}});
-      if (auto* q = dynamic_cast<vm::QmpVm*>(vms_->find(vm)))
-        q->execute("stop", json::object(), [](Result<json>) {});
+      if (auto* v = vms_->find(vm))
+        v->monitor_command("stop", json::object(), [](Result<json>) {});
     }
   });
 }
@@ -174,10 +174,9 @@ void Daemon::op_purge_policy(const api::PurgePolicy& a, api::ReplyFn reply) {
   if (!v)
     return reply(make_error(api::code::kVmNotFound,
                             "no VM named '" + a.vm + "' is attached"));
-  auto* q = dynamic_cast<vm::QmpVm*>(v);
-  if (!q)
-    return reply(make_error(api::code::kInvalid,
-                            "purging needs a VM attached by its QMP socket"));
+  // Its own QMP socket or libvirt's monitor: only the first attach asks
+  // QEMU anything (qom-get); the engine then talks to the agent.
+  vm::Vm* q = v;
   std::string key = purge_key(a.vm, a.nvdimm);
   auto& slot = purges_[key];
   if (!slot.worker) slot.worker = std::make_unique<Worker>(loop_);
@@ -215,9 +214,9 @@ void Daemon::op_purge_policy(const api::PurgePolicy& a, api::ReplyFn reply) {
   }
   // Where QEMU's agent listens, and which file backs the NVDIMM.
   std::string path = "/objects/" + a.nvdimm;
-  q->execute(
+  q->monitor_command(
       "qom-get", json{{"path", path}, {"property", "purge-agent"}},
-      [this, a, key, q, pol = *pol, reply](Result<json> agent) {
+      [this, a, key, pol = *pol, reply](Result<json> agent) {
         if (!agent && agent.error().code == api::code::kNotConnected) {
           purges_.erase(key);
           return reply(agent.error());
@@ -230,7 +229,14 @@ void Daemon::op_purge_policy(const api::PurgePolicy& a, api::ReplyFn reply) {
                   "' has no purge-agent" +
                   (agent ? std::string() : ": " + agent.error().message)));
         }
-        q->execute(
+        // Found again: the VM may have been detached meanwhile.
+        vm::Vm* again = vms_->find(a.vm);
+        if (!again) {
+          purges_.erase(key);
+          return reply(make_error(api::code::kVmNotFound,
+                                  "VM '" + a.vm + "' was detached"));
+        }
+        again->monitor_command(
             "qom-get",
             json{{"path", "/objects/" + a.nvdimm}, {"property", "mem-path"}},
             [this, a, key, pol, reply,

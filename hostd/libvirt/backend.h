@@ -67,12 +67,14 @@ class Backend {
   virtual void open() = 0;
   // The running domains, with their metadata.
   virtual void list_running(ListFn fn) = 0;
-  // Runs a QMP command (no arguments) on the domain's monitor through
-  // libvirt: its "return" value, or an error: vm-not-connected (no
-  // connection, no such domain, domain not running), qmp-error (QEMU or
-  // libvirt refused it), timeout (libvirt gave up waiting for the domain).
+  // Runs a QMP command on the domain's monitor through libvirt
+  // (`arguments`: an object, empty for none): its "return" value, or an
+  // error: vm-not-connected (no connection, no such domain, domain not
+  // running), qmp-error (QEMU or libvirt refused it), timeout (libvirt
+  // gave up waiting for the domain).
   virtual void qmp_command(const std::string& domain,
-                           const std::string& command, ReplyFn fn) = 0;
+                           const std::string& command,
+                           const nlohmann::json& arguments, ReplyFn fn) = 0;
 };
 
 }  // namespace kvmx::libvirt

@@ -38,7 +38,19 @@ json DomainVm::info() const {
   return j;
 }
 
-void DomainVm::command(const std::string& cmd, Backend::ReplyFn fn) {
+void DomainVm::monitor_command(const std::string& cmd, const json& arguments,
+                               std::function<void(Result<json>)> fn) {
+  if (state_ != vm::State::kAttached) {
+    fn(make_error("vm-not-connected", "VM '" + name_ + "' is " +
+                                          vm::to_string(state_) +
+                                          ", not attached"));
+    return;
+  }
+  command(cmd, arguments, std::move(fn));
+}
+
+void DomainVm::command(const std::string& cmd, const json& arguments,
+                       Backend::ReplyFn fn) {
   if (!backend_) {
     fn(make_error("vm-not-connected", "kvmx-hostd runs without --libvirt"));
     return;
@@ -54,7 +66,7 @@ void DomainVm::command(const std::string& cmd, Backend::ReplyFn fn) {
   });
   pending_.emplace(id, std::move(p));
   std::weak_ptr<bool> alive = alive_;
-  backend_->qmp_command(name_, cmd, [this, alive, id](Result<json> r) {
+  backend_->qmp_command(name_, cmd, arguments, [this, alive, id](Result<json> r) {
     if (alive.expired()) return;
     finish(id, std::move(r));
   });

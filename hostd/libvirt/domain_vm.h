@@ -35,6 +35,11 @@ class DomainVm final : public vm::Vm {
   std::string origin() const override;
   void query_protections(
       std::function<void(Result<nlohmann::json>)> fn) override;
+  // Through libvirt's monitor (virDomainQemuMonitorCommand), while the
+  // domain is attached; vm-not-connected otherwise.
+  void monitor_command(const std::string& command,
+                       const nlohmann::json& arguments,
+                       std::function<void(Result<nlohmann::json>)> fn) override;
   // Adds "qmp": null and "libvirt": {"uri", "uuid"}.
   nlohmann::json info() const override;
 
@@ -62,7 +67,11 @@ class DomainVm final : public vm::Vm {
     Backend::ReplyFn fn;
   };
   // A QMP command through the backend, with command_timeout.
-  void command(const std::string& cmd, Backend::ReplyFn fn);
+  void command(const std::string& cmd, Backend::ReplyFn fn) {
+    command(cmd, nlohmann::json::object(), std::move(fn));
+  }
+  void command(const std::string& cmd, const nlohmann::json& arguments,
+               Backend::ReplyFn fn);
   void finish(uint64_t id, Result<nlohmann::json> result);
 
   std::string uri_;

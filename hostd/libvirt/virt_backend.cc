@@ -138,9 +138,9 @@ class VirtBackend final : public Backend {
     });
   }
   void qmp_command(const std::string& domain, const std::string& command,
-                   ReplyFn fn) override {
-    post([this, domain, command, fn = std::move(fn)]() mutable {
-      auto r = w_command(domain, command);
+                   const json& arguments, ReplyFn fn) override {
+    post([this, domain, command, arguments, fn = std::move(fn)]() mutable {
+      auto r = w_command(domain, command, arguments);
       deliver([fn = std::move(fn), r = std::move(r)]() mutable {
         fn(std::move(r));
       });
@@ -176,7 +176,8 @@ class VirtBackend final : public Backend {
   void w_lost(uint64_t serial, const std::string& why);
   Result<std::vector<Domain>> w_list();
   Domain w_domain(virDomainPtr dom, bool with_metadata);
-  Result<json> w_command(const std::string& domain, const std::string& command);
+  Result<json> w_command(const std::string& domain, const std::string& command,
+                         const json& arguments);
 
   static void on_wake(int watch, int fd, int events, void* opaque);
   static void on_conn_close(virConnectPtr conn, int reason, void* opaque);
@@ -436,14 +437,17 @@ Result<std::vector<Domain>> VirtBackend::w_list() {
 }
 
 Result<json> VirtBackend::w_command(const std::string& domain,
-                                    const std::string& command) {
+                                    const std::string& command,
+                                    const json& arguments) {
   if (!conn_) return make_error("vm-not-connected", "not connected to libvirt");
   virResetLastError();
   virDomainPtr dom = virDomainLookupByName(conn_, domain.c_str());
   if (!dom)
     return make_error("vm-not-connected",
                       "libvirt: " + error_message("no such domain"));
-  std::string cmd = json{{"execute", command}}.dump();
+  json req{{"execute", command}};
+  if (arguments.is_object() && !arguments.empty()) req["arguments"] = arguments;
+  std::string cmd = req.dump();
   char* out = nullptr;
   int rc = virDomainQemuMonitorCommand(dom, cmd.c_str(), &out, 0);
   int code = rc < 0 ? error_code() : VIR_ERR_OK;

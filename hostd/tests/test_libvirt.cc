@@ -2,6 +2,7 @@
 // the opt-in metadata, resync at (re)connect, lifecycle events, connection
 // loss and backoff, the journal's domains, what cannot be followed, and
 // QMP commands relayed through libvirt.
+#include <algorithm>
 #include <catch2/catch_test_macros.hpp>
 
 #include <deque>
@@ -84,6 +85,7 @@ struct FakeBackend : Backend {
     std::string domain, command;
     ReplyFn fn;
   };
+  std::vector<json> arguments;  // of every call
   std::deque<Cmd> cmds;  // qmp_command calls not answered yet
   bool auto_answer = true;
   std::vector<std::string> commands;  // "domain command", every call
@@ -92,8 +94,9 @@ struct FakeBackend : Backend {
   void open() override { opens++; }
   void list_running(ListFn fn) override { lists.push_back(std::move(fn)); }
   void qmp_command(const std::string& domain, const std::string& command,
-                   ReplyFn fn) override {
+                   const json& args, ReplyFn fn) override {
     commands.push_back(domain + " " + command);
+    arguments.push_back(args);
     if (!auto_answer) {
       cmds.push_back(Cmd{domain, command, std::move(fn)});
       return;
@@ -106,6 +109,7 @@ struct FakeBackend : Backend {
       return json{{"qemu", {{"major", 10}, {"minor", 0}, {"micro", 13}}}};
     if (command == "query-kvmx-chan")
       return json::array({json{{"id", "chan0"}, {"violations", 0}}});
+    if (command == "qom-get") return json("/run/kvmx/vm.purge");
     return make_error("qmp-error", "CommandNotFound: " + command);
   }
 
@@ -489,6 +493,37 @@ TEST_CASE("libvirt: protections are relayed through libvirt") {
   f.backend.lifecycle(Lifecycle::kStarted, opted("web2"), "started (booted)");
   f.vm("web2")->query_protections(record);
   CHECK(got[4] == "vm-not-connected");
+}
+
+TEST_CASE("libvirt: any QMP command, with arguments, through libvirt") {
+  Fixture f;
+  f.connect({opted("db1")});
+  REQUIRE(f.state("db1") == "attached");
+  vm::Vm* v = f.vm("db1");
+  std::vector<std::string> got;
+  auto record = [&](Result<json> r) {
+    got.push_back(r ? r->dump() : r.error().code);
+  };
+  json args{{"path", "/objects/nv0mem"}, {"property", "purge-agent"}};
+  v->monitor_command("qom-get", args, record);
+  REQUIRE(f.run_until([&] { return got.size() == 1; }));
+  CHECK(got[0] == R"("/run/kvmx/vm.purge")");
+  CHECK(f.backend.commands.back() == "db1 qom-get");
+  CHECK(f.backend.arguments.back() == args);
+
+  v->monitor_command("stop", json::object(), record);
+  REQUIRE(f.run_until([&] { return got.size() == 2; }));
+  CHECK(got[1] == "qmp-error");
+  CHECK(f.backend.arguments.back() == json::object());
+
+  // Not attached: refused at once, nothing sent.
+  f.backend.auto_answer = false;
+  f.backend.lifecycle(Lifecycle::kStarted, opted("db2"), "started (booted)");
+  f.vm("db2")->monitor_command("qom-get", args, record);
+  CHECK(got.size() == 3);
+  CHECK(got[2] == "vm-not-connected");
+  CHECK(std::count(f.backend.commands.begin(), f.backend.commands.end(),
+                   "db2 qom-get") == 0);
 }
 
 TEST_CASE("libvirt: without a backend a journal domain stays stopped") {

@@ -92,6 +92,14 @@ class Vm {
 
   virtual uint64_t protocol_errors() const { return 0; }
 
+  // Runs a QMP command on the VM's monitor, whichever way hostd reaches
+  // it (its own QMP socket, or libvirt's monitor): `fn` gets the return
+  // value, or an error: vm-not-connected, qmp-error, timeout.  `fn` may
+  // run inside this call.
+  virtual void monitor_command(const std::string& command,
+                               const nlohmann::json& arguments,
+                               std::function<void(Result<nlohmann::json>)> fn) = 0;
+
   // list-vms fields: vm, source, state, since, qemu, devices, reconnects,
   // rejected, last_error (and what the kind of VM adds).
   virtual nlohmann::json info() const;
@@ -150,6 +158,11 @@ class QmpVm final : public Vm {
   void query_protections(
       std::function<void(Result<nlohmann::json>)> fn) override;
   uint64_t protocol_errors() const override;
+  void monitor_command(const std::string& command,
+                       const nlohmann::json& arguments,
+                       std::function<void(Result<nlohmann::json>)> fn) override {
+    execute(command, arguments, std::move(fn));
+  }
   // Adds qmp (the socket path).
   nlohmann::json info() const override;
 

@@ -3,10 +3,12 @@
 (docs/libvirt.md, "Virtblock purging") under a real libvirtd.
 
 libvirt cannot add purge-agent to the NVDIMM's backend, so the example
-gives the NVDIMM and a QMP socket for kvmx-hostd in <qemu:commandline>.
-The test fills the NVDIMM's backend file with a known pattern (a 64 KiB
-block each), starts the domain paused as the docs say, attaches hostd by
-the QMP socket, enables purging with 64 KiB blocks and purges every block:
+gives the NVDIMM in <qemu:commandline>, and opts in to kvmx-hostd in its
+<metadata>.  The test fills the NVDIMM's backend file with a known pattern
+(a 64 KiB block each), runs hostd following libvirt (--libvirt), starts
+the domain paused as the docs say, waits for hostd to attach it through
+libvirt (no QMP socket of hostd's own: QEMU is reached through libvirt's
+monitor), enables purging with 64 KiB blocks and purges every block:
 the backend's allocation drops to nothing.  It then reads words of
 scattered blocks through QEMU (HMP xp, through libvirt's monitor: QEMU's
 main thread faults on the placeholders and waits for hostd): every word
@@ -89,18 +91,17 @@ def run(work, qemu, root_qemu, hostd):
         return
     pids = tl.qemu_pids(name)
     print(f'QEMU runs as {tl.proc_user(pids[0]) if pids else "?"}')
-    qmp = os.path.join(work, 'vm.qmp')
-    r = hostd.call('attach', vm='lv', qmp=qmp)
-    check('result' in r, f'hostd attaches by the example\'s QMP socket '
-                         f'({r.get("error")})')
-    hostd.wait_vm('lv', lambda v: v['state'] == 'attached', 60)
-    r = hostd.call('purge-policy', vm='lv', nvdimm='nv0mem',
+    v = hostd.wait_vm(name, lambda v: v['state'] == 'attached', 60)
+    check(v and v['state'] == 'attached' and v['source'] == 'libvirt' and
+          v['qmp'] is None,
+          f'hostd follows the domain through libvirt ({v})')
+    r = hostd.call('purge-policy', vm=name, nvdimm='nv0mem',
                    block_size=BLOCK)
     if not check('result' in r, f'purging enabled on the domain\'s NVDIMM '
                                 f'({r.get("error")})'):
         return
     before = allocated(img)
-    r = hostd.call('purge-now', vm='lv', nvdimm='nv0mem', ignore_idle=True)
+    r = hostd.call('purge-now', vm=name, nvdimm='nv0mem', ignore_idle=True)
     res = r.get('result', {})
     check(res.get('blocks') == SIZE // BLOCK,
           f'purge-now purged every block ({res or r.get("error")})')
@@ -116,7 +117,7 @@ def run(work, qemu, root_qemu, hostd):
             wrong.append((b, got, want))
     check(not wrong, f'QEMU reads {len(READ)} purged blocks through libvirt\'s '
                      f'monitor with the right words ({wrong[:2]})')
-    s = hostd.call('purge-status', vm='lv', nvdimm='nv0mem')['result'][
+    s = hostd.call('purge-status', vm=name, nvdimm='nv0mem')['result'][
         'nvdimms'][0]
     check(s['fault-backs'] == len(READ) and
           s['purged'] == SIZE // BLOCK - len(READ),
@@ -129,7 +130,7 @@ def run(work, qemu, root_qemu, hostd):
     check(tl.gone(pids), 'QEMU gone after virsh destroy')
     state = None
     for _ in range(300):
-        state = hostd.call('purge-status', vm='lv', nvdimm='nv0mem')[
+        state = hostd.call('purge-status', vm=name, nvdimm='nv0mem')[
             'result']['nvdimms'][0]['state']
         if state == 'disconnected':
             break
@@ -144,7 +145,7 @@ def main():
     if not tl.hold_libvirtd():
         return 1
     work = kvmxtest.workdir('libvirt-purge-')
-    hostd = hostdctl.Hostd(work)
+    hostd = hostdctl.Hostd(work, extra_args=['--libvirt', tl.URI])
     try:
         tl.reap_leftovers()
         os.chmod(work, 0o755)

@@ -151,6 +151,7 @@ class FakeAgent {
     (void)!write(wake_[1], &c, 1);
     thread_.join();
     if (client_ >= 0) close(client_);
+    if (sent_fd_ >= 0) close(sent_fd_);
     close(listen_);
     close(wake_[0]);
     close(wake_[1]);
@@ -175,6 +176,19 @@ class FakeAgent {
     std::lock_guard g(mu_);
     close_at_ = n;
     swap_outs_seen_ = 0;
+  }
+
+  // The fd the last HELLO handed out (still open here, -1 before).
+  int sent_fd() const {
+    std::lock_guard g(mu_);
+    return sent_fd_;
+  }
+
+  // HELLO hands out a socket instead of the backend: an fd that cannot be
+  // opened again through /proc/self/fd.
+  void hello_with_socket() {
+    std::lock_guard g(mu_);
+    hello_socket_ = true;
   }
 
   // FAULT messages sent to the next client right after its HELLO reply (a
@@ -284,9 +298,12 @@ class FakeAgent {
     }
     if (q.op == kHello) {
       log_.push_back({conn_, q.op, q.offset, q.length, 0});
-      int bfd = open(backend_path_.c_str(), O_RDWR | O_CLOEXEC);
+      int bfd = hello_socket_ ? socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)
+                              : open(backend_path_.c_str(), O_RDWR | O_CLOEXEC);
       send_locked(kHello, q.tag, 0, {kSize, 0, 0, kPage}, bfd);
-      if (bfd >= 0) close(bfd);
+      // Kept, as QEMU keeps its own: the open file the client got.
+      if (sent_fd_ >= 0) close(sent_fd_);
+      sent_fd_ = bfd;
       for (uint64_t o : faults_after_hello_) send_locked(kFault, 0, 0, {o, 0});
       faults_after_hello_.clear();
       return;
@@ -378,6 +395,8 @@ class FakeAgent {
   uint64_t rejected_ = 0;
   int close_at_ = 0, swap_outs_seen_ = 0;
   std::vector<uint64_t> faults_after_hello_;
+  bool hello_socket_ = false;
+  int sent_fd_ = -1;  // the fd of the last HELLO, kept open
 };
 
 // The files of one test and the agent serving them.
@@ -613,6 +632,39 @@ TEST_CASE("purge_now: every block with data is purged, holes are not") {
 }
 
 // -- fault-back --------------------------------------------------------------------
+
+TEST_CASE("attach: hostd syncs a backend file of its own, never QEMU's") {
+  // Linux keeps a writeback-error cursor per open file: a sync on the fd
+  // QEMU handed over would take errors meant for the guest's flushes.  So
+  // the engine opens the backend again; where that is impossible it
+  // refuses to attach.
+  Fixture f;
+  {
+    auto e = f.start();
+    int sent = f.agent->sent_fd();
+    REQUIRE(sent >= 0);
+    // The file the agent handed out now stands at 4096.  A descriptor of
+    // the same open file (what SCM_RIGHTS gives) would stand there too.
+    REQUIRE(lseek(sent, 4096, SEEK_SET) == 4096);
+    std::vector<int> same_file, same_open_file;
+    for (int fd = 3; fd < 1024; fd++) {
+      char link[64], target[4096];
+      snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+      ssize_t n = readlink(link, target, sizeof(target) - 1);
+      if (n <= 0 || fd == f.backend_fd || fd == sent) continue;
+      target[n] = 0;
+      if (f.backend != target) continue;
+      same_file.push_back(fd);
+      if (lseek(fd, 0, SEEK_CUR) == 4096) same_open_file.push_back(fd);
+    }
+    CHECK_FALSE(same_file.empty());       // the engine's own
+    CHECK(same_open_file.empty());        // none shares the agent's
+  }
+  f.agent->hello_with_socket();
+  auto e = Engine::start(f.config(0), [](const std::string&) {});
+  REQUIRE_FALSE(e.ok());
+  CHECK(e.error().code == "backend-open");
+}
 
 TEST_CASE("fault: a purged block comes back, once") {
   Fixture f;

@@ -13,7 +13,8 @@ tests/lib/purgeagent.py, so that the blocks' states are exact:
               hostd's disk);
   M  moving:  the upper 2 MiB, written by the guest, then swapped out
               (a purge in flight);
-  R  resident: written by the guest (and 1 MiB more).
+  R  resident: written by the guest (and 1 MiB more);
+  H  a hole of the file from the start, hidden by the agent.
 
 The disk fills, the guest's flush fails, the VM stops (io-error).  Then the
 client goes away, as if hostd had died, and the disk gets room again.
@@ -55,6 +56,9 @@ from purgeqemu import BLOCK, content  # noqa: E402
 
 SIZE = purgeqemu.SIZE
 P, R = 5, 13
+# H: a hole of the file from the start (never written): hidden by the
+# agent like a purged block, and mapped back by hostd as a plain hole.
+H = 3
 # More than the store's slack (256 KiB) must be dirty for writeback to fail.
 BULK = range(16, 32)
 # M: the upper 2 MiB, swapped out as one range.  The page cache uses large
@@ -136,6 +140,9 @@ def main():
                 f.flush()
                 os.fsync(f.fileno())
             fs.rearm()
+            fd = os.open(fs.path, os.O_RDWR)
+            punch(fd, H * BLOCK, BLOCK)
+            os.close(fd)
             test_qmp = os.path.join(d, 'test.qmp')
             q = purgeqemu.Qemu(
                 qemu, d, fs.path, 0,
@@ -217,8 +224,8 @@ def agent_gone(q, qmp, fs, addr, work):
         return
     swapped = qmp.cmd('qom-get', path='/objects/mem1',
                       property='x-purge-swapped')
-    check(swapped == BLOCK + M_LEN,
-          f'P and M are still swapped out ({swapped} bytes)')
+    check(swapped == 2 * BLOCK + M_LEN,
+          f'H, P and M are still swapped out ({swapped} bytes)')
     check(is_hole(fs.path, P), 'P is still a hole: recovery did not write it')
     check(on_disk(fs, R) == content(R, 2) and bulk_on_disk(fs),
           'R and the rest written before the failed flush are on the disk')
@@ -241,6 +248,12 @@ def agent_gone(q, qmp, fs, addr, work):
           'the next guest flush succeeds')
     lost = [blk for blk in M if on_disk(fs, blk) != content(blk, 2)]
     check(not lost, f"after it, M's data is on the disk (blocks not: {lost})")
+    # H was skipped by recovery too; mapped back, it must stay a hole: a
+    # sparse backend is not to be allocated by the rewrite.
+    r = agent.request(purgeagent.MAP_BACK, H * BLOCK, BLOCK)
+    check(r.status == 0 and is_hole(fs.path, H) and
+          q.read(H) == bytes(BLOCK),
+          'H, a hole, mapped back: still a hole, reads as zeros')
     agent.close()
 
 

@@ -41,19 +41,10 @@ check = kvmxtest.Checks()
 
 # Shared by both L1 scripts: the outer NVDIMM as DAX ext4 on /mnt, and
 # waitfor FILE PATTERN SECONDS, which gives up if L2's QEMU ($qpid) dies.
-# It matches complete lines only: the files are still being appended to
-# (a background cat), and a line matched half-way would be read half.
 L1_HELPERS = r'''
-lines() {  # lines FILE: its complete lines, not a last one still arriving
-  if [ -n "$(tail -c 1 "$1" 2>/dev/null)" ]; then
-    sed '$d' "$1"
-  else
-    cat "$1" 2>/dev/null
-  fi
-}
-waitfor() {  # waitfor FILE PATTERN SECONDS: PATTERN in a complete line
+waitfor() {  # waitfor FILE PATTERN SECONDS
   i=0
-  while ! lines "$1" | grep -q "$2"; do
+  while ! grep -q "$2" "$1"; do
     i=$((i+1)); [ $i -gt $3 ] && { echo "L1-TIMEOUT $2"; cat /tmp/qemu.err; exit 4; }
     kill -0 $qpid 2>/dev/null || { echo "L1-QEMU-DIED"; cat /tmp/qemu.err; exit 5; }
     sleep 1

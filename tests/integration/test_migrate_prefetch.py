@@ -21,6 +21,7 @@ for.  The speed of it all is bench/migrate's business
 """
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 import kvmxtest  # noqa: E402
@@ -50,10 +51,18 @@ def main():
     with netns.CappedLink(mbit=400) as link:
         print(f'link: {link.describe()}')
         for i, (wl, variant) in enumerate(RUNS):
-            r = migwork.run(qemu, work, link, wl, variant, mib=256,
-                            nvdimm=True, port=4444 + i)
-            print(migwork.summary(r))
             name = f"{wl} {variant['name']}"
+            try:
+                r = migwork.run(qemu, work, link, wl, variant, mib=256,
+                                nvdimm=True, port=4444 + i)
+            except Exception as e:      # noqa: BLE001 (QEMU died, ...)
+                # Reported (kvmxvm printed both QEMUs' last words); the
+                # other runs still go.
+                traceback.print_exc()
+                check(False, f'{name}: the run raised '
+                      f'{type(e).__name__}: {e}')
+                continue
+            print(migwork.summary(r), flush=True)
             check(r['status'] == 'completed' and r['dst_running'],
                   f"{name}: post-copy completed, the guest runs on the "
                   f"destination ({r['status']} {r['error']})")

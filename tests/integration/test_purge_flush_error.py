@@ -38,6 +38,13 @@ opens the backend again as a file of its own.)  Once there is room,
 'cont' makes everything durable: the guest's write and the block hostd
 brought back are on the disk.
 
+Before both, without a purge agent: the guest writes into H, a hole of
+the backend, and the flush that would allocate it fails.  ext4 leaves the
+extent it allocated for the failed write unwritten, and writing the page
+again does not convert it: after 'cont', H must be on the disk all the
+same (QEMU's recovery rewrites such extents with O_DIRECT).  The block
+hostd brings back under a full disk is the same case.
+
 Needs root and loop devices (faultystore); exits 77 otherwise."""
 import mmap
 import os
@@ -98,6 +105,23 @@ def on_disk(fs, block):
         buf.close()
 
 
+def describe_block(fs, block, got, want):
+    """What a reader of a failure needs: the page-cache state of the block,
+    whether it is a hole, and how its disk bytes differ from `want`."""
+    cs = pagecache.cachestat(fs.path, block * BLOCK, BLOCK)
+    if got is None:
+        what = 'pages still dirty or under writeback'
+    elif got == want:
+        what = 'right bytes'
+    elif got == bytes(len(got)):
+        what = 'zeros'
+    else:
+        bad = sum(got[i:i + 4096] != want[i:i + 4096]
+                  for i in range(0, len(want), 4096))
+        what = f'{bad} of {len(want) // 4096} pages differ'
+    return (f"{what}; cache {cs}, hole {is_hole(fs.path, block)}")
+
+
 def is_hole(path, block):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -129,7 +153,7 @@ def main():
         kvmxvm.skip(why)
     qemu = kvmxvm.patched_qemu()
     work = kvmxtest.workdir('purge-flusherr-')
-    for part in (agent_gone, hostd_sync):
+    for part in (sparse, agent_gone, hostd_sync):
         print(f'-- {part.__name__}', flush=True)
         d = os.path.join(work, part.__name__)
         os.makedirs(d)
@@ -147,7 +171,8 @@ def main():
             q = purgeqemu.Qemu(
                 qemu, d, fs.path, 0,
                 device='nvdimm,id=nv0,memdev=mem1,flush-hint=on',
-                extra=['-qmp', f'unix:{test_qmp},server=on,wait=off'])
+                extra=['-qmp', f'unix:{test_qmp},server=on,wait=off'],
+                agent=part is not sparse)
             qmp = None
             try:
                 qmp = kvmxvm.Qmp(test_qmp)
@@ -160,9 +185,9 @@ def main():
     return check.finish(work)
 
 
-def fail_flush(q, qmp, fs, addr, what):
+def fail_flush(q, qmp, fs, addr, what, slack_kib=256):
     """Fill the disk, flush: the flush must fail and stop the VM."""
-    fs.fill()
+    fs.fill(slack_kib)
     flush(q, addr)
     try:
         ev = qmp.wait_event('NVDIMM_FLUSH_ERROR', 30)['data']
@@ -191,6 +216,28 @@ def cont(qmp, what):
         st = qmp.cmd('query-status')
         check(st['running'], f'the VM runs again ({st["status"]})')
     return err is None
+
+
+def sparse(q, qmp, fs, addr, work):
+    """No purge agent: the guest writes into H, a hole of the backend, and
+    the flush that would allocate it fails.  ext4 allocates the block as
+    an unwritten extent and leaves it so when the write fails; dirtying
+    the page again is not enough (its next writeback leaves the extent
+    unwritten, and the data reads back as zeros).  'cont' must make H's
+    data durable all the same."""
+    q.write(H, content(H, 2))
+    write_bulk(q)
+    # No slack: H's writeback fails for certain.
+    if not fail_flush(q, qmp, fs, addr, 'the disk is full', slack_kib=0):
+        return
+    fs.free()
+    if not cont(qmp, 'once there is room'):
+        return
+    check(bulk_on_disk(fs), "the guest's writes are on the disk")
+    got = on_disk(fs, H)
+    check(got == content(H, 2) and not is_hole(fs.path, H),
+          'H, a hole the guest wrote into, is on the disk (' +
+          describe_block(fs, H, got, content(H, 2)) + ')')
 
 
 def agent_gone(q, qmp, fs, addr, work):
@@ -285,7 +332,9 @@ def hostd_sync_run(hostd, q, qmp, fs, addr, work):
     q.write(R, content(R, 2))
     write_bulk(q)
 
-    fs.fill()
+    # No slack: the writeback of P, which allocates its blocks, fails for
+    # certain (with some, it may land before the store is full).
+    fs.fill(slack_kib=0)
     before = status(hostd).get('errors', {}).get('commit', 0)
     # The guest reads P: hostd writes it back into the backend and, within
     # seconds, syncs the backend to commit it; the sync fails.
@@ -308,8 +357,10 @@ def hostd_sync_run(hostd, q, qmp, fs, addr, work):
         return
     check(on_disk(fs, R) == content(R, 2) and bulk_on_disk(fs),
           "the guest's writes are on the disk")
-    check(on_disk(fs, P) == content(P, 1),
-          'the block hostd brought back is on the disk')
+    got = on_disk(fs, P)
+    check(got == content(P, 1),
+          'the block hostd brought back is on the disk (' +
+          describe_block(fs, P, got, content(P, 1)) + ')')
 
 
 if __name__ == '__main__':

@@ -341,9 +341,24 @@ class Vm:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._report_on_failure(exc_type)
         self.shutdown()
         return False
+
+    def _report_on_failure(self, exc_type):
+        """A test is leaving with an exception while this QEMU is up (or
+        after it died): print what a CI log reader needs, since the work
+        files stay on a machine nobody can see."""
+        rc = self.proc.poll() if self.proc is not None else None
+        state = "running" if rc is None else f"exited with {rc}"
+        tail = "\n".join(self.stderr_text().splitlines()[-30:])
+        con = "\n".join(self.console_text().splitlines()[-15:])
+        print(f"--- {self.name}: {exc_type.__name__} raised; QEMU {state}\n"
+              f"--- {self.name} stderr (last 30 lines):\n{tail}\n"
+              f"--- {self.name} console (last 15 lines):\n{con}\n---",
+              file=sys.stderr, flush=True)
 
     # -- console -----------------------------------------------------------
     def console_text(self):

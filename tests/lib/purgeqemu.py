@@ -25,7 +25,7 @@ class Qemu:
     """QEMU with the qtest accelerator: memory access by the test."""
 
     def __init__(self, qemu, work, img, n, size=None,
-                 device='nvdimm,id=nv0,memdev=mem1', extra=()):
+                 device='nvdimm,id=nv0,memdev=mem1', extra=(), agent=True):
         size = size or SIZE
         self.work = work
         self.agent = os.path.join(work, 'agent.sock')
@@ -41,7 +41,8 @@ class Qemu:
              '-display', 'none', '-nodefaults',
              '-m', f'128M,slots=2,maxmem={(size >> 30) + 1}G',
              '-object', f'memory-backend-file,id=mem1,share=on,'
-                        f'mem-path={img},size={size},purge-agent={self.agent}',
+                        f'mem-path={img},size={size}' +
+                        (f',purge-agent={self.agent}' if agent else ''),
              '-device', device,
              '-qmp', f'unix:{self.hostd_qmp},server=on,wait=off'] +
             list(extra),

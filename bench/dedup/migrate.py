@@ -244,7 +244,7 @@ class Bench:
                 'refused-reason')}
             r['dedup'].update({k: d.get(k) for k in (
                 'references-resolved', 'mismatches', 'read-errors',
-                'read-time-ms')})
+                'read-time-ms', 'disk-reads')})
         return r
 
     @staticmethod
@@ -329,7 +329,8 @@ def line(r):
         s += (f"; refs {d.get('pages-as-reference')}, resolved "
               f"{d.get('references-resolved')}, mismatches "
               f"{d.get('mismatches')}, read errors {d.get('read-errors')}, "
-              f"read time {d.get('read-time-ms')} ms, refused "
+              f"read time {d.get('read-time-ms')} ms in "
+              f"{d.get('disk-reads')} reads, refused "
               f"{d.get('images-refused')}")
     if r.get('dst_cpu'):
         s += '; destination CPU s: ' + ', '.join(

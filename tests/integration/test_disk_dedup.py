@@ -385,7 +385,8 @@ def dedup_stats(src_info, dst_info):
     # The destination's own numbers (the source's query-migrate carries
     # those of its own last incoming migration, if any).
     out.update({k: d.get(k) for k in (
-        'references-resolved', 'mismatches', 'read-errors', 'read-time-ms')})
+        'references-resolved', 'mismatches', 'read-errors', 'read-time-ms',
+        'disk-reads')})
     return out
 
 
@@ -406,7 +407,8 @@ def numbers(what, info, dd=None, extra=''):
               f', resolved '
               f'{dd.get("references-resolved")}, mismatches '
               f'{dd.get("mismatches")}, read errors {dd.get("read-errors")}, '
-              f'read time {dd.get("read-time-ms")} ms')
+              f'read time {dd.get("read-time-ms")} ms in '
+              f'{dd.get("disk-reads")} reads')
     print(s + extra, flush=True)
 
 

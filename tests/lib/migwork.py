@@ -47,6 +47,10 @@ echo "W5-WROTE $i"
 n=$(grep -c '^record ' /mnt/log)
 last=$(tail -n 1 /mnt/log)
 echo "W5-HAVE $n $last"
+# As for the memory walks: wait, so that the guest does not power off (and
+# its QEMU end) while the host still queries the migration's end state; on
+# a slow host post-copy may still be running here.
+read ack
 '''
 
 NVDIMM_SIZE = 256 << 20

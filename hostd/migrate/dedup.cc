@@ -208,6 +208,7 @@ DedupStats dedup_stats(const json& info) {
   d.mismatches = json_u64(*dd, "mismatches").value_or(0);
   d.read_errors = json_u64(*dd, "read-errors").value_or(0);
   d.read_time_ms = json_u64(*dd, "read-time-ms").value_or(0);
+  d.disk_reads = json_u64(*dd, "disk-reads").value_or(0);
   return d;
 }
 

@@ -85,6 +85,7 @@ struct DedupStats {
   std::string refused_reason;  // the source's, at most 512 bytes
   uint64_t references_resolved = 0, mismatches = 0, read_errors = 0,
            read_time_ms = 0;
+  uint64_t disk_reads = 0;  // 0 from a QEMU before 07-disk-dedup patch 6
 };
 DedupStats dedup_stats(const nlohmann::json& query_migrate);
 

@@ -340,7 +340,11 @@ void FileJob::finish_completed() {
       dd = "; disk dedup: " + std::to_string(dd_.references_resolved) +
            " references read from the disk (read time " +
            std::to_string(dd_.read_time_ms) +
-           " ms, summed over the reads in flight)";
+           " ms, summed over the reads in flight" +
+           (dd_.disk_reads
+                ? ", " + std::to_string(dd_.disk_reads) + " reads"
+                : std::string()) +
+           ")";
     else
       dd = "; disk dedup: " + std::to_string(dd_.pages_as_reference) +
            " pages as references (" + size_text(dd_.bytes_saved) + " saved)";
@@ -434,7 +438,8 @@ json FileJob::snapshot() const {
                         {"references_resolved", dd_.references_resolved},
                         {"mismatches", dd_.mismatches},
                         {"read_errors", dd_.read_errors},
-                        {"read_time_ms", dd_.read_time_ms}};
+                        {"read_time_ms", dd_.read_time_ms},
+                        {"disk_reads", dd_.disk_reads}};
   j["total_time_ms"] = total_time_ms_ ? json(*total_time_ms_) : json(nullptr);
   return j;
 }

@@ -818,7 +818,11 @@ std::string Job::dedup_summary() const {
   out += ", the destination resolved " +
          std::to_string(dedup_dst_.references_resolved) + " (read time " +
          std::to_string(dedup_dst_.read_time_ms) +
-         " ms, summed over the reads in flight)";
+         " ms, summed over the reads in flight" +
+         (dedup_dst_.disk_reads
+              ? ", " + std::to_string(dedup_dst_.disk_reads) + " reads"
+              : std::string()) +
+         ")";
   if (dedup_dst_.mismatches || dedup_dst_.read_errors)
     out += ", " + std::to_string(dedup_dst_.mismatches) + " mismatches, " +
            std::to_string(dedup_dst_.read_errors) + " read errors";
@@ -1125,7 +1129,8 @@ json Job::snapshot() const {
         {"references_resolved", dedup_dst_.references_resolved},
         {"mismatches", dedup_dst_.mismatches},
         {"read_errors", dedup_dst_.read_errors},
-        {"read_time_ms", dedup_dst_.read_time_ms}};
+        {"read_time_ms", dedup_dst_.read_time_ms},
+        {"disk_reads", dedup_dst_.disk_reads}};
   j["downtime_ms"] = downtime_ms_ ? json(*downtime_ms_) : json(nullptr);
   j["total_time_ms"] = total_time_ms_ ? json(*total_time_ms_) : json(nullptr);
   return j;

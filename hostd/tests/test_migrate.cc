@@ -1173,12 +1173,18 @@ TEST_CASE("dedup: query-migrate's numbers, bounded") {
                  {"images-refused", 1},
                  {"refused-reason", std::string(5000, 'x')},
                  {"references-resolved", 9}, {"mismatches", 1},
-                 {"read-errors", 0}, {"read-time-ms", 3}}}};
+                 {"read-errors", 0}, {"read-time-ms", 3},
+                 {"disk-reads", 2}}}};
   auto d = dedup_stats(info);
   CHECK(d.present);
   CHECK(d.pages_as_reference == 10);
   CHECK(d.refused_reason.size() == 512);
   CHECK(d.mismatches == 1);
+  CHECK(d.disk_reads == 2);
+  // A QEMU without the member: 0, not an error.
+  info["disk-dedup"].erase("disk-reads");
+  CHECK(dedup_stats(info).disk_reads == 0);
+  CHECK(dedup_stats(info).present);
   CHECK_FALSE(dedup_stats(json{{"status", "active"}}).present);
   CHECK_FALSE(dedup_stats(json{{"disk-dedup", "garbage"}}).present);
 }

@@ -83,6 +83,10 @@ CELLS = {
     'kvmx-off': ('kvmx', 'live', {}, {}, {}),
     'kvmx-dedup-hostcache': ('kvmx', 'live', DEDUP, {}, {'direct': False}),
     'kvmx-dedup-iouring': ('kvmx', 'live', DEDUP, {}, {'aio': 'io_uring'}),
+    # The destination is --dst-single-reads: a build whose destination reads
+    # each reference alone (the series without 07-disk-dedup patch 6).
+    'kvmx-dedup-single': ('kvmx', 'live', DEDUP, {},
+                          {'dst_qemu': 'single'}),
     'stock-file': ('stock', 'file', {}, {}, {}),
     'kvmx-dedup-file': ('kvmx', 'file', {'disk-dedup': True}, {}, {}),
 }
@@ -114,7 +118,8 @@ class Bench:
         self.work = work
         self.link = link
         self.qemu = {'stock': kvmxvm.stock_qemu(),
-                     'kvmx': kvmxvm.patched_qemu()}
+                     'kvmx': kvmxvm.patched_qemu(),
+                     'single': a.dst_single_reads}
         self.port = 4600
         self.n = 0
 
@@ -163,8 +168,10 @@ class Bench:
     def live(self, src, which, img, cell_caps, params, opts):
         self.n += 1
         self.port += 1
+        opts = dict(opts)
+        dst_qemu = self.qemu[opts.pop('dst_qemu', which)]
         dst = kvmxvm.start_guest(
-            self.qemu[which], None,
+            dst_qemu, None,
             self.args(which, img, opts) + ['-incoming', 'defer', '-S',
                                              '-name', 'dst,debug-threads=on'],
             self.work, f'dst{self.n}', mem=self.a.mem,
@@ -359,6 +366,10 @@ def summarize(res):
                 if r.get('dedup') and
                 r['dedup'].get('pages-as-reference') is not None]
         row['refs'] = statistics.median(refs) if refs else None
+        reads = [r['dedup']['disk-reads'] for r in ok
+                 if r.get('dedup') and
+                 r['dedup'].get('disk-reads') is not None]
+        row['disk_reads'] = statistics.median(reads) if reads else None
         t[c] = row
     for prefix in ('', 'light/', 'dropped/'):
         base = t.get(prefix + 'stock-precopy')
@@ -422,7 +433,8 @@ def report(res):
              f"stock: {res['qemu']['stock']}; kvmx: {res['qemu']['kvmx']}",
              f"date {res['date']} UTC; command: {res['command']}", '',
              f"{'cell':<26}{'ok':>4}{'wire MiB':>10}{'ratio':>8}"
-             f"{'total s':>9}{'ratio':>8}{'downtime':>10}{'refs':>9}"]
+             f"{'total s':>9}{'ratio':>8}{'downtime':>10}{'refs':>9}"
+             f"{'reads':>9}"]
     for c, v in t.items():
         def f(x, fmt):
             if x is None:
@@ -435,7 +447,8 @@ def report(res):
             f"{f(v['total_ms'] and v['total_ms'] / 1000, '9.2f')}"
             f"{f(v.get('total_ms_ratio'), '8.3f')}"
             f"{f(v['downtime_ms'], '8.0f')}ms"
-            f"{f(v['refs'], '9.0f')}")
+            f"{f(v['refs'], '9.0f')}"
+            f"{f(v.get('disk_reads'), '9.0f')}")
     lines += ['', '(ratios: to stock-precopy of the same guest; the -file '
               'cells to stock-file; wire = veth tx bytes, or the file size)',
               '', 'goals (issue 13, item 7):']
@@ -525,7 +538,12 @@ def main():
     ap.add_argument('--repeat', type=int, default=3)
     ap.add_argument('--cap', choices=('netns', 'qemu'), default='netns')
     ap.add_argument('--cells', default=','.join(
-        c for c in CELLS if c != 'kvmx-dedup-iouring'))
+        c for c in CELLS
+        if c not in ('kvmx-dedup-iouring', 'kvmx-dedup-single')))
+    ap.add_argument('--dst-single-reads', metavar='QEMU',
+                    help="cell kvmx-dedup-single's destination: a patched "
+                    'QEMU built without 07-disk-dedup patch 6, which reads '
+                    'each reference alone')
     ap.add_argument('--no-light', action='store_true')
     ap.add_argument('--dropped', action='store_true',
                     help='also a guest that reads the files and then drops '
@@ -542,6 +560,8 @@ def main():
         res['goals'] = goals(res['summary'])
         benchlib.save(res, HERE, report, plot, name='migrate')
         return 0
+    if 'kvmx-dedup-single' in a.cells.split(',') and not a.dst_single_reads:
+        ap.error('cell kvmx-dedup-single needs --dst-single-reads QEMU')
     kvmxtest.require_guest_image()
     b_qemu = kvmxvm.patched_qemu()
     lacks = dedupdisk.dedup_support(b_qemu)

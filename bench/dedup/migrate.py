@@ -424,9 +424,9 @@ def report(res):
     lines = [f"disk-backed dedup, migration and snapshot; {m['cpu']}, "
              f"{m['cores']} cores, kernel {m['kernel']}, "
              f"hw virt {'yes' if m['hw_virt'] else 'no'} (guests under TCG)",
-             f"machine shared with another engineer's QEMU build and tests "
-             f"(load average {res.get('load_start')} at start, "
-             f"{res.get('load_end')} at end)",
+             f"load average {res.get('load_start')} at start, "
+             f"{res.get('load_end')} at end (each run's own is in the "
+             f"JSON)",
              f"link: {res['link']}; guest {res['mem']}, {res['mib']} MiB of "
              f"random files on virtio-blk ({res['image']}); medians of "
              f"{res['repeat']} run(s)",
@@ -470,8 +470,9 @@ def plot(res, path):
     t = res['summary']
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     live = [c for c in ('stock-precopy', 'stock-multifd', 'kvmx-off',
-                        'kvmx-dedup', 'kvmx-dedup-hostcache',
-                        'kvmx-dedup-iouring') if c in t]
+                        'kvmx-dedup-single', 'kvmx-dedup',
+                        'kvmx-dedup-hostcache', 'kvmx-dedup-iouring')
+            if c in t]
     ax = axes[0]
     w = 0.38
     for i, (k, lab) in enumerate((('wire_bytes', 'bytes on the wire'),
@@ -483,6 +484,8 @@ def plot(res, path):
     ax.axhline(0.5, color='C1', ls=':', lw=1)
     ax.set_xticks([j + w / 2 for j in range(len(live))])
     ax.set_xticklabels([c.replace('-hostcache', '\n(host cache)')
+                        .replace('-single', '\n(1 read/ref)')
+                        .replace('-iouring', '\n(io_uring)')
                         for c in live], fontsize=7)
     ax.set_title(f"page-cache-heavy guest ({res['mib']} MiB read), ratio to "
                  f"stock precopy\n(dotted: goals 0.25 bytes, 0.5 time)",
@@ -514,7 +517,12 @@ def plot(res, path):
     ax.set_xticklabels([c.split('/')[1] for c in light], fontsize=8)
     ax.set_title('guest with little page cache, ratio to stock precopy\n'
                  '(dotted: 1.02)', fontsize=9)
-    ax.legend(fontsize=7)
+    if light:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, 'not run in this invocation (--no-light)',
+                ha='center', va='center', transform=ax.transAxes,
+                fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -247,9 +247,9 @@ def report(res):
     lines = [f"disk-dedup tracking on the guest read path; {m['cpu']}, "
              f"{m['cores']} cores, kernel {m['kernel']}, hw virt "
              f"{'yes' if m['hw_virt'] else 'no'} (guest under TCG)",
-             f"machine shared with another engineer's QEMU build and tests "
-             f"(load average {res.get('load_start')} at start, "
-             f"{res.get('load_end')} at end)",
+             f"load average {res.get('load_start')} at start, "
+             f"{res.get('load_end')} at end (each run's own is in the "
+             f"JSON)",
              f"qemu {res['qemu']}; guest {res['mem']}; disk: raw image of "
              f"{res['mib']} MiB random data, virtio-blk, cache.direct=off, "
              f"host page cache hot",

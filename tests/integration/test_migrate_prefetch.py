@@ -93,13 +93,6 @@ def main():
                 check(p['pattern-pages'] > 0 and used > 0,
                       f"{name}: the pattern predictor served faults "
                       f"({p['pattern-pages']} asked, {used} used)")
-            if wl == 'W4':
-                # Random access: the page-table predictor's next virtual
-                # pages keep missing, so its window halves to nothing.
-                check(p.get('closed', 0) > 0,
-                      f"{name}: a predictor that kept missing closed "
-                      f"({p.get('closed')} times; {p['pages-wasted']} of "
-                      f"{asked} pages wasted)")
             if wl == 'W2':
                 check(p['page-table-entries'] >= r['pages'] and
                       r['pt_pages_sent'] > 0,

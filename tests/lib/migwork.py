@@ -196,7 +196,6 @@ def summary(r):
     if p:
         s += (f", prefetched {p.get('pages-prefetched')} hits {p.get('hits')}"
               f" late {p.get('late-hits')} wasted {p.get('pages-wasted')}"
-              f" remote {p.get('remote-faults')} closed {p.get('closed')}"
-              f" pt-entries "
+              f" remote {p.get('remote-faults')} pt-entries "
               f"{p.get('page-table-entries')}")
     return s

@@ -212,4 +212,11 @@ DedupStats dedup_stats(const json& info) {
   return d;
 }
 
+std::string dedup_read_text(const DedupStats& d) {
+  std::string s = "(read time " + std::to_string(d.read_time_ms) +
+                  " ms, summed over the reads in flight";
+  if (d.disk_reads) s += ", " + std::to_string(d.disk_reads) + " reads";
+  return s + ")";
+}
+
 }  // namespace kvmx::migrate

@@ -88,5 +88,8 @@ struct DedupStats {
   uint64_t disk_reads = 0;  // 0 from a QEMU before 07-disk-dedup patch 6
 };
 DedupStats dedup_stats(const nlohmann::json& query_migrate);
+// "(read time N ms, summed over the reads in flight[, M reads])": the
+// destination's reads, for progress and outcome lines.
+std::string dedup_read_text(const DedupStats& d);
 
 }  // namespace kvmx::migrate

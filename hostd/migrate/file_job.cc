@@ -338,13 +338,7 @@ void FileJob::finish_completed() {
   if (dedup_) {
     if (s_.restore)
       dd = "; disk dedup: " + std::to_string(dd_.references_resolved) +
-           " references read from the disk (read time " +
-           std::to_string(dd_.read_time_ms) +
-           " ms, summed over the reads in flight" +
-           (dd_.disk_reads
-                ? ", " + std::to_string(dd_.disk_reads) + " reads"
-                : std::string()) +
-           ")";
+           " references read from the disk " + dedup_read_text(dd_);
     else
       dd = "; disk dedup: " + std::to_string(dd_.pages_as_reference) +
            " pages as references (" + size_text(dd_.bytes_saved) + " saved)";

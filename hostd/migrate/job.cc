@@ -816,13 +816,8 @@ std::string Job::dedup_summary() const {
                 ? ""
                 : " (" + dedup_src_.refused_reason + ")");
   out += ", the destination resolved " +
-         std::to_string(dedup_dst_.references_resolved) + " (read time " +
-         std::to_string(dedup_dst_.read_time_ms) +
-         " ms, summed over the reads in flight" +
-         (dedup_dst_.disk_reads
-              ? ", " + std::to_string(dedup_dst_.disk_reads) + " reads"
-              : std::string()) +
-         ")";
+         std::to_string(dedup_dst_.references_resolved) + " " +
+         dedup_read_text(dedup_dst_);
   if (dedup_dst_.mismatches || dedup_dst_.read_errors)
     out += ", " + std::to_string(dedup_dst_.mismatches) + " mismatches, " +
            std::to_string(dedup_dst_.read_errors) + " read errors";

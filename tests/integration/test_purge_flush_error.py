@@ -105,21 +105,26 @@ def on_disk(fs, block):
         buf.close()
 
 
-def describe_block(fs, block, got, want):
-    """What a reader of a failure needs: the page-cache state of the block,
-    whether it is a hole, and how its disk bytes differ from `want`."""
+def check_on_disk(fs, block, want, what):
+    """Check that the disk holds `want` for a block (and that it is no
+    hole); the message says what a reader of a failure needs: what the
+    disk holds instead, the block's page-cache state, whether it is a
+    hole."""
+    got = on_disk(fs, block)
+    hole = is_hole(fs.path, block)
     cs = pagecache.cachestat(fs.path, block * BLOCK, BLOCK)
     if got is None:
-        what = 'pages still dirty or under writeback'
+        state = 'pages still dirty or under writeback'
     elif got == want:
-        what = 'right bytes'
+        state = 'right bytes'
     elif got == bytes(len(got)):
-        what = 'zeros'
+        state = 'zeros'
     else:
         bad = sum(got[i:i + 4096] != want[i:i + 4096]
                   for i in range(0, len(want), 4096))
-        what = f'{bad} of {len(want) // 4096} pages differ'
-    return (f"{what}; cache {cs}, hole {is_hole(fs.path, block)}")
+        state = f'{bad} of {len(want) // 4096} pages differ'
+    return check(got == want and not hole,
+                 f'{what}: {state}; cache {cs}, hole {hole}')
 
 
 def is_hole(path, block):
@@ -234,10 +239,8 @@ def sparse(q, qmp, fs, addr, work):
     if not cont(qmp, 'once there is room'):
         return
     check(bulk_on_disk(fs), "the guest's writes are on the disk")
-    got = on_disk(fs, H)
-    check(got == content(H, 2) and not is_hole(fs.path, H),
-          'H, a hole the guest wrote into, is on the disk (' +
-          describe_block(fs, H, got, content(H, 2)) + ')')
+    check_on_disk(fs, H, content(H, 2),
+                  'H, a hole the guest wrote into, is on the disk')
 
 
 def agent_gone(q, qmp, fs, addr, work):
@@ -357,10 +360,8 @@ def hostd_sync_run(hostd, q, qmp, fs, addr, work):
         return
     check(on_disk(fs, R) == content(R, 2) and bulk_on_disk(fs),
           "the guest's writes are on the disk")
-    got = on_disk(fs, P)
-    check(got == content(P, 1),
-          'the block hostd brought back is on the disk (' +
-          describe_block(fs, P, got, content(P, 1)) + ')')
+    check_on_disk(fs, P, content(P, 1),
+                  'the block hostd brought back is on the disk')
 
 
 if __name__ == '__main__':

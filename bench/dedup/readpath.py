@@ -60,7 +60,7 @@ MIB = 1 << 20
 WORKLOADS = ('seq-1m', 'seq-4k', 'rand-4k')
 SEQ_PASSES = 8          # seq-1m reads the disk this many times per round
 TRACK_KEYS = ('records', 'recorded', 'evicted', 'invalidated', 'raced',
-              'not-aligned', 'memory-used', 'capacity')
+              'not-aligned', 'dropped', 'memory-used', 'capacity')
 
 
 def guest_script(mib, rounds, nrand):
@@ -282,7 +282,8 @@ def report(res):
                 f"{af.get('recorded')}, records {bf.get('records')} -> "
                 f"{af.get('records')}, evicted {af.get('evicted')}, "
                 f"not-aligned {af.get('not-aligned')}, raced "
-                f"{af.get('raced')}, memory {af.get('memory-used')}")
+                f"{af.get('raced')}, dropped {af.get('dropped', 'n/a')}, "
+                f"memory {af.get('memory-used')}")
     lines += ['', 'goals (issue 13, item 2):']
     for text, value, met in res['goals']:
         lines.append(f"  [{'met' if met else 'NOT met'}] {text}: {value}")

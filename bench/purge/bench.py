@@ -135,13 +135,15 @@ def bench_throughput(res, quick):
     out = res.setdefault('throughput', {})
     size = 256 * MiB if quick else 512 * MiB
     for block in (2 * MiB, 64 * KiB):
-        purge, fiow = [], []
+        purge, fiow, phases = [], [], []
         for rep in range(1 if quick else 3):
             work = scratch('throughput')
             s = Setup(work, size, block)
             try:
                 r = s.purge_all()
                 purge.append(r['bytes'] / MiB / r['seconds'])
+                # where the purge's time went (hostd's per-stage sums)
+                phases.append(s.status().get('purge-phases-us'))
             finally:
                 s.close()
             fiow.append(fio_write_mibs(os.path.join(work, 'fio.bin'), size,
@@ -149,7 +151,11 @@ def bench_throughput(res, quick):
             shutil.rmtree(work, ignore_errors=True)
             print(f'  {block // KiB} KiB rep {rep}: purge {purge[-1]:.0f} '
                   f'MiB/s, fio {fiow[-1]:.0f} MiB/s', flush=True)
+        if phases[-1]:
+            print(f'  {block // KiB} KiB phases (us, last rep): '
+                  f'{phases[-1]}', flush=True)
         out[str(block)] = {'purge_mibs': purge, 'fio_mibs': fiow,
+                           'phases_us': phases,
                            'ratio': statistics.median(purge) /
                            statistics.median(fiow)}
 

@@ -279,6 +279,14 @@ def boot(qemu, work, name, disk, img, fmt):
                  f'{name}: the guest\'s reads were recorded '
                  f'({st.get("records")} records, {st.get("recorded")} '
                  f'recorded, capacity {st.get("capacity")})')
+        # Every page read reaches the table or is counted as dropped (the
+        # log of completed reads was full): none is lost on the way.
+        dd_check(st.get('recorded', 0) + st.get('dropped', 0) >=
+                 DATA_MIB * MIB // PAGE,
+                 f'{name}: every page the guest read was recorded or counted '
+                 f'as dropped ({st.get("recorded")} recorded, '
+                 f'{st.get("dropped")} dropped, {DATA_MIB * MIB // PAGE} '
+                 f'pages of files)')
         imgs = st.get('images', [])
         dd_check(any('vd0' in i.get('device', '') for i in imgs),
                  f'{name}: the disk is listed ({imgs})')

@@ -801,11 +801,16 @@ Result<MoveResult> Engine::purge_blocks(const std::vector<uint64_t>& blocks,
     // A full disk stays full for the rest of this request.  (Read before
     // the handover: the writer may record errors in the batch.)
     bool disk_full = next->first_error.code == "disk-full";
+    uint64_t h0 = mono_us();
     {
       std::unique_lock g(qmu);
       to_write = next;
       qcv.notify_all();
       qcv.wait(g, [&] { return to_write == nullptr; });
+    }
+    {
+      std::lock_guard g(mu_);
+      stats_.purge_phase_us[6] += mono_us() - h0;
     }
     if (disk_full) break;
   }
@@ -1388,7 +1393,8 @@ json Engine::status() const {
                            {"write", stats_.purge_phase_us[2]},
                            {"sync", stats_.purge_phase_us[5]},
                            {"commit", stats_.purge_phase_us[3]},
-                           {"punch", stats_.purge_phase_us[4]}}},
+                           {"punch", stats_.purge_phase_us[4]},
+                           {"handover", stats_.purge_phase_us[6]}}},
       {"purged-total", stats_.purged_blocks},
       {"zero-blocks", stats_.zero_blocks},
       {"purged-bytes", stats_.purged_bytes},

@@ -221,7 +221,9 @@ class Engine {
              readahead_dropped = 0, readahead_waits = 0;
     double purge_seconds = 0;
     uint64_t phase_us[5] = {};  // fault-back: read, check, write, map, queue
-    uint64_t purge_phase_us[6] = {};  // swap, read, write, commit, punch, sync
+    // swap, read, write, commit, punch, sync, handover (prepare waiting
+    // for a writer to take its batch)
+    uint64_t purge_phase_us[7] = {};
   } stats_;
   std::vector<uint32_t> latencies_us_;  // ring of the last kLatencies
   size_t latency_next_ = 0;

@@ -9,16 +9,21 @@ of the median, and each run's own median.  A single run's median moves
 by +-10% here (see docs/benchmarks.md); pooling alternated runs is what
 makes builds comparable.
 
-Usage: bench/dedup/readpath_ab.py --out results/readpath-ab-STAMP \\
+Usage: bench/dedup/readpath_ab.py \\
            before=results/readpath-A.json,results/readpath-C.json \\
            after=results/readpath-B.json,results/readpath-D.json
-Writes OUT.txt, OUT.json and OUT.png.
+Writes results/readpath-ab-<stamp>.{json,txt,png}.
 """
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import benchlib  # noqa: E402
 
 WORKLOADS = ('seq-1m', 'seq-4k', 'rand-4k')
 
@@ -32,10 +37,9 @@ def boot_ci(xs, n=2000, seed=1):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--out', required=True)
     ap.add_argument('groups', nargs='+', metavar='LABEL=JSON[,JSON...]')
     a = ap.parse_args()
-    res = {'groups': {}}
+    res = benchlib.new_results(groups={})
     for g in a.groups:
         label, _, files = g.partition('=')
         if not files:
@@ -52,6 +56,10 @@ def main():
                 'rounds': len(pooled), 'median': statistics.median(pooled),
                 'ci90': [lo, hi], 'per_run': per_run, 'pooled': pooled}
         res['groups'][label] = grp
+    benchlib.save(res, HERE, report, plot, name='readpath-ab')
+
+
+def report(res):
     lines = ['tracked/untracked throughput, median of the pooled rounds '
              '(bootstrap 90% interval); per run medians']
     for label, grp in res['groups'].items():
@@ -61,10 +69,10 @@ def main():
                 f'  {w:8s} {v["median"]:.3f} ({v["ci90"][0]:.3f}-'
                 f'{v["ci90"][1]:.3f}), {v["rounds"]} rounds; runs '
                 + ' '.join(f'{x:.3f}' for x in v['per_run']))
-    text = '\n'.join(lines)
-    print(text)
-    open(a.out + '.txt', 'w').write(text + '\n')
-    json.dump(res, open(a.out + '.json', 'w'), indent=1)
+    return '\n'.join(lines)
+
+
+def plot(res, path):
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -86,7 +94,7 @@ def main():
         ax.set_title(f'{w}: tracked / untracked')
     axes[0].set_ylabel('per-round ratio (goal: >= 0.98, dashed)')
     fig.tight_layout()
-    fig.savefig(a.out + '.png', dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == '__main__':

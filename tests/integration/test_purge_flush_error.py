@@ -24,8 +24,8 @@ there, with the BQL held (before this was fixed, 'cont' never returned).
 Afterwards R is on the disk, P is still a hole, P and M still swapped out,
 and M's data is not on the disk: Linux marked its pages clean when their
 writeback failed.  A new client maps M back (hostd giving up its purge):
-the agent dirties M's pages as it maps them, and the next guest flush puts
-M's data on the disk.  The disk is read with O_DIRECT, and only where no
+the agent dirties M's pages as it maps them and syncs the backend, so M's
+data is on the disk at once.  The disk is read with O_DIRECT, and only where no
 page of the range is dirty.
 
 Then, with the real kvmx-hostd serving the NVDIMM: the disk is full, the
@@ -44,6 +44,23 @@ extent it allocated for the failed write unwritten, and writing the page
 again does not convert it: after 'cont', H must be on the disk all the
 same (QEMU's recovery rewrites such extents with O_DIRECT).  The block
 hostd brings back under a full disk is the same case.
+
+In the same part, 'cont' is tried first while the disk is still full: the
+rewrite fails, and H must keep its data (a direct write drops the page
+cache before it writes, and the failed writeback left the data nowhere
+else: QEMU puts it back with a buffered write).  Before this was fixed, H
+read zeros afterwards and the next 'cont' succeeded with them.
+
+Last, ranges that a recovery skips because they are swapped out, over
+extents a failed writeback left unwritten: GA and GB share a 2 MiB window
+(and may share a page cache folio), GC lies in another.  They are holes of
+the file, given back by the client, written by the guest; the flush fails;
+the client swaps them out and goes away; 'cont' recovers the rest.  When
+the client maps GA back, GA must be on the disk at once (the agent
+rewrites and syncs what the recovery skipped) and GB, still swapped out,
+must keep its data.  GC is mapped back while the disk is full again: the
+map-back succeeds, the NVDIMM reports the failed rewrite as a failed
+flush (the VM stops), GC keeps its data, and 'cont' puts it on the disk.
 
 Needs root and loop devices (faultystore); exits 77 otherwise."""
 import mmap
@@ -73,6 +90,8 @@ BULK = range(16, 32)
 # resident block would be written out again with that block.
 M = range(32, 64)
 M_OFF, M_LEN = M[0] * BLOCK, len(M) * BLOCK
+# Holes of the file from the start, in map_back_unwritten only.
+GA, GB, GC = range(32, 48), range(48, 64), range(8, 10)
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 check = kvmxtest.Checks()
 
@@ -158,7 +177,7 @@ def main():
         kvmxvm.skip(why)
     qemu = kvmxvm.patched_qemu()
     work = kvmxtest.workdir('purge-flusherr-')
-    for part in (sparse, agent_gone, hostd_sync):
+    for part in (sparse, agent_gone, hostd_sync, map_back_unwritten):
         print(f'-- {part.__name__}', flush=True)
         d = os.path.join(work, part.__name__)
         os.makedirs(d)
@@ -171,6 +190,9 @@ def main():
             fs.rearm()
             fd = os.open(fs.path, os.O_RDWR)
             punch(fd, H * BLOCK, BLOCK)
+            if part is map_back_unwritten:
+                for r in (GA, GB, GC):
+                    punch(fd, r[0] * BLOCK, len(r) * BLOCK)
             os.close(fd)
             test_qmp = os.path.join(d, 'test.qmp')
             q = purgeqemu.Qemu(
@@ -194,17 +216,7 @@ def fail_flush(q, qmp, fs, addr, what, slack_kib=256):
     """Fill the disk, flush: the flush must fail and stop the VM."""
     fs.fill(slack_kib)
     flush(q, addr)
-    try:
-        ev = qmp.wait_event('NVDIMM_FLUSH_ERROR', 30)['data']
-    except Exception as e:      # noqa: BLE001 (any way of not seeing it)
-        ev = f'none ({type(e).__name__})'
-    ok = check(isinstance(ev, dict) and ev['id'] == 'nv0' and
-               ev['action'] == 'stop', f'{what}: NVDIMM_FLUSH_ERROR ({ev})')
-    if ok:
-        qmp.wait_event('STOP', 30)
-        check(qmp.cmd('query-status')['status'] == 'io-error',
-              'the VM stopped with io-error')
-    return ok
+    return wait_flush_error(qmp, what)
 
 
 def cont(qmp, what):
@@ -223,6 +235,36 @@ def cont(qmp, what):
     return err is None
 
 
+def cont_refused(qmp, what):
+    """'cont' must fail promptly and leave the VM stopped."""
+    t0 = time.monotonic()
+    try:
+        qmp.cmd('cont', timeout=30)
+        err = None
+    except (kvmxvm.QmpError, TimeoutError, OSError) as e:
+        err = f'{type(e).__name__}: {e}'
+    took = time.monotonic() - t0
+    st = qmp.cmd('query-status')
+    check(err is not None and 'QmpError' in err and took < 20 and
+          not st['running'],
+          f"'cont' {what} is refused in {took:.1f} s ({err}); the VM "
+          f"stays stopped ({st['status']})")
+
+
+def wait_flush_error(qmp, what):
+    try:
+        ev = qmp.wait_event('NVDIMM_FLUSH_ERROR', 30)['data']
+    except Exception as e:      # noqa: BLE001 (any way of not seeing it)
+        ev = f'none ({type(e).__name__})'
+    ok = check(isinstance(ev, dict) and ev['id'] == 'nv0' and
+               ev['action'] == 'stop', f'{what}: NVDIMM_FLUSH_ERROR ({ev})')
+    if ok:
+        qmp.wait_event('STOP', 30)
+        check(qmp.cmd('query-status')['status'] == 'io-error',
+              'the VM stopped with io-error')
+    return ok
+
+
 def sparse(q, qmp, fs, addr, work):
     """No purge agent: the guest writes into H, a hole of the backend, and
     the flush that would allocate it fails.  ext4 allocates the block as
@@ -235,6 +277,11 @@ def sparse(q, qmp, fs, addr, work):
     # No slack: H's writeback fails for certain.
     if not fail_flush(q, qmp, fs, addr, 'the disk is full', slack_kib=0):
         return
+    # The rewrite of H fails too while the disk is full; its direct write
+    # dropped H's only copy from the page cache, and QEMU must put it back.
+    cont_refused(qmp, 'while the disk is still full')
+    check(q.read(H) == content(H, 2),
+          'H keeps its data after the failed rewrite')
     fs.free()
     if not cont(qmp, 'once there is room'):
         return
@@ -287,9 +334,10 @@ def agent_gone(q, qmp, fs, addr, work):
     agent = purgeagent.Agent(q.agent)
     agent.request(purgeagent.HELLO)
     r = agent.request(purgeagent.MAP_BACK, M_OFF, M_LEN)
-    dirty = pagecache.cachestat(fs.path, M_OFF, M_LEN)['dirty']
-    check(r.status == 0 and dirty == M_LEN // 4096,
-          f'M mapped back, every page of it dirty again ({dirty})')
+    lost = [blk for blk in M if on_disk(fs, blk) != content(blk, 2)]
+    check(r.status == 0 and not lost,
+          f"M mapped back ({r.status}), and its data is on the disk at once: "
+          f"the agent wrote out what the recovery skipped (blocks not: {lost})")
     check(all(q.read(blk) == content(blk, 2) for blk in M),
           'M reads its data')
     flush(q, addr)
@@ -304,6 +352,90 @@ def agent_gone(q, qmp, fs, addr, work):
     check(r.status == 0 and is_hole(fs.path, H) and
           q.read(H) == bytes(BLOCK),
           'H, a hole, mapped back: still a hole, reads as zeros')
+    agent.close()
+
+
+def file_bytes(fs, blocks):
+    """What a buffered read of the file gives (the page cache first)."""
+    fd = os.open(fs.path, os.O_RDONLY)
+    try:
+        return os.pread(fd, len(blocks) * BLOCK, blocks[0] * BLOCK)
+    finally:
+        os.close(fd)
+
+
+def want(blocks):
+    return b''.join(content(b, 2) for b in blocks)
+
+
+def map_back_unwritten(q, qmp, fs, addr, work):
+    agent = purgeagent.Agent(q.agent)
+    agent.request(purgeagent.HELLO)
+    # The holes are hidden at start; given back, they are plain holes.
+    for r in (GA, GB, GC):
+        rep = agent.request(purgeagent.MAP_BACK, r[0] * BLOCK, len(r) * BLOCK)
+        check(rep.status == 0 and is_hole(fs.path, r[0]),
+              f'blocks {r[0]}-{r[-1]}, a hole, given back')
+    for r in (GA, GB, GC):
+        for b in r:
+            q.write(b, content(b, 2))
+    write_bulk(q)
+    if not fail_flush(q, qmp, fs, addr, 'the disk is full', slack_kib=0):
+        return
+    # A purge in flight: the ranges are swapped out while the VM is stopped.
+    for r in (GA, GB, GC):
+        rep = agent.request(purgeagent.SWAP_OUT, r[0] * BLOCK, len(r) * BLOCK)
+        check(rep.status == 0, f'blocks {r[0]}-{r[-1]} swapped out')
+    agent.close()
+    fs.free()
+    if not cont(qmp, 'with GA, GB and GC swapped out'):
+        return
+    swapped = qmp.cmd('qom-get', path='/objects/mem1',
+                      property='x-purge-swapped')
+    check(swapped == BLOCK * (1 + len(GA) + len(GB) + len(GC)),
+          f'H, GA, GB and GC are still swapped out ({swapped} bytes)')
+    lost = [b for r in (GA, GB, GC) for b in r
+            if on_disk(fs, b) != content(b, 2)]
+    check(len(lost) == len(GA) + len(GB) + len(GC),
+          f'their writeback failed and the recovery skipped them: none of '
+          f'their blocks is on the disk ({len(lost)} are not)')
+
+    agent = purgeagent.Agent(q.agent)
+    agent.request(purgeagent.HELLO)
+    rep = agent.request(purgeagent.MAP_BACK, GA[0] * BLOCK, len(GA) * BLOCK)
+    check(rep.status == 0, f'GA mapped back ({rep.status})')
+    for b in GA:
+        if not check_on_disk(fs, b, content(b, 2),
+                             f'GA block {b} is on the disk right after '
+                             f'its map-back'):
+            break
+    check(file_bytes(fs, GB) == want(GB),
+          'GB, still swapped out, keeps its data')
+    check(all(q.read(b) == content(b, 2) for b in GA), 'GA reads its data')
+    st = qmp.cmd('query-status')
+    check(st['running'], f"the VM still runs ({st['status']})")
+    rep = agent.request(purgeagent.MAP_BACK, GB[0] * BLOCK, len(GB) * BLOCK)
+    check(rep.status == 0 and all(on_disk(fs, b) == content(b, 2)
+                                  for b in GB),
+          f'GB mapped back ({rep.status}) and on the disk')
+
+    # GC, with the disk full: its rewrite fails.
+    fs.fill(slack_kib=0)
+    rep = agent.request(purgeagent.MAP_BACK, GC[0] * BLOCK, len(GC) * BLOCK)
+    check(rep.status == 0, f'GC mapped back with the disk full '
+          f'({rep.status}): the vCPUs that wait on it go on')
+    if not wait_flush_error(qmp, 'the failed rewrite of GC is reported as '
+                            'a failed flush'):
+        return
+    check(all(q.read(b) == content(b, 2) for b in GC),
+          'GC keeps its data after the failed rewrite')
+    fs.free()
+    if not cont(qmp, 'once there is room'):
+        return
+    for b in GC:
+        check_on_disk(fs, b, content(b, 2), f'GC block {b} is on the disk')
+    check(not qmp.cmd('query-nvdimm-flush')[0].get('error'),
+          'the NVDIMM has no flush error left')
     agent.close()
 
 

@@ -185,6 +185,8 @@ def one_boot(qemu, work, img, mode, n, a):
     else:
         args = dedupdisk.disk_args(img, tracked=(mode == 'on'), direct=False)
         script = guest_script(a.mib, a.rounds, a.rand)
+    # Thread names in /proc (QEMU names its threads only when asked).
+    args = args + ['-name', f'{name},debug-threads=on']
     t0 = time.monotonic()
     with kvmxvm.start_guest(qemu, script,
                             args, work, name, mem=a.mem,

@@ -58,12 +58,18 @@ def fio(args):
     return json.loads(out[out.index('{'):])['jobs'][0]
 
 
-def fio_write_mibs(path, size, bs):
-    j = fio(['--name=w', f'--filename={path}', '--rw=write', f'--bs={bs}',
-             '--iodepth=8', '--ioengine=io_uring', '--direct=1',
-             f'--size={size}', '--end_fsync=1'])
+def fio_write_mibs(path, size, bs, again=False):
+    """fio's sequential O_DIRECT write of a new file (fio preallocates it:
+    unwritten extents); with `again`, the MiB/s of a second write over the
+    same file too (written extents, as a disk copy slot used before)."""
+    args = ['--name=w', f'--filename={path}', '--rw=write', f'--bs={bs}',
+            '--iodepth=8', '--ioengine=io_uring', '--direct=1',
+            f'--size={size}', '--end_fsync=1']
+    j = fio(args)
+    j2 = fio(args) if again else None
     os.unlink(path)
-    return j['write']['bw_bytes'] / MiB
+    first = j['write']['bw_bytes'] / MiB
+    return (first, j2['write']['bw_bytes'] / MiB) if again else first
 
 
 def fio_randread_us(path, size, bs, seconds):
@@ -136,6 +142,7 @@ def bench_throughput(res, quick):
     size = 256 * MiB if quick else 512 * MiB
     for block in (2 * MiB, 64 * KiB):
         purge, fiow, phases = [], [], []
+        purge2, fiow2 = [], []
         for rep in range(1 if quick else 3):
             work = scratch('throughput')
             s = Setup(work, size, block)
@@ -144,20 +151,41 @@ def bench_throughput(res, quick):
                 purge.append(r['bytes'] / MiB / r['seconds'])
                 # where the purge's time went (hostd's per-stage sums)
                 phases.append(s.status().get('purge-phases-us'))
+                # Everything back, and purged again: the disk copies go
+                # to slots written before (hostd does not punch a slot it
+                # releases), as in a steady state.
+                u = s.hostd.call('unpurge', vm='b', nvdimm='mem1')
+                if 'result' not in u:
+                    raise RuntimeError(f'unpurge: {u}')
+                # A block brought back is purged again only once hostd
+                # has committed it resident: in a batch, within 2 s.
+                time.sleep(3)
+                r = s.purge_all()
+                if r['skipped']:
+                    raise RuntimeError(f'second purge skipped blocks: {r}')
+                purge2.append(r['bytes'] / MiB / r['seconds'])
             finally:
                 s.close()
-            fiow.append(fio_write_mibs(os.path.join(work, 'fio.bin'), size,
-                                       block))
+            f1, f2 = fio_write_mibs(os.path.join(work, 'fio.bin'), size,
+                                    block, again=True)
+            fiow.append(f1)
+            fiow2.append(f2)
             shutil.rmtree(work, ignore_errors=True)
             print(f'  {block // KiB} KiB rep {rep}: purge {purge[-1]:.0f} '
-                  f'MiB/s, fio {fiow[-1]:.0f} MiB/s', flush=True)
+                  f'MiB/s, fio {fiow[-1]:.0f} MiB/s; slots reused: purge '
+                  f'{purge2[-1]:.0f}, fio over its file {fiow2[-1]:.0f}',
+                  flush=True)
         if phases[-1]:
             print(f'  {block // KiB} KiB phases (us, last rep): '
                   f'{phases[-1]}', flush=True)
         out[str(block)] = {'purge_mibs': purge, 'fio_mibs': fiow,
                            'phases_us': phases,
                            'ratio': statistics.median(purge) /
-                           statistics.median(fiow)}
+                           statistics.median(fiow),
+                           'reused_purge_mibs': purge2,
+                           'reused_fio_mibs': fiow2,
+                           'reused_ratio': statistics.median(purge2) /
+                           statistics.median(fiow2)}
 
 
 def bench_faultback(res, quick):
@@ -384,6 +412,15 @@ def report(res):
                      f"purge {statistics.median(t['purge_mibs']):.0f} MiB/s, "
                      f"fio seq write {statistics.median(t['fio_mibs']):.0f} "
                      f"MiB/s, ratio {t['ratio']:.2f} (goal >= 0.90)")
+        if 'reused_ratio' in t:
+            lines.append(
+                f"  into slots written before (a second purge after "
+                f"unpurge): purge "
+                f"{statistics.median(t['reused_purge_mibs']):.0f} MiB/s, "
+                f"fio over its own file "
+                f"{statistics.median(t['reused_fio_mibs']):.0f} MiB/s, "
+                f"ratio {t['reused_ratio']:.2f}; purge reused/first "
+                f"{statistics.median(t['reused_purge_mibs']) / statistics.median(t['purge_mibs']):.2f}")
     for bs, f in res.get('faultback', {}).items():
         lines.append(f"fault-back, {int(bs) // KiB} KiB: p50 {f['p50_us']} "
                      f"us, p99 {f['p99_us']} us; fio O_DIRECT read p50 "

@@ -148,20 +148,25 @@ def parse(text):
 
 
 def thread_cpu(pid):
-    """CPU seconds (user + system) per thread name of a process."""
+    """CPU seconds (user + system) per thread name of a process, and, under
+    'NAME wait', the seconds its threads were runnable but waited for a
+    CPU (schedstat's run_delay)."""
     tick = os.sysconf('SC_CLK_TCK')
     out = {}
     for tid in os.listdir(f'/proc/{pid}/task'):
         try:
             with open(f'/proc/{pid}/task/{tid}/stat') as f:
                 st = f.read()
-        except OSError:
+            with open(f'/proc/{pid}/task/{tid}/schedstat') as f:
+                run_delay_ns = int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
             continue            # the thread ended meanwhile
         name = st[st.index('(') + 1:st.rindex(')')]
         fields = st[st.rindex(')') + 2:].split()
         # utime and stime are fields 14 and 15 of stat(5); 12, 13 here.
         out[name] = out.get(name, 0) + (int(fields[11]) +
                                         int(fields[12])) / tick
+        out[f'{name} wait'] = out.get(f'{name} wait', 0) + run_delay_ns / 1e9
     return out
 
 
@@ -203,7 +208,8 @@ def one_boot(qemu, work, img, mode, n, a):
         vm.send_serial('go\n')
         vm.wait_console(r'WORK-DONE\n', 1800, start=mark)
         # QEMU's threads' CPU time over the workloads, by thread name
-        # (the tracker is "kvmx-dedup").
+        # (the tracker is "kvmx-dedup"), and the time they waited for a
+        # CPU ("... wait").
         boot['thread_cpu_s'] = cpu_delta(cpu0, thread_cpu(vm.proc.pid))
         if mode in ('on', 'paired'):
             st = dedupdisk.tracking(vm)

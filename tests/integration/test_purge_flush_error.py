@@ -219,14 +219,19 @@ def fail_flush(q, qmp, fs, addr, what, slack_kib=256):
     return wait_flush_error(qmp, what)
 
 
-def cont(qmp, what):
+def try_cont(qmp):
+    """'cont': the error (None when it succeeded) and the seconds taken."""
     t0 = time.monotonic()
     try:
         qmp.cmd('cont', timeout=30)
         err = None
     except (kvmxvm.QmpError, TimeoutError, OSError) as e:
         err = f'{type(e).__name__}: {e}'
-    took = time.monotonic() - t0
+    return err, time.monotonic() - t0
+
+
+def cont(qmp, what):
+    err, took = try_cont(qmp)
     check(err is None and took < 20,
           f"'cont' returned in {took:.1f} s {what} ({err or 'ok'})")
     if err is None:
@@ -237,13 +242,7 @@ def cont(qmp, what):
 
 def cont_refused(qmp, what):
     """'cont' must fail promptly and leave the VM stopped."""
-    t0 = time.monotonic()
-    try:
-        qmp.cmd('cont', timeout=30)
-        err = None
-    except (kvmxvm.QmpError, TimeoutError, OSError) as e:
-        err = f'{type(e).__name__}: {e}'
-    took = time.monotonic() - t0
+    err, took = try_cont(qmp)
     st = qmp.cmd('query-status')
     check(err is not None and 'QmpError' in err and took < 20 and
           not st['running'],

@@ -88,11 +88,17 @@ echo WORK-DONE
 '''
 
 
-def paired_script(mib, rounds, nrand):
+def paired_script(mib, rounds, nrand, cached=False):
     """One guest, two disks with the same contents: the tracked one (serial
     "on") and an untracked one ("off"), the workloads alternating between
     them round by round (the order swapped every round)."""
     blocks = mib * MIB // 4096
+    # --cached: buffered reads through the guest's page cache (dropped
+    # before each pass), so every pass fills new pages, as a guest's file
+    # reads do; the tracking table then holds a record per page read.
+    SEQ_CMD = ('sync; echo 3 > /proc/sys/vm/drop_caches; '
+               'dd if=$dev of=/dev/null bs=1M 2>/dev/null' if cached else
+               'dd if=$dev of=/dev/null bs=1M iflag=direct 2>/dev/null')
     return f'''
 echo READY
 read go
@@ -106,7 +112,7 @@ for r in $(seq 1 {rounds}); do
   for m in $order; do
     if [ $m = on ]; then dev=$ON; else dev=$OFF; fi
     t0=$(up)
-    for p in $(seq 1 {SEQ_PASSES // 2}); do dd if=$dev of=/dev/null bs=1M iflag=direct 2>/dev/null; done
+    for p in $(seq 1 {SEQ_PASSES // 2}); do {SEQ_CMD}; done
     t1=$(up)
     echo "RUN seq-1m $r {SEQ_PASSES // 2 * mib * MIB} bytes, $t0 $t1 $m"
     t0=$(up); dd if=$dev of=/dev/null bs=4096 count=8192 iflag=direct 2>/dev/null; t1=$(up)
@@ -186,7 +192,7 @@ def one_boot(qemu, work, img, mode, n, a):
         args[args.index('virtio-blk-pci,drive=d0,id=vd0,disk-dedup=dd0')] \
             += ',serial=on'
         args[args.index('virtio-blk-pci,drive=d1,id=vd1')] += ',serial=off'
-        script = paired_script(a.mib, a.rounds, a.rand)
+        script = paired_script(a.mib, a.rounds, a.rand, a.cached)
     else:
         args = dedupdisk.disk_args(img, tracked=(mode == 'on'), direct=False)
         script = guest_script(a.mib, a.rounds, a.rand)
@@ -288,7 +294,9 @@ def report(res):
              f"JSON)",
              f"qemu {res['qemu']}; guest {res['mem']}; disk: raw image of "
              f"{res['mib']} MiB random data, virtio-blk, cache.direct=off, "
-             f"host page cache hot",
+             f"host page cache hot"
+             + ("; seq-1m buffered through the guest's page cache (dropped "
+                "before each pass)" if res.get('cached') else ''),
              (f"{res['boots']} boot(s), each with both disks (tracked and "
               f"not, same contents), the workloads alternating between them,"
               f" {res['rounds']} rounds; rand-4k: {res['rand']} reads per "
@@ -372,6 +380,10 @@ def main():
                     help='separate: on and off in alternating boots; '
                     'paired: each boot has both disks, the workloads '
                     'alternate between them round by round')
+    ap.add_argument('--cached', action='store_true',
+                    help='paired design: seq-1m reads through the guest '
+                    'page cache (dropped before each pass) instead of '
+                    'O_DIRECT')
     ap.add_argument('--report', metavar='JSON')
     a = ap.parse_args()
     if a.report:
@@ -399,6 +411,7 @@ def main():
     res = benchlib.new_results(design=a.design, mib=a.mib, mem=a.mem,
                                boots=a.boots,
                                rounds=a.rounds, rand=a.rand, qemu=qemu,
+                               cached=a.cached,
                                load_start=round(os.getloadavg()[0], 2),
                                runs=[], boot_info=[])
     order = []

@@ -58,18 +58,16 @@ def fio(args):
     return json.loads(out[out.index('{'):])['jobs'][0]
 
 
-def fio_write_mibs(path, size, bs, again=False):
-    """fio's sequential O_DIRECT write of a new file (fio preallocates it:
-    unwritten extents); with `again`, the MiB/s of a second write over the
-    same file too (written extents, as a disk copy slot used before)."""
+def fio_write_mibs(path, size, bs):
+    """MiB/s of fio's sequential O_DIRECT write of a new file (fio
+    preallocates it: unwritten extents), and of a second write over the
+    same file (written extents, as a disk copy slot used before)."""
     args = ['--name=w', f'--filename={path}', '--rw=write', f'--bs={bs}',
             '--iodepth=8', '--ioengine=io_uring', '--direct=1',
             f'--size={size}', '--end_fsync=1']
-    j = fio(args)
-    j2 = fio(args) if again else None
+    passes = [fio(args)['write']['bw_bytes'] / MiB for _ in range(2)]
     os.unlink(path)
-    first = j['write']['bw_bytes'] / MiB
-    return (first, j2['write']['bw_bytes'] / MiB) if again else first
+    return passes
 
 
 def fio_randread_us(path, size, bs, seconds):
@@ -167,7 +165,7 @@ def bench_throughput(res, quick):
             finally:
                 s.close()
             f1, f2 = fio_write_mibs(os.path.join(work, 'fio.bin'), size,
-                                    block, again=True)
+                                    block)
             fiow.append(f1)
             fiow2.append(f2)
             shutil.rmtree(work, ignore_errors=True)

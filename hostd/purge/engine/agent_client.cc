@@ -75,7 +75,7 @@ Result<std::unique_ptr<AgentClient>> AgentClient::connect(
   // FAULT messages may come first (faults that waited for a client); they
   // are kept and handed over once the reader runs.
   if (auto r = send_req(s.get(), kHello, 0, 0, 0); !r) return r.error();
-  std::vector<std::pair<uint64_t, bool>> early;
+  std::vector<EarlyFault> early;
   for (;;) {
     pollfd p{s.get(), POLLIN, 0};
     int pr = poll(&p, 1, 10000);
@@ -91,7 +91,7 @@ Result<std::unique_ptr<AgentClient>> AgentClient::connect(
                         "the purge agent " + path + " sent a bad message");
     if (rep.op == kFault) {
       if (early.size() < 4096)
-        early.emplace_back(uint64_t{rep.arg[0]}, rep.arg[1] != 0);
+        early.push_back({rep.arg[0], rep.arg[1] != 0, rep.arg[2]});
       continue;
     }
     if (rep.op != kHello) continue;
@@ -140,7 +140,7 @@ Result<std::unique_ptr<AgentClient>> AgentClient::connect(
 void AgentClient::start() {
   if (reader_.joinable()) return;
   reader_ = std::thread([this] {
-    for (auto& [off, w] : early_) on_fault_(off, w);
+    for (auto& f : early_) on_fault_(f.offset, f.write, f.since_ns);
     early_.clear();
     read_loop();
   });
@@ -171,7 +171,7 @@ void AgentClient::read_loop() {
       break;
     }
     if (rep.op == kFault) {
-      on_fault_(rep.arg[0], rep.arg[1] != 0);
+      on_fault_(rep.arg[0], rep.arg[1] != 0, rep.arg[2]);
       continue;
     }
     std::lock_guard g(mu_);
@@ -179,7 +179,7 @@ void AgentClient::read_loop() {
     if (it == pending_.end()) continue;  // its caller timed out
     it->second->done = true;
     it->second->status = rep.status;
-    it->second->counters = {rep.arg[4], rep.arg[5]};
+    it->second->counters = {rep.arg[4], rep.arg[5], rep.arg[2]};
     pending_.erase(it);
     cv_.notify_all();
   }

@@ -32,6 +32,9 @@ struct AgentHello {
 struct AgentCounters {
   uint64_t swapped_bytes = 0;
   uint64_t rejected = 0;
+  // MAP_BACK and WAKE: CLOCK_MONOTONIC ns at which the agent had woken the
+  // range's threads; 0 from an agent that does not say.
+  uint64_t woken_ns = 0;
 };
 
 class AgentClient {
@@ -39,7 +42,10 @@ class AgentClient {
   enum Op : uint16_t {
     kHello = 1, kSwapOut = 2, kMapBack = 3, kZap = 4, kWake = 5, kFault = 6
   };
-  using FaultFn = std::function<void(uint64_t offset, bool write)>;
+  // `since_ns`: CLOCK_MONOTONIC ns at which the agent read the fault; 0
+  // from an agent that does not say.
+  using FaultFn =
+      std::function<void(uint64_t offset, bool write, uint64_t since_ns)>;
   using ClosedFn = std::function<void(const std::string& why)>;
 
   // Connects and says HELLO.  `on_fault` and `on_closed` run on the
@@ -71,7 +77,12 @@ class AgentClient {
   FaultFn on_fault_;
   ClosedFn on_closed_;
   std::thread reader_;
-  std::vector<std::pair<uint64_t, bool>> early_;  // FAULTs before start()
+  struct EarlyFault {
+    uint64_t offset;
+    bool write;
+    uint64_t since_ns;
+  };
+  std::vector<EarlyFault> early_;  // FAULTs before start()
   mutable std::mutex mu_;
   std::condition_variable cv_;
   struct Pending {

@@ -112,7 +112,9 @@ Engine::~Engine() {
 Result<void> Engine::attach() {
   auto a = AgentClient::connect(
       cfg_.agent_path, &hello_,
-      [this](uint64_t offset, bool) { on_fault(offset); },
+      [this](uint64_t offset, bool, uint64_t since_ns) {
+        on_fault(offset, since_ns);
+      },
       [this](const std::string& why) {
         std::lock_guard g(mu_);
         agent_lost_ = true;
@@ -134,6 +136,7 @@ Result<void> Engine::attach() {
     queued_.assign(nblocks_, 0);
     ra_faulted_.assign(nblocks_, 0);
     noticed_us_.assign(nblocks_, 0);
+    handoff_us_.assign(nblocks_, 0);
   }
   // Only now: a fault the agent tells us right after HELLO needs them.
   agent_->start();
@@ -300,13 +303,23 @@ Result<void> Engine::agent_runs(AgentClient::Op op,
   return res;
 }
 
-void Engine::on_fault(uint64_t offset) {
+void Engine::on_fault(uint64_t offset, uint64_t since_ns) {
   if (offset >= hello_.size) return;
   uint64_t b = offset >> cfg_.block_shift;
+  uint64_t now = mono_us();
   std::lock_guard g(mu_);
   stats_.faults++;
   if (st_[b] == St::kRestoring) ra_faulted_[b] = 1;
-  if (st_[b] == St::kPurged && !noticed_us_[b]) noticed_us_[b] = mono_us();
+  if (st_[b] == St::kPurged && !noticed_us_[b]) {
+    noticed_us_[b] = now;
+    // The agent's clock is ours (CLOCK_MONOTONIC); a time after now or
+    // more than a minute ago is not taken.
+    uint64_t since = since_ns / 1000;
+    handoff_us_[b] = since && since <= now && now - since < 60'000'000
+                         ? static_cast<uint32_t>(std::max<uint64_t>(
+                               now - since, 1))
+                         : 0;
+  }
   if (queued_[b]) return;  // concurrent faults on a block: one restore
   queued_[b] = 1;
   faults_.push_back(b);  // at most one entry per block: bounded
@@ -334,13 +347,24 @@ void Engine::fault_loop() {
   }
 }
 
-void Engine::record_latency(uint64_t us) {
-  uint32_t v = static_cast<uint32_t>(std::min<uint64_t>(us, UINT32_MAX));
-  if (latencies_us_.size() < kLatencies)
-    latencies_us_.push_back(v);
+void Engine::LatencyRing::add(uint64_t us) {
+  uint32_t x = static_cast<uint32_t>(std::min<uint64_t>(us, UINT32_MAX));
+  if (v.size() < kLatencies)
+    v.push_back(x);
   else
-    latencies_us_[latency_next_] = v;
-  latency_next_ = (latency_next_ + 1) % kLatencies;
+    v[next] = x;
+  next = (next + 1) % kLatencies;
+}
+
+json Engine::LatencyRing::summary() const {
+  std::vector<uint32_t> lat = v;
+  std::sort(lat.begin(), lat.end());
+  auto pct = [&](double p) -> json {
+    if (lat.empty()) return nullptr;
+    return lat[std::min(lat.size() - 1,
+                        static_cast<size_t>(p * (lat.size() - 1) + 0.5))];
+  };
+  return json{{"p50", pct(0.5)}, {"p99", pct(0.99)}, {"samples", lat.size()}};
 }
 
 // Under mu_: takes purged block b for a restore (kRestoring) and adds it
@@ -369,7 +393,10 @@ bool Engine::restore(uint64_t b, Mover& mover, bool from_fault) {
         Restore& r = claim_locked(rs, b, false);
         r.t0 = t0;
         // The latency a waiting thread sees starts at QEMU's notice.
-        if (from_fault && noticed_us_[b]) r.t_notice = noticed_us_[b];
+        if (from_fault && noticed_us_[b]) {
+          r.t_notice = noticed_us_[b];
+          r.handoff = handoff_us_[b];
+        }
         break;
       }
       case St::kMoving:
@@ -544,7 +571,17 @@ bool Engine::finish_restore(Restore& r, Mode mode) {
       stats_.phase_us[1] += t_crc - r.t_read;
       stats_.phase_us[2] += t_write - t_crc;
       stats_.phase_us[3] += t_map - t_write;
-      record_latency(t_map - from);
+      latency_.add(t_map - from);
+      // What the faulting thread waited, by the agent's times: from its
+      // read of the fault to the wake (the reply comes after that).
+      uint64_t woken = m ? m->woken_ns / 1000 : 0;
+      if (r.handoff && r.t_notice == from && woken >= t_write &&
+          woken <= t_map) {
+        stats_.handoff_us += r.handoff;
+        stats_.wake_us += woken - t_write;
+        stats_.timed_faults++;
+        wait_.add(woken - from + r.handoff);
+      }
     }
     noticed_us_[b] = 0;
     if (ra) stats_.readahead_blocks++;
@@ -1334,13 +1371,6 @@ json Engine::status() const {
   std::lock_guard g(mu_);
   uint64_t counts[6] = {};
   for (St s : st_) counts[static_cast<int>(s)]++;
-  std::vector<uint32_t> lat = latencies_us_;
-  std::sort(lat.begin(), lat.end());
-  auto pct = [&](double p) -> json {
-    if (lat.empty()) return nullptr;
-    return lat[std::min(lat.size() - 1,
-                        static_cast<size_t>(p * (lat.size() - 1) + 0.5))];
-  };
   struct stat sb{};
   json allocated = nullptr;
   if (fstat(hello_.backend_fd.get(), &sb) == 0)
@@ -1374,8 +1404,10 @@ json Engine::status() const {
                      {"blocks", stats_.readahead_blocks},
                      {"dropped", stats_.readahead_dropped},
                      {"waits", stats_.readahead_waits}}},
-      {"fault-latency-us", {{"p50", pct(0.5)}, {"p99", pct(0.99)},
-                            {"samples", lat.size()}}},
+      {"fault-latency-us", latency_.summary()},
+      // What a faulting thread waited, by the agent's clock: from the
+      // agent's read of the fault to its wake.  Faults the agent timed.
+      {"fault-wait-us", wait_.summary()},
       // Where fault-backs spend their time, summed: from QEMU's notice to
       // the fault-back worker, reading the disk copy (with the pieces
       // written as they arrive), checking it, writing the rest into the
@@ -1384,7 +1416,11 @@ json Engine::status() const {
                            {"read", stats_.phase_us[0]},
                            {"check", stats_.phase_us[1]},
                            {"write", stats_.phase_us[2]},
-                           {"map", stats_.phase_us[3]}}},
+                           {"map", stats_.phase_us[3]},
+                           // of the timed faults only
+                           {"timed", stats_.timed_faults},
+                           {"handoff", stats_.handoff_us},
+                           {"wake", stats_.wake_us}}},
       // And purges, by stage: preparing (swap-outs, reading the backend),
       // writing the disk copies, sealing (syncing them, the journal
       // commit, punching).  The stages overlap.

@@ -100,7 +100,9 @@ class Engine {
   void fault_loop();
   void flush_residents();
   void control_loop();
-  void on_fault(uint64_t offset);
+  // `since_ns`: when QEMU's agent read the fault (CLOCK_MONOTONIC), 0 when
+  // it does not say.
+  void on_fault(uint64_t offset, uint64_t since_ns);
   // The block is back in QEMU's mapping when it returns true.
   bool restore(uint64_t b, Mover& mover, bool from_fault);
   // A purged block on its way back: claimed (kRestoring), then its disk
@@ -112,6 +114,7 @@ class Engine {
     int err = 0;  // the read's errno, 0 when it worked
     uint64_t t0 = 0, t_read = 0;
     uint64_t t_notice = 0;  // QEMU's fault notice, when a fault asked
+    uint32_t handoff = 0;   // µs from the agent's read of it to the notice
     // Streaming: the pieces read so far, in order, are checksummed into
     // `crc` and written into the backend while the rest is still read;
     // `done` bytes of them.  The last piece is written only once the whole
@@ -166,7 +169,13 @@ class Engine {
   bool fully_allocated(uint64_t b) const;
   bool has_data(uint64_t b) const;
   std::vector<uint8_t> data_map() const;
-  void record_latency(uint64_t us);
+  // The last kLatencies samples of a fault-back latency, in µs.
+  struct LatencyRing {
+    std::vector<uint32_t> v;
+    size_t next = 0;
+    void add(uint64_t us);
+    nlohmann::json summary() const;  // p50, p99, samples
+  };
 
   EngineConfig cfg_;
   uint64_t nblocks_ = 0;
@@ -192,6 +201,9 @@ class Engine {
   std::vector<uint8_t> queued_;       // under mu_: block is in faults_
   std::vector<uint8_t> ra_faulted_;   // under mu_: faulted while read ahead
   std::vector<uint64_t> noticed_us_;  // under mu_: first fault notice, 0: none
+  // under mu_, with noticed_us_: µs from the agent's read of that fault to
+  // its notice here, 0 when the agent does not say (or says nonsense)
+  std::vector<uint32_t> handoff_us_;
   // Sequential-fault detection, fault thread only.
   uint64_t ra_last_ = UINT64_MAX;     // the block the last fault asked for
   uint64_t ra_next_ = UINT64_MAX;     // the first block after the window
@@ -221,13 +233,16 @@ class Engine {
              readahead_dropped = 0, readahead_waits = 0;
     double purge_seconds = 0;
     uint64_t phase_us[5] = {};  // fault-back: read, check, write, map, queue
+    // ... and, when the agent says when it read a fault and when it woke
+    // the thread: its hand-off to hostd, the map-back up to the wake
+    uint64_t handoff_us = 0, wake_us = 0, timed_faults = 0;
     // swap, read, write, commit, punch, sync, handover (prepare waiting
     // for a writer to take its batch)
     uint64_t purge_phase_us[7] = {};
   } stats_;
-  std::vector<uint32_t> latencies_us_;  // ring of the last kLatencies
-  size_t latency_next_ = 0;
   static constexpr size_t kLatencies = 4096;
+  LatencyRing latency_;  // from the notice to MAP_BACK's reply
+  LatencyRing wait_;     // from the agent's read of a fault to its wake
 
   std::unique_ptr<Mover> seal_mover_;  // purge batches' writes
   std::unique_ptr<Mover> seal_mover2_;  // ... of the second writer

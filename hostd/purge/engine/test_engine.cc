@@ -116,6 +116,13 @@ bool wait_until(F f, std::chrono::milliseconds limit = 10s) {
 }
 
 // QEMU's purge agent, as far as hostd can tell.
+uint64_t now_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000u +
+         static_cast<uint64_t>(ts.tv_nsec);
+}
+
 class FakeAgent {
  public:
   FakeAgent(std::string sock_path, std::string backend_path)
@@ -157,11 +164,20 @@ class FakeAgent {
     close(wake_[1]);
   }
 
-  // A QEMU thread waits on the page at `offset` (op 6, unsolicited).
-  void fault(uint64_t offset, bool write = false) {
+  // A QEMU thread waits on the page at `offset` (op 6, unsolicited),
+  // since `since_ns` (CLOCK_MONOTONIC; 0: the agent does not say).
+  void fault(uint64_t offset, bool write = false, uint64_t since_ns = 0) {
     std::lock_guard g(mu_);
     REQUIRE(client_ >= 0);
-    send_locked(kFault, 0, 0, {offset, write ? 1u : 0u});
+    send_locked(kFault, 0, 0, {offset, write ? 1u : 0u, since_ns});
+  }
+
+  // MAP_BACK and WAKE say when they woke the range's threads: now, plus
+  // `skew_ns` (a wrong clock).
+  void tell_woken(bool on, int64_t skew_ns = 0) {
+    std::lock_guard g(mu_);
+    tell_woken_ = on;
+    woken_skew_ns_ = skew_ns;
   }
 
   // QEMU dies: the connection goes away (the agent's thread closes it).
@@ -344,7 +360,10 @@ class FakeAgent {
         break;
     }
     log_.push_back({conn_, q.op, q.offset, q.length, status});
-    send_locked(q.op, q.tag, status, {});
+    uint64_t woken = 0;
+    if (tell_woken_ && (q.op == kMapBack || q.op == kWake))
+      woken = now_ns() + woken_skew_ns_;
+    send_locked(q.op, q.tag, status, {0, 0, woken});
   }
 
   // Under mu_.
@@ -397,6 +416,8 @@ class FakeAgent {
   std::vector<uint64_t> faults_after_hello_;
   bool hello_socket_ = false;
   int sent_fd_ = -1;  // the fd of the last HELLO, kept open
+  bool tell_woken_ = false;
+  int64_t woken_skew_ns_ = 0;
 };
 
 // The files of one test and the agent serving them.
@@ -730,6 +751,44 @@ TEST_CASE("fault: a purged block comes back, once") {
   CHECK(rep.purged.size() == kBlocks - 1);
   CHECK(std::find(rep.purged.begin(), rep.purged.end(), 9) ==
         rep.purged.end());
+}
+
+TEST_CASE("fault: the agent's times give what the faulting thread waited") {
+  Fixture f;
+  auto e = f.start();
+  REQUIRE(purge_all(*e).blocks == kBlocks);
+  f.agent->tell_woken(true);
+
+  // A thread that has waited 20 ms before hostd heard of it.  (Blocks in
+  // no order, so that no read-ahead joins in.)
+  size_t m = f.agent->mark();
+  f.agent->fault(off(3) + kPage, false, now_ns() - 20'000'000);
+  REQUIRE(wait_until([&] { return !f.agent->since(m, kMapBack).empty(); }));
+  REQUIRE(wait_until([&] { return st(*e, "fault-backs") == 1; }));
+  auto s = e->status();
+  CHECK(s["fault-wait-us"]["samples"].get<uint64_t>() == 1);
+  CHECK(s["fault-latency-us"]["samples"].get<uint64_t>() == 1);
+  uint64_t wait = s["fault-wait-us"]["p50"].get<uint64_t>();
+  uint64_t lat = s["fault-latency-us"]["p50"].get<uint64_t>();
+  CHECK(wait >= 20'000);
+  CHECK(wait <= lat + 20'000 + 1000);  // never past the reply's arrival
+  CHECK(s["fault-phases-us"]["timed"].get<uint64_t>() == 1);
+  CHECK(s["fault-phases-us"]["handoff"].get<uint64_t>() >= 20'000);
+
+  // Times that cannot be right are not taken: a fault read in the
+  // future, one an hour ago, a wake after the reply arrived, none at all.
+  f.agent->fault(off(10), false, now_ns() + 10'000'000'000);
+  f.agent->fault(off(5), false, now_ns() - 3'600'000'000'000);
+  f.agent->fault(off(12), false, 0);
+  REQUIRE(wait_until([&] { return st(*e, "fault-backs") == 4; }));
+  f.agent->tell_woken(true, 10'000'000'000);
+  f.agent->fault(off(7), false, now_ns());
+  REQUIRE(wait_until([&] { return st(*e, "fault-backs") == 5; }));
+  s = e->status();
+  CHECK(s["fault-wait-us"]["samples"].get<uint64_t>() == 1);
+  CHECK(s["fault-latency-us"]["samples"].get<uint64_t>() == 5);
+  CHECK(s["fault-phases-us"]["timed"].get<uint64_t>() == 1);
+  for (uint64_t b : {3, 10, 5, 12, 7}) CHECK(f.read_block(b) == f.orig_block(b));
 }
 
 // -- restart -----------------------------------------------------------------------

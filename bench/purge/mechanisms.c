@@ -14,6 +14,9 @@
  *                                 back the present bits (PAGEMAP_SCAN)
  *   ./mechanisms kvm              KVM capabilities that bound memslot holes;
  *                                 memslot add/remove with many slots
+ *   ./mechanisms floor DIR        the least a fault-back costs, served in the
+ *                                 faulting process: bounce buffer or an
+ *                                 O_DIRECT read into the page cache
  *
  * DIR must be on the file system to test (ext4 here).  Needs root for
  * userfaultfd without UFFD_USER_MODE_ONLY and for /dev/kvm.  Every
@@ -700,12 +703,198 @@ static int cmd_kvm(void)
     return 0;
 }
 
+/* ---- floor: the least a fault-back can cost, in one process ------------ */
+
+/*
+ * The swap mechanism as kvmx uses it (an anonymous placeholder registered
+ * with userfaultfd over a punched range of the backend), served by a
+ * handler thread in the faulting process itself: no daemon, no sockets,
+ * no checksum.  What is left is the I/O and the kernel's part, so this is
+ * the floor of any design built on the swap.  Three ways to restore:
+ *   read    no fault at all: an O_DIRECT read at queue depth 1 (what fio
+ *           measures; the goal's reference) of the same block of another
+ *           copy, just before each fault;
+ *   bounce  O_DIRECT read into a buffer, pwrite into the backend, map the
+ *           file back, wake (hostd's way, without its hand-offs);
+ *   direct  O_DIRECT read straight into the handler's own shared mapping
+ *           of the backend (the page cache is the DMA target), map back,
+ *           wake.
+ */
+enum floor_mode { FLOOR_BOUNCE, FLOOR_DIRECT };
+
+struct floor_ctx {
+    int uffd, file_fd, copy_fd;
+    enum floor_mode mode;
+    size_t bs;
+    uintptr_t base;           /* QEMU's mapping, in this process */
+    unsigned char *view;      /* the handler's own mapping of the backend */
+    unsigned char *buf;       /* aligned bounce buffer */
+    double read_us;
+    atomic_int stop, done;
+};
+
+static void *floor_handler(void *arg)
+{
+    struct floor_ctx *c = arg;
+    struct pollfd pfd = { .fd = c->uffd, .events = POLLIN };
+
+    while (!atomic_load(&c->stop)) {
+        struct uffd_msg msg;
+
+        if (poll(&pfd, 1, 100) <= 0)
+            continue;
+        if (read(c->uffd, &msg, sizeof(msg)) != sizeof(msg) ||
+            msg.event != UFFD_EVENT_PAGEFAULT)
+            continue;
+        size_t blk = (msg.arg.pagefault.address - c->base) & ~(c->bs - 1);
+        struct uffdio_range r = { .start = c->base + blk, .len = c->bs };
+        double t = now_us();
+
+        if (c->mode == FLOOR_BOUNCE) {
+            if (pread(c->copy_fd, c->buf, c->bs, blk) != (ssize_t)c->bs)
+                die("pread copy");
+            c->read_us = now_us() - t;
+            if (pwrite(c->file_fd, c->buf, c->bs, blk) != (ssize_t)c->bs)
+                die("pwrite backend");
+        } else {
+            if (pread(c->copy_fd, c->view + blk, c->bs, blk) !=
+                (ssize_t)c->bs)
+                die("pread copy into the backend's mapping");
+            c->read_us = now_us() - t;
+        }
+        if (mmap((void *)(c->base + blk), c->bs, PROT_READ | PROT_WRITE,
+                 MAP_SHARED | MAP_FIXED, c->file_fd, blk) == MAP_FAILED)
+            die("mmap file back");
+        if (ioctl(c->uffd, UFFDIO_WAKE, &r))
+            die("UFFDIO_WAKE");
+        atomic_fetch_add(&c->done, 1);
+    }
+    return NULL;
+}
+
+static void floor_run(const char *dir, size_t bs, int iters)
+{
+    size_t size = 256 * MiB;
+    int nblk = size / bs;
+    char path[4096];
+    int fd = tmpfile_in(dir, size), copy, ref;
+    unsigned char *buf;
+    double *plain = calloc(2 * iters, sizeof(double));
+    double *fault[2] = { calloc(iters, sizeof(double)),
+                         calloc(iters, sizeof(double)) };
+    double *rd[2] = { calloc(iters, sizeof(double)),
+                      calloc(iters, sizeof(double)) };
+    int *order = calloc(iters, sizeof(int));
+    long wrong = 0;
+    char name[80];
+
+    if (posix_memalign((void **)&buf, 4096, bs))
+        die("posix_memalign");
+    for (int i = 0; i < iters; i++)
+        order[i] = (int)(((uint64_t)i * 2654435761u) % nblk);
+
+    for (int mode = FLOOR_BOUNCE; mode <= FLOOR_DIRECT; mode++) {
+        struct floor_ctx c = { .mode = mode, .bs = bs, .file_fd = fd,
+                               .buf = buf };
+        volatile uint64_t *p;
+        pthread_t th;
+
+        /* the disk copies: the same bytes at the same offsets, read with
+         * O_DIRECT; a fresh file per mode, so neither inherits the other's
+         * cached metadata */
+        snprintf(path, sizeof(path), "%s/purge-floor-copy.%d", dir,
+                 getpid());
+        copy = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (copy < 0)
+            die(path);
+        fill(copy, size);
+        close(copy);
+        c.copy_fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+        if (c.copy_fd < 0)
+            die("open O_DIRECT");
+        unlink(path);
+        /* and the reference reads' own copy, written the same way, so that
+         * neither read finds the other's block in a cache below */
+        ref = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (ref < 0)
+            die(path);
+        fill(ref, size);
+        close(ref);
+        ref = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+        if (ref < 0)
+            die("open O_DIRECT");
+        unlink(path);
+        /* the backend starts as one big hole: every block purged */
+        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                      size))
+            die("punch");
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        c.view = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED || c.view == MAP_FAILED)
+            die("mmap");
+        c.base = (uintptr_t)p;
+        c.uffd = uffd_open(0);
+        uffd_register(c.uffd, (void *)p, size);
+        pthread_create(&th, NULL, floor_handler, &c);
+        for (int i = 0; i < iters; i++) {
+            size_t blk = (size_t)order[i] * bs;
+            double t;
+            uint64_t v;
+
+            /* the reference, interleaved: the same block, no fault */
+            t = now_us();
+            if (pread(ref, buf, bs, blk) != (ssize_t)bs)
+                die("pread");
+            plain[mode * iters + i] = now_us() - t;
+            t = now_us();
+            v = p[(blk + bs / 2) / 8];
+            fault[mode][i] = now_us() - t;
+            while (atomic_load(&c.done) < i + 1)
+                ;
+            rd[mode][i] = c.read_us;
+            wrong += v != expect_at(blk + bs / 2);
+        }
+        atomic_store(&c.stop, 1);
+        pthread_join(th, NULL);
+        munmap((void *)p, size);
+        munmap(c.view, size);
+        close(c.uffd);
+        close(c.copy_fd);
+        close(ref);
+    }
+    printf("floor %zu KiB: %ld wrong words\n", bs >> 10, wrong);
+    snprintf(name, sizeof(name), "floor O_DIRECT read, no fault %zuK",
+             bs >> 10);
+    report(name, plain, 2 * iters);
+    snprintf(name, sizeof(name), "floor fault, bounce (faulter) %zuK",
+             bs >> 10);
+    report(name, fault[FLOOR_BOUNCE], iters);
+    snprintf(name, sizeof(name), "  of which the read %zuK", bs >> 10);
+    report(name, rd[FLOOR_BOUNCE], iters);
+    snprintf(name, sizeof(name), "floor fault, direct (faulter) %zuK",
+             bs >> 10);
+    report(name, fault[FLOOR_DIRECT], iters);
+    snprintf(name, sizeof(name), "  of which the read %zuK", bs >> 10);
+    report(name, rd[FLOOR_DIRECT], iters);
+    close(fd);
+    free(buf);
+    free(order);
+}
+
+static int cmd_floor(const char *dir)
+{
+    floor_run(dir, 64 << 10, 1000);
+    floor_run(dir, 2 * MiB, 100);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *dir = argc > 2 ? argv[2] : "/var/tmp";
 
     if (argc < 2) {
-        fprintf(stderr, "usage: %s hazard|memfd|swap|vmas|probe|kvm [DIR]\n",
+        fprintf(stderr, "usage: %s hazard|memfd|swap|vmas|probe|kvm|floor [DIR]\n",
                 argv[0]);
         return 2;
     }
@@ -721,6 +910,8 @@ int main(int argc, char **argv)
         return cmd_probe(dir);
     if (!strcmp(argv[1], "kvm"))
         return cmd_kvm();
+    if (!strcmp(argv[1], "floor"))
+        return cmd_floor(dir);
     fprintf(stderr, "unknown command '%s'\n", argv[1]);
     return 2;
 }

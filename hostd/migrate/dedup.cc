@@ -76,7 +76,7 @@ DedupSide dedup_side(const std::string& vm, const json& capabilities,
       const json* st = json_field(c, "state");
       bool on = st && st->is_boolean() && st->get<bool>();
       if (name == "disk-dedup") s.capability = true;
-      if (on && (name == "multifd" || name == "mapped-ram" || name == "xbzrle"))
+      if (on && (name == "mapped-ram" || name == "xbzrle"))
         s.conflicts.push_back(name);
     }
   if (objects && objects->is_array()) {

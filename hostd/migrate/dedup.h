@@ -12,8 +12,9 @@
 //         anything is set.
 //   auto  (the default) on when all of that holds, else off, saying why.
 //
-// Also refused (on) or skipped (auto): a QEMU with multifd, mapped-ram or
-// xbzrle already on (QEMU refuses disk-dedup with them).
+// Also refused (on) or skipped (auto): a QEMU with mapped-ram or xbzrle
+// already on (QEMU refuses disk-dedup with them; multifd works with it
+// since 07-disk-dedup patch 10).
 #pragma once
 
 #include <cstdint>
@@ -40,7 +41,7 @@ struct DedupSide {
   bool queried = false;           // query-kvmx-disk-dedup answered
   size_t objects = 0;             // kvmx-disk-dedup objects
   std::vector<std::string> disks;  // devices attached to one (images[].device)
-  std::vector<std::string> conflicts;  // multifd, mapped-ram, xbzrle that are on
+  std::vector<std::string> conflicts;  // mapped-ram, xbzrle that are on
 };
 
 // A side from the answers of query-migrate-capabilities (a list of

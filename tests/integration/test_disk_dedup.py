@@ -40,6 +40,10 @@ of every file equals the host's.
   overwrite   the guest rewrites ~10% of its cached pages through the page
               cache and ~10% of the disk blocks with O_DIRECT while the
               migration runs
+  multifd     the same (another round of writes) with multifd, two
+              channels: references on the main channel, pages in full on
+              the others; a page sent in one form and then, rewritten, in
+              the other must end up as the guest left it
   postcopy    the same (another round of writes) with postcopy-ram and
               migrate-start-postcopy once POSTCOPY_AFTER bytes or
               POSTCOPY_AFTER_REFS references went (references stop at
@@ -97,6 +101,7 @@ POSTCOPY_BW = 32 * MIB          # precopy part of the post-copy case
 POSTCOPY_AFTER = 128 * MIB      # switch after this much was sent,
 MODIFIED_POSTCOPY_REFS = 60000  # modified-postcopy: switch after these
 POSTCOPY_AFTER_REFS = 8192      # or this many pages went as references
+MULTIFD_CHANNELS = 2            # multifd case
 KILL_BW = 16 * MIB              # src-killed: slow enough to kill mid-way,
 KILL_REFS = 4096                # and with dedup, references on the way
 AIO = 'threads'                 # with cache.direct=on (cache=none)
@@ -220,7 +225,8 @@ class Disk:
 
 # -- the guest ----------------------------------------------------------------
 def guest_script(disk):
-    return disk.overwrite_shell(1) + disk.overwrite_shell(2) + r'''
+    return (disk.overwrite_shell(1) + disk.overwrite_shell(2) +
+            disk.overwrite_shell(3)) + r'''
 mount -o noatime /dev/vda /mnt || { echo "MOUNT-FAILED"; exit 1; }
 t=$(date +%s)
 cat /mnt/d/* > /dev/null
@@ -306,11 +312,11 @@ def set_caps(vm, caps):
         {'capability': k, 'state': v} for k, v in caps.items()])
 
 
-def live_caps(postcopy=False, return_path=True):
+def live_caps(postcopy=False, return_path=True, multifd=False):
     """Every capability a hop uses, on or off: a QEMU that was the
     destination of an earlier hop keeps what was set there."""
     caps = {'return-path': return_path, 'postcopy-ram': postcopy,
-            'events': True}
+            'multifd': multifd, 'events': True}
     if DEDUP:
         caps['disk-dedup'] = True
     return caps
@@ -526,16 +532,19 @@ def locking_check(qemu, work, img, fmt):
           f'{p.returncode}: {p.stderr.strip()[:120]})')
 
 
-def case_overwrite(qemu, work, disk, src, img, fmt, name, rnd, postcopy):
+def case_overwrite(qemu, work, disk, src, img, fmt, name, rnd, postcopy,
+                   multifd=False):
     """The guest rewrites ~10% of its cached pages and ~10% of the disk's
     blocks while the migration runs (with postcopy: switched to post-copy
-    a moment in)."""
+    a moment in; with multifd: over two channels besides the main one)."""
     hop = Hop(qemu, work, name, src, img, fmt)
     mark = len(src.console_text())
     src.send_serial(f'overwrite {rnd}\n')
     src.wait_console(rf'OVERWRITE-START {rnd}\n', 60, start=mark)
-    caps = live_caps(postcopy)
+    caps = live_caps(postcopy, multifd=multifd)
     params = {'max-bandwidth': POSTCOPY_BW if postcopy else BW}
+    if multifd:
+        params['multifd-channels'] = MULTIFD_CHANNELS
     if postcopy:
         params['max-postcopy-bandwidth'] = BW
     hop.start(caps, params)
@@ -915,6 +924,7 @@ def raw_chain(qemu, work, disk, timed, vms):
              ('modified-postcopy', 'f06', True)),
             ('unreadable', case_unreadable, ('unreadable',)),
             ('overwrite', case_overwrite, ('overwrite', 1, False)),
+            ('multifd', case_overwrite, ('multifd', 3, False, True)),
             ('postcopy', case_overwrite, ('postcopy', 2, True))):
         vm = timed(label, fn, qemu, work, disk, vm, img, 'raw', *args)
         if vm is None:

@@ -60,18 +60,23 @@ of every file equals the host's.
   src-killed  the source SIGKILLed mid-migration (with dedup: references
               on the way): the destination, which would run the guest on
               completion, fails or exits with an error and never runs
+ scsi chain (the raw image as the raw chain left it)
+  scsi        precopy of a guest whose disk is a scsi-hd on virtio-scsi
+              (tracked through the same disk-dedup property)
+  scsi-overwrite  the same while the guest rewrites ~10% of its cached
+              pages and ~10% of the disk (another round)
 
 A failed hop (allowed only where said) leaves the guest on its source,
 and the chain goes on from there.
 
-Usage: test_disk_dedup.py [--dedup=on|off] [--chains=raw,qcow2]
+Usage: test_disk_dedup.py [--dedup=on|off] [--chains=raw,qcow2,scsi]
   on (default)  migrations use the `disk-dedup` capability and a
                 kvmx-disk-dedup object tracks the disk's reads; the test
                 skips (77) when this QEMU lacks either
   off           the same cases with plain migrations: the baseline (bytes
                 on the wire to compare with), and everything but the dedup
                 assertions, which are marked `[dedup]` below
-  --chains      which chains of cases to run (default: both)
+  --chains      which chains of cases to run (default: all three)
 """
 import hashlib
 import os
@@ -111,6 +116,7 @@ INVERT = bytes(255 - b for b in range(256))     # the other image's bytes
 
 check = kvmxtest.Checks()
 DEDUP = True                    # --dedup=on|off
+BUS = 'virtio-blk'              # the disk's device; the scsi chain: 'scsi'
 
 
 def dd_check(cond, what):
@@ -225,9 +231,9 @@ class Disk:
 
 # -- the guest ----------------------------------------------------------------
 def guest_script(disk):
-    return (disk.overwrite_shell(1) + disk.overwrite_shell(2) +
-            disk.overwrite_shell(3)) + r'''
-mount -o noatime /dev/vda /mnt || { echo "MOUNT-FAILED"; exit 1; }
+    dev = '/dev/sda' if BUS == 'scsi' else '/dev/vda'
+    return ''.join(disk.overwrite_shell(r) for r in (1, 2, 3, 4)) + f'''
+mount -o noatime {dev} /mnt || {{ echo "MOUNT-FAILED"; exit 1; }}''' + r'''
 t=$(date +%s)
 cat /mnt/d/* > /dev/null
 echo "CACHED $(( $(date +%s) - t )) s, $(grep '^Cached' /proc/meminfo | tr -s ' ')"
@@ -257,20 +263,31 @@ def image_args(img, fmt, blkdebug=None):
                          f'"cache":{{"direct":true}},"file":{f}}}']
 
 
+def disk_id():
+    return 'sd0' if BUS == 'scsi' else 'vd0'
+
+
 def vm_args(img, fmt, blkdebug=None):
-    dev = 'virtio-blk-pci,drive=d0,id=vd0'
+    if BUS == 'scsi':
+        hba = ['-device', 'virtio-scsi-pci,id=scsi0']
+        dev = 'scsi-hd,drive=d0,id=sd0'
+    else:
+        hba = []
+        dev = 'virtio-blk-pci,drive=d0,id=vd0'
     args = image_args(img, fmt, blkdebug)
     if DEDUP:
         args = ['-object', f'kvmx-disk-dedup,id=dd0,max-memory={DEDUP_MEM}'] \
             + args
         dev += ',disk-dedup=dd0'
-    return args + ['-device', dev]
+    return args + hba + ['-device', dev]
 
 
 def boot(qemu, work, name, disk, img, fmt):
     vm = kvmxvm.start_guest(qemu, guest_script(disk), vm_args(img, fmt),
                             work, name, mem=f'{GUEST_MEM // MIB}M',
-                            append_extra='kvmx.modules=virtio_blk,ext4')
+                            append_extra='kvmx.modules=' +
+                            ('virtio_scsi,sd_mod,ext4' if BUS == 'scsi'
+                             else 'virtio_blk,ext4'))
     t0 = time.monotonic()
     m = vm.wait_console(r'CACHED (.*)\n', 300)
     vm.wait_console(r'READY\n', 30)
@@ -294,7 +311,7 @@ def boot(qemu, work, name, disk, img, fmt):
                  f'{st.get("dropped")} dropped, {DATA_MIB * MIB // PAGE} '
                  f'pages of files)')
         imgs = st.get('images', [])
-        dd_check(any('vd0' in i.get('device', '') for i in imgs),
+        dd_check(any(disk_id() in i.get('device', '') for i in imgs),
                  f'{name}: the disk is listed ({imgs})')
     return vm
 
@@ -856,13 +873,13 @@ def case_src_killed(qemu, work, disk, src, img, fmt, name):
 # -- main -----------------------------------------------------------------------
 def main():
     global DEDUP
-    chains = ('raw', 'qcow2')
+    chains = ('raw', 'qcow2', 'scsi')
     for a in sys.argv[1:]:
         if a in ('--dedup=on', '--dedup=off'):
             DEDUP = a.endswith('on')
         elif a.startswith('--chains='):
             chains = a.split('=', 1)[1].split(',')
-            if not chains or not set(chains) <= {'raw', 'qcow2'}:
+            if not chains or not set(chains) <= set(CHAINS):
                 print(f'unknown chain in {a}', file=sys.stderr)
                 return 2
         else:
@@ -948,7 +965,28 @@ def qcow2_chain(qemu, work, disk, timed, vms):
           'src-killed')
 
 
-CHAINS = {'raw': raw_chain, 'qcow2': qcow2_chain}
+def scsi_chain(qemu, work, disk, timed, vms):
+    """The raw image, read and migrated through virtio-scsi."""
+    global BUS
+    BUS = 'scsi'
+    try:
+        vm = timed('boot scsi', boot, qemu, work, 'scsi', disk, disk.raw,
+                   'raw')
+        vms.append(vm)
+        vm = timed('scsi', case_base, qemu, work, disk, vm, disk.raw, 'raw',
+                   'scsi')
+        if vm is None:
+            return
+        vms.append(vm)
+        vm = timed('scsi-overwrite', case_overwrite, qemu, work, disk, vm,
+                   disk.raw, 'raw', 'scsi-overwrite', 4, False)
+        if vm is not None:
+            vms.append(vm)
+    finally:
+        BUS = 'virtio-blk'
+
+
+CHAINS = {'raw': raw_chain, 'qcow2': qcow2_chain, 'scsi': scsi_chain}
 
 
 class PristineView:

@@ -287,7 +287,7 @@ Result<Op> parse_migrate(const json& obj) {
            "transport", "shared_storage", "switch", "switch_after_passes",
            "switch_stall_samples", "switch_after_s", "max_bandwidth",
            "max_postcopy_bandwidth", "downtime_limit_ms", "recover_attempts",
-           "interval_ms", "wait", "disk_dedup"});
+           "interval_ms", "wait", "disk_dedup", "multifd_channels"});
       !r)
     return r.error();
   Migrate m;
@@ -364,6 +364,13 @@ Result<Op> parse_migrate(const json& obj) {
                           m.interval_ms);
       !r)
     return r.error();
+  if (auto r = uint_field(obj, "multifd_channels", 0, kMaxMultifdChannels,
+                          m.multifd_channels);
+      !r)
+    return r.error();
+  if (m.multifd_channels && m.postcopy)
+    return invalid("'multifd_channels' does not work with 'postcopy': QEMU "
+                   "10.0 refuses multifd with post-copy");
   // What only means something with post-copy is an error without it: the
   // client believes it asked for something.
   if (!m.postcopy) {

@@ -79,6 +79,7 @@ constexpr uint32_t kMaxSwitchAfterPasses = 1000;
 constexpr uint32_t kMaxSwitchStallSamples = 3600;
 constexpr uint32_t kMaxSwitchAfterS = 86400;
 constexpr uint32_t kMaxRecoverAttempts = 100;
+constexpr uint32_t kMaxMultifdChannels = 255;  // QEMU's multifd-channels
 constexpr uint32_t kMinIntervalMs = 100;
 constexpr uint32_t kMaxIntervalMs = 60000;
 constexpr uint64_t kMaxBandwidth = 1ull << 40;        // bytes/s
@@ -102,6 +103,9 @@ struct Migrate {
   std::string transport = "tcp";
   bool shared_storage = false;
   std::string disk_dedup = "auto";  // auto, on, off (migrate/dedup.h)
+  // 0: one channel; 1..255: QEMU's multifd with that many channels, on
+  // both sides (not with postcopy: QEMU 10.0 refuses multifd with it).
+  uint32_t multifd_channels = 0;
   // The switch to post-copy (with postcopy only).  manual: only on
   // migrate-postcopy.  auto: also when one of the rules below holds (0
   // turns a rule off).

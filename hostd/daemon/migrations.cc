@@ -214,6 +214,7 @@ void Daemon::op_migrate(api::ClientId client, const api::Migrate& a,
   s.shared_storage = a.shared_storage;
   s.disk_dedup = migrate::parse_dedup_mode(a.disk_dedup)
                      .value_or(migrate::DedupMode::kAuto);
+  s.multifd_channels = a.multifd_channels;
   s.policy.manual = a.switch_manual;
   s.policy.after_passes = a.switch_after_passes;
   s.policy.stall_samples = a.switch_stall_samples;
@@ -231,7 +232,8 @@ void Daemon::op_migrate(api::ClientId client, const api::Migrate& a,
              {"postcopy", a.postcopy}, {"prefetch", a.prefetch},
              {"transport", a.transport},
              {"shared_storage", a.shared_storage},
-             {"disk_dedup", a.disk_dedup}});
+             {"disk_dedup", a.disk_dedup},
+             {"multifd_channels", a.multifd_channels}});
   Migration& m = new_migration(a.vm, a.dest, std::move(s));
   m.waiters.push_back(Waiter{client, std::move(reply), a.wait});
   m.job->start();

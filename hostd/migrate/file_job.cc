@@ -171,8 +171,11 @@ void FileJob::probed(const json& status, const json& mig, const json& caps) {
   caps_ = caps;
   if (caps.is_array())
     for (const auto& c : caps)
-      if (json_string(c, "capability").value_or("") == "disk-dedup")
+      if (auto n = json_string(c, "capability").value_or("");
+          n == "disk-dedup")
         dedup_cap_ = true;
+      else if (n == "multifd")
+        multifd_cap_ = true;
   bool file_dedup =
       std::find(s_.file_caps.begin(), s_.file_caps.end(), "disk-dedup") !=
       s_.file_caps.end();
@@ -219,6 +222,10 @@ void FileJob::configure() {
       s_.restore && std::find(s_.file_caps.begin(), s_.file_caps.end(),
                               "x-ignore-shared") != s_.file_caps.end();
   c.push_back({{"capability", "x-ignore-shared"}, {"state", ignore_shared}});
+  // One stream into the file: a QEMU that was the destination of a multifd
+  // migration keeps multifd on, and QEMU then wants a multi-channel URI
+  // (multifd into a file needs mapped-ram, which disk-dedup refuses).
+  if (multifd_cap_) c.push_back({{"capability", "multifd"}, {"state", false}});
   if (dedup_cap_) c.push_back({{"capability", "disk-dedup"}, {"state", dedup_}});
   run("migrate-set-capabilities", json{{"capabilities", c}},
       [this](Result<json> r) {

@@ -88,6 +88,7 @@ class FileJob {
   std::optional<Error> error_;
   nlohmann::json caps_;
   bool dedup_cap_ = false;
+  bool multifd_cap_ = false;
   bool dedup_ = false;
   std::string dedup_why_;
   bool was_running_ = false;  // save: the VM ran before hostd stopped it

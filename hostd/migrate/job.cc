@@ -328,6 +328,7 @@ void Job::check(const std::vector<json>& src, const std::vector<json>& dst) {
   if (s_.shared_storage) need.push_back("x-ignore-shared");
   if (s_.prefetch != "off") need.push_back("postcopy-prefetch");
   if (s_.transport == "rdma") need.push_back("postcopy-rdma");
+  if (s_.multifd_channels) need.push_back("multifd");
   for (const auto& cap : need)
     for (auto [caps, name] : {std::pair{&scaps, &sn}, std::pair{&dcaps, &dn}})
       if (!caps->count(cap))
@@ -348,6 +349,8 @@ void Job::check(const std::vector<json>& src, const std::vector<json>& dst) {
   dst_rdma_cap_ = dcaps.count("postcopy-rdma") > 0;
   src_dedup_cap_ = scaps.count("disk-dedup") > 0;
   dst_dedup_cap_ = dcaps.count("disk-dedup") > 0;
+  src_multifd_cap_ = scaps.count("multifd") > 0;
+  dst_multifd_cap_ = dcaps.count("multifd") > 0;
   src_caps_ = src[2];
   dst_caps_ = dst[2];
   if (s_.prefetch != "off")
@@ -474,7 +477,8 @@ void Job::probe_backends() {
 }
 
 void Job::configure() {
-  auto caps = [&](bool prefetch_known, bool dedup_known, bool rdma_known) {
+  auto caps = [&](bool prefetch_known, bool dedup_known, bool rdma_known,
+                  bool multifd_known) {
     json c = json::array();
     // disk-dedup needs the return path (a destination refuses a disk on
     // it); set before disk-dedup, which QEMU validates against it.
@@ -482,6 +486,9 @@ void Job::configure() {
     if (dedup_known)
       c.push_back({{"capability", "disk-dedup"}, {"state", dedup_}});
     c.push_back({{"capability", "postcopy-ram"}, {"state", s_.postcopy}});
+    if (multifd_known)
+      c.push_back({{"capability", "multifd"},
+                   {"state", s_.multifd_channels > 0}});
     c.push_back({{"capability", "x-ignore-shared"},
                  {"state", s_.shared_storage}});
     if (prefetch_known)
@@ -495,11 +502,18 @@ void Job::configure() {
   };
   std::vector<Cmd> dcmds = {
       {"migrate-set-capabilities",
-       caps(dst_prefetch_, dst_dedup_cap_, dst_rdma_cap_)}};
+       caps(dst_prefetch_, dst_dedup_cap_, dst_rdma_cap_,
+            dst_multifd_cap_)}};
   std::vector<Cmd> scmds = {
       {"migrate-set-capabilities",
-       caps(src_prefetch_, src_dedup_cap_, src_rdma_cap_)}};
+       caps(src_prefetch_, src_dedup_cap_, src_rdma_cap_,
+            src_multifd_cap_)}};
   json sp = json::object();
+  if (s_.multifd_channels) {
+    dcmds.push_back({"migrate-set-parameters",
+                     json{{"multifd-channels", s_.multifd_channels}}});
+    sp["multifd-channels"] = s_.multifd_channels;
+  }
   if (s_.prefetch != "off") {
     dcmds.push_back({"migrate-set-parameters",
                      json{{"postcopy-prefetch-mode", s_.prefetch}}});
@@ -564,6 +578,11 @@ void Job::begin() {
                                            ? ", faults by RDMA READ"
                                            : "")
                                 : "; precopy only") +
+                   (s_.multifd_channels
+                        ? "; multifd, " +
+                              std::to_string(s_.multifd_channels) +
+                              " channels"
+                        : "") +
                    (s_.shared_storage ? "; shared storage not sent" : "") +
                    (dedup_ ? "; disk dedup on: " + dedup_why_
                     : s_.disk_dedup == DedupMode::kAuto

@@ -70,6 +70,9 @@ struct Settings {
   std::string transport = "tcp";
   bool shared_storage = false;
   DedupMode disk_dedup = DedupMode::kAuto;  // dedup.h
+  // 0: multifd off (set off on both: a QEMU that was the destination of a
+  // multifd migration keeps it on); else its channels, on both.
+  uint32_t multifd_channels = 0;
   PolicyConfig policy;
   std::optional<uint64_t> max_bandwidth;
   std::optional<uint64_t> max_postcopy_bandwidth;
@@ -226,6 +229,7 @@ class Job {
   // What the probe found.
   bool src_prefetch_ = false, dst_prefetch_ = false;
   bool src_dedup_cap_ = false, dst_dedup_cap_ = false;
+  bool src_multifd_cap_ = false, dst_multifd_cap_ = false;
   bool src_rdma_cap_ = false, dst_rdma_cap_ = false;
   // postcopy-rdma as the QEMUs report it (query-migrate "postcopy-rdma").
   std::string rdma_status_, rdma_reason_, rdma_dest_status_;

@@ -733,6 +733,16 @@ TEST_CASE("api: malformed migrate requests are invalid-request, saying why") {
              ContainsSubstring("'interval_ms' must be an integer from 100 to 60000"));
   CHECK_THAT(why(with({{"postcopy", true}, {"recover_attempts", 101}})),
              ContainsSubstring("recover_attempts"));
+  CHECK(why(with({{"multifd_channels", 2}})) == "ok");
+  CHECK(why(with({{"multifd_channels", 255}})) == "ok");
+  CHECK(why(with({{"multifd_channels", 0}, {"postcopy", true}})) == "ok");
+  CHECK_THAT(why(with({{"multifd_channels", 256}})),
+             ContainsSubstring("'multifd_channels' must be an integer from 0 "
+                               "to 255"));
+  CHECK_THAT(why(with({{"multifd_channels", "2"}})),
+             ContainsSubstring("multifd_channels"));
+  CHECK_THAT(why(with({{"multifd_channels", 2}, {"postcopy", true}})),
+             ContainsSubstring("QEMU 10.0 refuses multifd with post-copy"));
   // What only post-copy uses is an error without it.
   CHECK_THAT(why(with({{"prefetch", "pattern"}})),
              ContainsSubstring("'prefetch' needs 'postcopy'"));

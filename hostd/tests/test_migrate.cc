@@ -585,6 +585,60 @@ TEST_CASE("job: transport rdma: postcopy-rdma on both, QEMU's state reported") {
   CHECK_FALSE(off.job->outcome()->contains("rdma"));
 }
 
+TEST_CASE("job: multifd: the capability and its channels on both sides") {
+  Settings s = Run::base();
+  s.postcopy = false;
+  s.multifd_channels = 4;
+  // A QEMU without it: a clear error, nothing set.
+  Run no(s);
+  no.job->start();
+  no.run();
+  REQUIRE_FALSE(no.job->outcome().ok());
+  CHECK(no.job->outcome().error().code == "migration-unsupported");
+  CHECK_THAT(no.job->outcome().error().message,
+             ContainsSubstring("no migration capability 'multifd'"));
+  CHECK(no.pair->count("dst migrate-set") == 0);
+  CHECK(no.pair->count("src migrate-set") == 0);
+
+  // Precopy only: the fake completes it after its second pass.
+  auto complete_at_pass_2 = [](Run& run) {
+    run.pair->dirty = 0;
+    run.on_event = [&run](const json& e) {
+      if (e["pass"] == 2 && run.pair->src_mig == "active")
+        run.pair->src_mig = run.pair->dst_mig = "completed";
+    };
+  };
+  Run r(s);
+  r.pair->caps.insert("multifd");
+  complete_at_pass_2(r);
+  r.job->start();
+  r.run();
+  CHECK(r.job->state() == State::kCompleted);
+  CHECK(r.pair->src_caps["multifd"] == true);
+  CHECK(r.pair->dst_caps["multifd"] == true);
+  CHECK(r.pair->src_params["multifd-channels"] == 4);
+  CHECK(r.pair->dst_params["multifd-channels"] == 4);
+  bool said = false;
+  for (const auto& e : r.events)
+    said = said || e.value("message", "").find("multifd, 4 channels") !=
+                       std::string::npos;
+  CHECK(said);
+
+  // Not asked for, and known: off on both (a QEMU that was the destination
+  // of a multifd migration keeps it on otherwise).
+  Settings p = Run::base();
+  p.postcopy = false;
+  Run off(p);
+  off.pair->caps.insert("multifd");
+  complete_at_pass_2(off);
+  off.job->start();
+  off.run();
+  CHECK(off.job->state() == State::kCompleted);
+  CHECK(off.pair->src_caps["multifd"] == false);
+  CHECK(off.pair->dst_caps["multifd"] == false);
+  CHECK_FALSE(off.pair->src_params.contains("multifd-channels"));
+}
+
 TEST_CASE("job: QEMU refusing post-copy names the VM and QEMU's reason") {
   Run r;
   r.pair->refuse["dst migrate-set-capabilities"] =
@@ -1467,6 +1521,23 @@ TEST_CASE("snapshot: stop, dedup on, migrate to file:, the VM stays paused") {
   for (const auto& e : r.events)
     if (e["message"] == "" && e["state"] == "saving") progress = true;
   CHECK(progress);
+}
+
+TEST_CASE("snapshot: multifd (on in a QEMU that was a multifd destination) goes off") {
+  FileSettings s;
+  s.path = "/var/lib/kvmx/web1.snap";
+  FileRun r(s);
+  r.q->caps.insert("multifd");
+  r.go();
+  REQUIRE(r.job->ended());
+  REQUIRE(r.job->outcome().ok());
+  REQUIRE(r.q->set_caps.count("multifd"));
+  CHECK_FALSE(r.q->set_caps["multifd"]);
+  // A QEMU without the capability is not asked about it.
+  FileRun q(s);
+  q.go();
+  REQUIRE(q.job->outcome().ok());
+  CHECK_FALSE(q.q->set_caps.count("multifd"));
 }
 
 TEST_CASE("snapshot: --resume runs it again; a failure runs it again too") {

@@ -8,8 +8,9 @@ shared storage on one host) into its page cache.
            saying so, nothing set on the destination; a snapshot into a
            directory that does not exist, over an existing file without
            --force, and a relative path over the API socket: refused
- migrate   kvmx-hostctl migrate --shared-storage (dedup auto): the start
-           line says disk dedup on, progress lines show references, the
+ migrate   kvmx-hostctl migrate --shared-storage multifd_channels=2 (dedup
+           auto): the start line says disk dedup on and multifd, QEMU has
+           both on, progress lines show references, the
            outcome line the pages as references and the destination's
            count; migrate-status: most of the cached data went as
            references, every one resolved, no mismatch; the guest's md5 of
@@ -127,7 +128,8 @@ def refusals(hostd, work, src, dst):
 def migrate(hostd, work, disk, src, dst):
     t0 = time.monotonic()
     rc, out, err = ctl(hostd, 'migrate', 'vm=src', 'dest=dst',
-                       '--shared-storage', f'max_bandwidth={BW}')
+                       '--shared-storage', f'max_bandwidth={BW}',
+                       'multifd_channels=2')
     took = time.monotonic() - t0
     print(f'--- kvmx-hostctl migrate ({took:.1f} s)\n{out}{err}---')
     lines = out.splitlines()
@@ -136,6 +138,14 @@ def migrate(hostd, work, disk, src, dst):
         return False
     check(any('disk dedup on: disks' in l for l in lines),
           'migrate: the start line says disk dedup is on, and on which disks')
+    check(any('multifd, 2 channels' in l for l in lines),
+          'migrate: the start line says multifd with 2 channels')
+    caps = {c['capability']: c['state']
+            for c in src.qmp.cmd('query-migrate-capabilities')}
+    chans = src.qmp.cmd('query-migrate-parameters').get('multifd-channels')
+    check(caps.get('multifd') and caps.get('disk-dedup') and chans == 2,
+          f'migrate: the source ran with multifd ({chans} channels) and '
+          f'disk-dedup')
     check(any(re.search(r'precopy\s+pass \d+ .* refs \d+ \(', l)
               for l in lines) or took < 2,
           'migrate: progress lines show the pages sent as references')

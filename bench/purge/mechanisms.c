@@ -31,6 +31,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -227,6 +228,31 @@ struct faulter {
     atomic_int done;          /* faults handled, stored after the numbers */
 };
 
+/*
+ * The next page fault on @uffd into @msg: true, or false after 100 ms
+ * without one (so that the caller can look at its stop flag).
+ */
+static bool next_fault(int uffd, struct uffd_msg *msg)
+{
+    struct pollfd pfd = { .fd = uffd, .events = POLLIN };
+
+    return poll(&pfd, 1, 100) > 0 &&
+           read(uffd, msg, sizeof(*msg)) == sizeof(*msg) &&
+           msg->event == UFFD_EVENT_PAGEFAULT;
+}
+
+/* Maps the file back over [base + off, + len) and wakes its waiters. */
+static void map_back(int uffd, uintptr_t base, int fd, size_t off, size_t len)
+{
+    struct uffdio_range r = { .start = base + off, .len = len };
+
+    if (mmap((void *)(base + off), len, PROT_READ | PROT_WRITE,
+             MAP_SHARED | MAP_FIXED, fd, off) == MAP_FAILED)
+        die("mmap file back");
+    if (ioctl(uffd, UFFDIO_WAKE, &r))
+        die("UFFDIO_WAKE");
+}
+
 /* the faulter resumes inside the handler's ioctl: wait for its numbers */
 static void wait_done(struct faulter *f, int n)
 {
@@ -237,16 +263,11 @@ static void wait_done(struct faulter *f, int n)
 static void *memfd_handler(void *arg)
 {
     struct faulter *f = arg;
-    struct pollfd pfd = { .fd = f->uffd, .events = POLLIN };
 
     while (!atomic_load(&f->stop)) {
         struct uffd_msg msg;
 
-        if (poll(&pfd, 1, 100) <= 0)
-            continue;
-        if (read(f->uffd, &msg, sizeof(msg)) != sizeof(msg))
-            continue;
-        if (msg.event != UFFD_EVENT_PAGEFAULT)
+        if (!next_fault(f->uffd, &msg))
             continue;
         uintptr_t blk = (msg.arg.pagefault.address - f->base) & ~(f->bs - 1);
         if (!f->view) {
@@ -260,7 +281,6 @@ static void *memfd_handler(void *arg)
                 die("UFFDIO_COPY");
             f->copy_us = now_us() - t;
         } else {
-            struct uffdio_range r = { .start = f->base + blk, .len = f->bs };
             double t = now_us();
 
             /* the mover has read and checked the disk copy: write it into
@@ -274,11 +294,7 @@ static void *memfd_handler(void *arg)
                 die("fdatasync");
             f->sync_us = now_us() - t;
             t = now_us();
-            if (mmap((void *)(f->base + blk), f->bs, PROT_READ | PROT_WRITE,
-                     MAP_SHARED | MAP_FIXED, f->file_fd, blk) == MAP_FAILED)
-                die("mmap file back");
-            if (ioctl(f->uffd, UFFDIO_WAKE, &r))
-                die("UFFDIO_WAKE");
+            map_back(f->uffd, f->base, f->file_fd, blk, f->bs);
             f->remap_us = now_us() - t;
         }
         atomic_fetch_add(&f->done, 1);
@@ -736,18 +752,13 @@ struct floor_ctx {
 static void *floor_handler(void *arg)
 {
     struct floor_ctx *c = arg;
-    struct pollfd pfd = { .fd = c->uffd, .events = POLLIN };
 
     while (!atomic_load(&c->stop)) {
         struct uffd_msg msg;
 
-        if (poll(&pfd, 1, 100) <= 0)
-            continue;
-        if (read(c->uffd, &msg, sizeof(msg)) != sizeof(msg) ||
-            msg.event != UFFD_EVENT_PAGEFAULT)
+        if (!next_fault(c->uffd, &msg))
             continue;
         size_t blk = (msg.arg.pagefault.address - c->base) & ~(c->bs - 1);
-        struct uffdio_range r = { .start = c->base + blk, .len = c->bs };
         double t = now_us();
 
         if (c->mode == FLOOR_BOUNCE) {
@@ -762,11 +773,7 @@ static void *floor_handler(void *arg)
                 die("pread copy into the backend's mapping");
             c->read_us = now_us() - t;
         }
-        if (mmap((void *)(c->base + blk), c->bs, PROT_READ | PROT_WRITE,
-                 MAP_SHARED | MAP_FIXED, c->file_fd, blk) == MAP_FAILED)
-            die("mmap file back");
-        if (ioctl(c->uffd, UFFDIO_WAKE, &r))
-            die("UFFDIO_WAKE");
+        map_back(c->uffd, c->base, c->file_fd, blk, c->bs);
         atomic_fetch_add(&c->done, 1);
     }
     return NULL;

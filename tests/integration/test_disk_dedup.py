@@ -30,6 +30,11 @@ of every file equals the host's.
   modified-postcopy  the same with another file, switched to post-copy
               once the source was asked to send a page again: the page
               comes through post-copy's discard and fault path
+  file-modified  blocks of another cached file changed in the image, then
+              `stop` and save to a file (no return path), restore: the
+              source checks each reference against its own disk and saves
+              the changed pages in full; the restore completes with
+              identical memory (the blocks are restored afterwards)
   unreadable  the destination reads its image through blkdebug, which fails
               the first read of each of 64 blocks of a cached file (EIO):
               the same outcomes
@@ -650,12 +655,9 @@ def failed_naming(hop, st, sinfo, dinfo, blocks, name):
     return hop.src
 
 
-def case_modified(qemu, work, disk, src, img, fmt, name, fname='f05',
-                  postcopy=False):
-    """Blocks of a cached file changed in the image behind QEMU's back.
-    With postcopy: switched to post-copy once the source has been asked to
-    send such a page again, so that the page must reach the destination
-    through post-copy's discard and fault path."""
+def change_blocks(disk, img, fname, name):
+    """Change 32 blocks of a cached file in the (raw) image behind QEMU's
+    back; returns the blocks and a function that puts them back."""
     blocks = disk.blocks(img, fname)[16:48]
     saved = {}
     fd = os.open(img, os.O_RDWR)
@@ -669,6 +671,25 @@ def case_modified(qemu, work, disk, src, img, fmt, name, fname='f05',
     print(f'note  {name}: {len(blocks)} blocks of /d/{fname} changed in the '
           f'image (blocks {blocks[0]}..{blocks[-1]}, byte offset '
           f'{blocks[0] * PAGE:#x})')
+
+    def restore():
+        fd = os.open(img, os.O_RDWR)
+        try:
+            for b, data in saved.items():
+                os.pwrite(fd, data, b * PAGE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return blocks, restore
+
+
+def case_modified(qemu, work, disk, src, img, fmt, name, fname='f05',
+                  postcopy=False):
+    """Blocks of a cached file changed in the image behind QEMU's back.
+    With postcopy: switched to post-copy once the source has been asked to
+    send such a page again, so that the page must reach the destination
+    through post-copy's discard and fault path."""
+    blocks, restore = change_blocks(disk, img, fname, name)
     hop = Hop(qemu, work, name, src, img, fmt)
     if postcopy:
         hop.start(live_caps(True), {'max-bandwidth': POSTCOPY_BW,
@@ -698,15 +719,6 @@ def case_modified(qemu, work, disk, src, img, fmt, name, fname='f05',
                if e['event'] == 'MIGRATION']
         check('postcopy-active' in evs,
               f'{name}: the source went post-copy ({evs})')
-
-    def restore():
-        fd = os.open(img, os.O_RDWR)
-        try:
-            for b, data in saved.items():
-                os.pwrite(fd, data, b * PAGE)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     if st == 'failed':
         # With dedup: a reference to a changed block fails the migration.
@@ -768,9 +780,17 @@ def case_different(qemu, work, disk, src, name):
     stop_vm(src)
 
 
-def case_file(qemu, work, disk, src, img, fmt, name):
-    """Save to a file with the VM stopped, restore into a new QEMU."""
+def case_file(qemu, work, disk, src, img, fmt, name, fname=None):
+    """Save to a file with the VM stopped, restore into a new QEMU.
+    fname: first change blocks of that cached file in the (raw) image
+    behind QEMU's back.  A file has no return path: nobody can ask for a
+    page again, so the source must check each reference against its own
+    disk and send the changed pages in full; otherwise the restore fails
+    and the snapshot is lost."""
     path = os.path.join(work, f'{name}.mig')
+    restore_blocks = None
+    if fname:
+        _, restore_blocks = change_blocks(disk, img, fname, name)
     src.qmp.cmd('stop')
     # No return path to a file.
     caps = live_caps(return_path=False)
@@ -785,12 +805,26 @@ def case_file(qemu, work, disk, src, img, fmt, name):
     check(st == 'completed', f'{name}: saved to a file: {st} '
           f'({sinfo.get("error-desc", "")})')
     if st != 'completed':
+        if restore_blocks:
+            restore_blocks()
         return None
     # --- dedup-specific -----------------------------------------------------
+    sdd = sinfo.get('disk-dedup') or {}
+    checked, unlike = sdd.get('pages-checked', 0), sdd.get('pages-unlike-disk', 0)
+    print(f'note  {name}: the source checked {checked} pages against its '
+          f'disk, {unlike} unlike their block')
     dd_check((dd.get('pages-as-reference') or 0) >= DATA_MIB * MIB // PAGE // 2,
              f'{name}: most of the cached data saved as references '
              f'({dd.get("pages-as-reference")}; file '
              f'{size / MIB:.1f} MiB)')
+    dd_check(checked >= (dd.get('pages-as-reference') or 0) + unlike,
+             f'{name}: every reference was checked against the source\'s '
+             f'disk ({checked} checked, {dd.get("pages-as-reference")} '
+             f'references, {unlike} unlike)')
+    if fname:
+        dd_check(unlike >= 1, f'{name}: the source found the pages whose '
+                 f'blocks changed ({unlike} unlike their block) and saved '
+                 f'them in full')
     dst = incoming(qemu, work, f'{name}-dst', img, fmt)
     set_caps(dst, caps)
     t0 = time.monotonic()
@@ -809,13 +843,18 @@ def case_file(qemu, work, disk, src, img, fmt, name):
              f'{dst.stderr_text().strip()[-200:]})'))
     if dst_st != 'completed':
         stop_vm(dst)
+        if restore_blocks:
+            restore_blocks()
         return None
     # --- dedup-specific -----------------------------------------------------
     if DEDUP:
         dd_check((d.get('references-resolved') or 0) > 0 and
                  not d.get('mismatches') and not d.get('read-errors'),
                  f'{name}: the restore resolved the references ({d})')
+    # Memory first (with the image still changed), then the guest's view.
     same_memory(src, dst, work, name)
+    if restore_blocks:
+        restore_blocks()
     stop_vm(src)
     os.unlink(path)
     dst.qmp.cmd('cont')
@@ -951,6 +990,7 @@ def raw_chain(qemu, work, disk, timed, vms):
             ('modified', case_modified, ('modified',)),
             ('modified-postcopy', case_modified,
              ('modified-postcopy', 'f06', True)),
+            ('file-modified', case_file, ('file-modified', 'f04')),
             ('unreadable', case_unreadable, ('unreadable',)),
             ('overwrite', case_overwrite, ('overwrite', 1, False)),
             ('multifd', case_overwrite, ('multifd', 3, False, True)),

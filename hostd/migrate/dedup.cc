@@ -209,6 +209,8 @@ DedupStats dedup_stats(const json& info) {
   d.read_errors = json_u64(*dd, "read-errors").value_or(0);
   d.read_time_ms = json_u64(*dd, "read-time-ms").value_or(0);
   d.disk_reads = json_u64(*dd, "disk-reads").value_or(0);
+  d.pages_checked = json_u64(*dd, "pages-checked").value_or(0);
+  d.pages_unlike_disk = json_u64(*dd, "pages-unlike-disk").value_or(0);
   return d;
 }
 

@@ -87,6 +87,10 @@ struct DedupStats {
   uint64_t references_resolved = 0, mismatches = 0, read_errors = 0,
            read_time_ms = 0;
   uint64_t disk_reads = 0;  // 0 from a QEMU before 07-disk-dedup patch 6
+  // Without a return path (a snapshot) the source checks each reference
+  // against its own disk (07-disk-dedup patch 12; 0 before): the pages it
+  // checked, and those it found unlike their block and sent in full.
+  uint64_t pages_checked = 0, pages_unlike_disk = 0;
 };
 DedupStats dedup_stats(const nlohmann::json& query_migrate);
 // "(read time N ms, summed over the reads in flight[, M reads])": the

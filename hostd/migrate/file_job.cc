@@ -347,8 +347,14 @@ void FileJob::finish_completed() {
       dd = "; disk dedup: " + std::to_string(dd_.references_resolved) +
            " references read from the disk " + dedup_read_text(dd_);
     else
+    {
       dd = "; disk dedup: " + std::to_string(dd_.pages_as_reference) +
            " pages as references (" + size_text(dd_.bytes_saved) + " saved)";
+      if (dd_.pages_checked)
+        dd += ", each checked against the disk: " +
+              std::to_string(dd_.pages_unlike_disk) +
+              " pages unlike their block saved in full";
+    }
   }
   std::string head =
       (s_.restore ? "restored in " : "saved " + size_text(transferred_) +
@@ -440,7 +446,9 @@ json FileJob::snapshot() const {
                         {"mismatches", dd_.mismatches},
                         {"read_errors", dd_.read_errors},
                         {"read_time_ms", dd_.read_time_ms},
-                        {"disk_reads", dd_.disk_reads}};
+                        {"disk_reads", dd_.disk_reads},
+                        {"pages_checked", dd_.pages_checked},
+                        {"pages_unlike_disk", dd_.pages_unlike_disk}};
   j["total_time_ms"] = total_time_ms_ ? json(*total_time_ms_) : json(nullptr);
   return j;
 }

@@ -1430,7 +1430,8 @@ struct Single {
         r["disk-dedup"] = {{"pages-as-reference", 77}, {"bytes-saved", 300000},
                            {"images-refused", 0}, {"references-resolved", 77},
                            {"mismatches", 0}, {"read-errors", 0},
-                           {"read-time-ms", 2}};
+                           {"read-time-ms", 2}, {"pages-checked", 80},
+                           {"pages-unlike-disk", 3}};
       return r;
     }
     *err = "The command " + cmd + " has not been found";
@@ -1501,6 +1502,10 @@ TEST_CASE("snapshot: stop, dedup on, migrate to file:, the VM stays paused") {
   CHECK((*out)["kind"] == "snapshot");
   CHECK((*out)["dedup"] == true);
   CHECK((*out)["dedup_stats"]["pages_as_reference"] == 77);
+  CHECK((*out)["dedup_stats"]["pages_checked"] == 80);
+  CHECK((*out)["dedup_stats"]["pages_unlike_disk"] == 3);
+  CHECK(r.said("each checked against the disk: 3 pages unlike their block "
+               "saved in full"));
   CHECK(r.q->run == "paused");
   CHECK(r.q->count("cont") == 0);
   CHECK(r.q->set_caps["disk-dedup"]);

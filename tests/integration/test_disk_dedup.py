@@ -60,8 +60,11 @@ of every file equals the host's.
               is dropped)
  qcow2 chain
   qcow2       precopy of a guest on the qcow2 image
-  file        `stop`, migrate to file:PATH, restore into a new QEMU
-              (-incoming defer, migrate-incoming file:PATH)
+  file        the guest reads 10 files (f1*) with O_DIRECT, swabbing each 1 MiB
+              buffer at once (records fingerprinted late take the changed
+              page), then `stop`, migrate to file:PATH, restore into a new
+              QEMU (-incoming defer, migrate-incoming file:PATH): the
+              restore completes
   src-killed  the source SIGKILLed mid-migration (with dedup: references
               on the way): the destination, which would run the guest on
               completion, fails or exits with an error and never runs
@@ -104,6 +107,7 @@ DATA_MIB = 256                  # random files on the disk (CI size)
 PAT_MIB = 8                     # /p/pat: the bytes overwrite rounds write
 IMAGE_MIB = DATA_MIB + DATA_MIB // 4 + PAT_MIB + 32
 FILE_SIZES_MIB = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)   # cycled; every 3rd - 1234
+SWAB_MIB = sum(FILE_SIZES_MIB)   # the file case's O_DIRECT reads: f10-f19
 GUEST_MEM = 768 * MIB           # all below 4 GiB on q35: one pmemsave
 DEDUP_MEM = '16M'               # kvmx-disk-dedup max-memory
 BW = 64 * MIB                   # precopy max-bandwidth
@@ -251,6 +255,15 @@ while read -r cmd arg; do
       overwrite_$arg
       sync
       echo "OVERWRITE-DONE $arg" ;;
+    swab)
+      # O_DIRECT reads of 1 MiB, each swabbed in its buffer at once (a
+      # database reusing its buffer): reads of more than 32 blocks are
+      # fingerprinted later by the tracker's thread, so some records take
+      # the changed page as the block's content.
+      for f in /mnt/d/f1*; do
+        dd if=$f of=/dev/null bs=1M iflag=direct conv=swab 2>/dev/null
+      done
+      echo "SWAB-DONE $arg" ;;
   esac
 done
 '''
@@ -791,6 +804,12 @@ def case_file(qemu, work, disk, src, img, fmt, name, fname=None):
     restore_blocks = None
     if fname:
         _, restore_blocks = change_blocks(disk, img, fname, name)
+    else:
+        # Records fingerprinted late, after the guest changed the page
+        # (session 15 found a snapshot unrestorable this way, 1 run in 4).
+        mark = len(src.console_text())
+        src.send_serial(f'swab {name}\n')
+        src.wait_console(rf'SWAB-DONE {name}\n', 120, start=mark)
     src.qmp.cmd('stop')
     # No return path to a file.
     caps = live_caps(return_path=False)
@@ -813,9 +832,14 @@ def case_file(qemu, work, disk, src, img, fmt, name, fname=None):
     checked, unlike = sdd.get('pages-checked', 0), sdd.get('pages-unlike-disk', 0)
     print(f'note  {name}: the source checked {checked} pages against its '
           f'disk, {unlike} unlike their block')
-    dd_check((dd.get('pages-as-reference') or 0) >= DATA_MIB * MIB // PAGE // 2,
+    # The swabbed reads moved their blocks' records from the page cache to
+    # the buffer (one page per block), so only the other files count.
+    want = DATA_MIB * MIB // PAGE // 2
+    if not fname:
+        want -= SWAB_MIB * MIB // PAGE // 2
+    dd_check((dd.get('pages-as-reference') or 0) >= want,
              f'{name}: most of the cached data saved as references '
-             f'({dd.get("pages-as-reference")}; file '
+             f'({dd.get("pages-as-reference")}, want >= {want}; file '
              f'{size / MIB:.1f} MiB)')
     dd_check(checked >= (dd.get('pages-as-reference') or 0) + unlike,
              f'{name}: every reference was checked against the source\'s '

@@ -816,7 +816,26 @@ def case_file(qemu, work, disk, src, img, fmt, name, fname=None):
     set_caps(src, caps)
     t0 = time.monotonic()
     src.qmp.cmd('migrate', uri=f'file:{path}')
-    st, sinfo = wait_status(src, DONE, 300)
+    # A client keeps trying device_add while the save runs: QEMU refuses
+    # it and then waits for an RCU grace period in the main loop
+    # (drain_call_rcu), while the migration thread, inside its RCU read
+    # section, reads the disk for its check.  QEMU must keep answering.
+    refused = 0
+    deadline = time.monotonic() + 300
+    while True:
+        info = src.qmp.cmd('query-migrate', timeout=30)
+        st = info.get('status')
+        if st in DONE or time.monotonic() > deadline:
+            break
+        try:
+            src.qmp.cmd('device_add', driver='virtio-rng-pci',
+                        id=f'rng{refused}', timeout=30)
+            check(False, f'{name}: device_add was accepted during the save')
+            break
+        except kvmxvm.QmpError:
+            refused += 1
+    sinfo = info
+    print(f'note  {name}: {refused} device_add refused while saving')
     size = os.path.getsize(path) if os.path.exists(path) else 0
     dd = dedup_stats(sinfo, {}) if DEDUP else {}
     numbers(f'{name} (save)', sinfo, dd if DEDUP else None, f', file {size / MIB:.1f} MiB, '

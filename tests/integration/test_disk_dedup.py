@@ -98,6 +98,7 @@ import traceback
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
+import dedupdisk  # noqa: E402
 from dedupdisk import dedup_support, run, tracking  # noqa: E402
 from migwork import wait_status  # noqa: E402
 
@@ -672,27 +673,10 @@ def change_blocks(disk, img, fname, name):
     """Change 32 blocks of a cached file in the (raw) image behind QEMU's
     back; returns the blocks and a function that puts them back."""
     blocks = disk.blocks(img, fname)[16:48]
-    saved = {}
-    fd = os.open(img, os.O_RDWR)
-    try:
-        for b in blocks:
-            saved[b] = os.pread(fd, PAGE, b * PAGE)
-            os.pwrite(fd, os.urandom(PAGE), b * PAGE)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    restore = dedupdisk.change_blocks(img, blocks, PAGE)
     print(f'note  {name}: {len(blocks)} blocks of /d/{fname} changed in the '
           f'image (blocks {blocks[0]}..{blocks[-1]}, byte offset '
           f'{blocks[0] * PAGE:#x})')
-
-    def restore():
-        fd = os.open(img, os.O_RDWR)
-        try:
-            for b, data in saved.items():
-                os.pwrite(fd, data, b * PAGE)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     return blocks, restore
 
 

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lib'))
 sys.path.insert(0, os.path.dirname(__file__))
 import kvmxtest  # noqa: E402
 import kvmxvm  # noqa: E402
+import dedupdisk  # noqa: E402
 from hostdctl import Hostd, hostd_binary  # noqa: E402
 import test_disk_dedup as tdd  # noqa: E402  (its disk, guest and checks)
 
@@ -212,15 +213,7 @@ def restore_changed(hostd, work, qemu, disk, img, path):
     are put back afterwards."""
     fname = 'f05'
     blocks = disk.blocks(img, fname)[16:48]
-    saved = {}
-    fd = os.open(img, os.O_RDWR)
-    try:
-        for b in blocks:
-            saved[b] = os.pread(fd, PAGE, b * PAGE)
-            os.pwrite(fd, os.urandom(PAGE), b * PAGE)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    put_back = dedupdisk.change_blocks(img, blocks, PAGE)
     try:
         with incoming(qemu, work, 'bad', img) as r:
             if not attach(hostd, work, 'bad'):
@@ -248,13 +241,7 @@ def restore_changed(hostd, work, qemu, disk, img, path):
             r.kill()
         ctl(hostd, 'detach', 'vm=bad')
     finally:
-        fd = os.open(img, os.O_RDWR)
-        try:
-            for b, data in saved.items():
-                os.pwrite(fd, data, b * PAGE)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        put_back()
 
 
 def restore(hostd, work, qemu, disk, img, path):

@@ -94,3 +94,28 @@ def tracking(vm):
     """query-kvmx-disk-dedup of the VM's one object ({} without one)."""
     objs = vm.qmp.cmd('query-kvmx-disk-dedup')
     return objs[0] if objs else {}
+
+
+def change_blocks(img, blocks, page=4096):
+    """Overwrite `blocks` (block numbers of `page` bytes) of the image file
+    with random bytes, behind QEMU's back; returns a function that puts
+    the old bytes back."""
+    saved = {}
+    fd = os.open(img, os.O_RDWR)
+    try:
+        for b in blocks:
+            saved[b] = os.pread(fd, page, b * page)
+            os.pwrite(fd, os.urandom(page), b * page)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+    def put_back():
+        fd = os.open(img, os.O_RDWR)
+        try:
+            for b, data in saved.items():
+                os.pwrite(fd, data, b * page)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return put_back

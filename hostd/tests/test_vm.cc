@@ -139,12 +139,18 @@ TEST_CASE("vm: attaches, forwards events, reconnects after a drop") {
   REQUIRE(f.run_until([&] { return f.events.size() == 2; }));
   CHECK(v.rejected() == 1);
 
+  // Counted from here: on a loaded machine (the sanitizer build in CI) the
+  // first handshake can time out, and hostd then attaches on a second
+  // connection before the test gets here.
+  int accepted = mon.accepted;
+  size_t seen = f.states.size();
+  CHECK(f.states.back() == "attached");
   mon.hangup();  // QEMU closed the monitor, the socket stays
-  REQUIRE(f.run_until([&] { return mon.accepted == 2 &&
+  REQUIRE(f.run_until([&] { return mon.accepted == accepted + 1 &&
                                    v.state() == vm::State::kAttached; }));
   CHECK(v.reconnects() == 1);
-  CHECK(f.states == std::vector<std::string>{"attached", "disconnected",
-                                             "connecting", "attached"});
+  CHECK(std::vector<std::string>(f.states.begin() + seen, f.states.end()) ==
+        std::vector<std::string>{"disconnected", "connecting", "attached"});
 }
 
 TEST_CASE("vm: the socket file disappearing makes it gone, for good") {
